@@ -1,0 +1,139 @@
+"""Labelled image folders, seeded stratified splits and NEU-DET boxes."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .imageio import read_gray
+from .labels import CLASSES
+from .transforms import to_tensor
+
+IMAGE_SUFFIXES = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".gif", ".pgm", ".ppm"}
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int
+
+    @property
+    def class_name(self) -> str:
+        return CLASSES[self.label]
+
+
+def class_root(data_dir: Path, classes: Sequence[str] = CLASSES) -> Path:
+    """The folder holding one sub-folder per class (``DIR`` or ``DIR/images``, as in the NEU layout)."""
+    data_dir = Path(data_dir)
+    for candidate in (data_dir, data_dir / "images"):
+        if any((candidate / name).is_dir() for name in classes):
+            return candidate
+    raise FileNotFoundError(f"{data_dir} has no class folders named like {', '.join(classes)}")
+
+
+def scan_folders(data_dir: Path, classes: Sequence[str] = CLASSES) -> list[Sample]:
+    """Every image under ``<root>/<class>/``, sorted for reproducibility."""
+    root = class_root(data_dir, classes)
+    samples = [
+        Sample(path, label)
+        for label, name in enumerate(classes)
+        if (root / name).is_dir()
+        for path in sorted((root / name).iterdir())
+        if path.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not samples:
+        raise FileNotFoundError(f"no images found under {root}")
+    return samples
+
+
+def manifest_hash(samples: Sequence[Sample]) -> str:
+    """sha256 over (class, file name, file sha256): identifies the exact data a model saw."""
+    digest = hashlib.sha256()
+    for sample in sorted(samples, key=lambda s: (s.label, s.path.name)):
+        file_hash = hashlib.sha256(sample.path.read_bytes()).hexdigest()
+        digest.update(f"{sample.class_name}/{sample.path.name}\t{file_hash}\n".encode())
+    return digest.hexdigest()
+
+
+def stratified_split(
+    samples: Sequence[Sample], val_fraction: float, seed: int
+) -> tuple[list[Sample], list[Sample]]:
+    """Per-class seeded shuffle; the same fraction of every class goes to val."""
+    rng = random.Random(seed)
+    train, val = [], []
+    for label in sorted({s.label for s in samples}):
+        group = sorted((s for s in samples if s.label == label), key=lambda s: s.path.name)
+        rng.shuffle(group)
+        n_val = round(len(group) * val_fraction)
+        val.extend(group[:n_val])
+        train.extend(group[n_val:])
+    return train, val
+
+
+class SurfaceDataset(Dataset):
+    """Decodes every image once into memory (NEU: 1,440 x 40 kB), augments per access."""
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable[..., dict] | None, size: int):
+        from .transforms import resize_for_model
+
+        self.samples = list(samples)
+        self.images = [resize_for_model(read_gray(s.path), size) for s in self.samples]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.images[index]
+        if self.transform is not None:
+            image = self.transform(image=image)["image"]
+        return to_tensor(image), self.samples[index].label
+
+
+@dataclass(frozen=True)
+class Box:
+    name: str
+    xmin: int
+    ymin: int
+    xmax: int
+    ymax: int
+
+
+def read_voc_boxes(xml_path: Path) -> list[Box]:
+    """Pascal-VOC boxes from a NEU-DET annotation file."""
+    root = ET.parse(xml_path).getroot()
+    boxes = []
+    for obj in root.iter("object"):
+        bb = obj.find("bndbox")
+        coords = [int(float(bb.findtext(k))) for k in ("xmin", "ymin", "xmax", "ymax")]
+        boxes.append(Box(obj.findtext("name", "").strip(), *coords))
+    return boxes
+
+
+def annotation_for(sample: Sample, annotations_dir: Path) -> Path | None:
+    """``annotations/<class>/<stem>.xml`` as laid out in the NEU folder."""
+    annotations_dir = Path(annotations_dir)
+    for candidate in (
+        annotations_dir / sample.class_name / f"{sample.path.stem}.xml",
+        annotations_dir / f"{sample.path.stem}.xml",
+    ):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def box_mask(boxes: Sequence[Box], class_name: str, shape: tuple[int, int]) -> np.ndarray | None:
+    """Union of the boxes of one class as a boolean mask, or None when there are none."""
+    mask = np.zeros(shape, dtype=bool)
+    own = [b for b in boxes if b.name == class_name]
+    for b in own:
+        mask[max(b.ymin - 1, 0) : b.ymax, max(b.xmin - 1, 0) : b.xmax] = True
+    return mask if own else None

@@ -1,0 +1,126 @@
+"""Evaluate a checkpoint on labelled folders: accuracy, calibration, speed, localisation."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .data import Sample, annotation_for, box_mask, manifest_hash, read_voc_boxes, scan_folders, stratified_split
+from .imageio import read_gray
+from .metrics import classification_report, expected_calibration_error
+from .plots import confusion_matrix_png, overlay_grid
+from .predictor import Predictor
+
+GRID_PER_CLASS = 3
+
+
+@dataclass
+class Localisation:
+    pointing_hits: int = 0
+    scored: int = 0
+    energy_sum: float = 0.0
+
+    def add(self, heatmap: np.ndarray, mask: np.ndarray) -> None:
+        peak = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+        self.pointing_hits += int(mask[peak])
+        self.energy_sum += float(heatmap[mask].sum() / max(heatmap.sum(), 1e-12))
+        self.scored += 1
+
+    def to_dict(self) -> dict:
+        n = max(self.scored, 1)
+        return {"images_scored": self.scored, "pointing_game": self.pointing_hits / n,
+                "energy_in_box": self.energy_sum / n}
+
+
+def select_split(samples: list[Sample], predictor: Predictor, split: str) -> list[Sample]:
+    """``val``/``train`` rebuild the checkpoint's own split from its seed and fraction."""
+    if split == "all":
+        return samples
+    training = predictor.meta.training
+    if "seed" not in training:
+        raise ValueError("this checkpoint records no training split; use --split all")
+    if manifest_hash(samples) != predictor.meta.data_manifest_sha256:
+        print("warning: data differ from the training manifest; the split may not match training's")
+    train, val = stratified_split(samples, training["val_fraction"], training["seed"])
+    return val if split == "val" else train
+
+
+def uncalibrated(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """Undo temperature scaling: softmax(T * log p_T) = softmax(z)."""
+    z = temperature * np.log(np.clip(probs, 1e-30, None))
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def evaluate(
+    predictor: Predictor, data: Path, out: Path, annotations: Path | None = None, split: str = "all",
+    cam_method: str = "gradcam",
+) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    samples = select_split(scan_folders(data, predictor.classes), predictor, split)
+    images = [read_gray(s.path) for s in tqdm(samples, desc="decode", unit="img", leave=False)]
+    labels = np.array([s.label for s in samples])
+
+    started = time.perf_counter()
+    preds = []
+    for start in tqdm(range(0, len(images), predictor.batch_size), desc="predict", unit="batch", leave=False):
+        preds.extend(predictor.predict(images[start : start + predictor.batch_size]))
+    latency_ms = 1000 * (time.perf_counter() - started) / max(len(images), 1)
+
+    probs = np.array([[p.probabilities[c] for c in predictor.classes] for p in preds])
+    report = classification_report(probs, labels, predictor.classes)
+    report.update({
+        "split": split,
+        "checkpoint": str(predictor.checkpoint.path),
+        "checkpoint_sha256": predictor.checkpoint.sha256,
+        "temperature": predictor.temperature,
+        "ece_uncalibrated": expected_calibration_error(uncalibrated(probs, predictor.temperature), labels),
+        "mean_latency_ms_per_image": latency_ms,
+        "batch_size": predictor.batch_size,
+        "device": str(predictor.device),
+    })
+    if preds and preds[0].ood_score is not None:
+        report["unknown_rate"] = float(np.mean([p.unknown for p in preds]))
+    confusion_matrix_png(np.array(report["confusion_matrix"]), predictor.classes, out / "confusion_matrix.png",
+                         title=f"{data.name} ({split}, n={len(samples)})")
+    if annotations is not None:
+        report["localisation"] = localise(predictor, samples, images, annotations, out, cam_method)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def localise(predictor, samples, images, annotations: Path, out: Path, cam_method: str) -> dict:
+    """Pointing game and energy-in-box of the CAM for each image's own class."""
+    score = Localisation()
+    grid, captions, per_class = [], [], {}
+    for start in tqdm(range(0, len(samples), predictor.batch_size), desc="grad-cam", unit="batch", leave=False):
+        batch_samples = samples[start : start + predictor.batch_size]
+        batch_images = images[start : start + predictor.batch_size]
+        explained = predictor.explain(batch_images, cam_method, targets=[s.label for s in batch_samples])
+        for sample, image, exp in zip(batch_samples, batch_images, explained, strict=True):
+            xml = annotation_for(sample, annotations)
+            mask = box_mask(read_voc_boxes(xml), sample.class_name, image.shape) if xml else None
+            if mask is None:
+                continue
+            score.add(exp.heatmap, mask)
+            if per_class.get(sample.label, 0) < GRID_PER_CLASS:
+                per_class[sample.label] = per_class.get(sample.label, 0) + 1
+                grid.append(draw_boxes(exp.overlay, mask))
+                captions.append(f"{sample.class_name}\n→ {exp.label} {exp.confidence:.2f}")
+    if grid:
+        overlay_grid(grid, captions, out / "gradcam_grid.png", cols=GRID_PER_CLASS * 2)
+    return score.to_dict() | {"cam_method": cam_method}
+
+
+def draw_boxes(overlay: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Outline the box mask in white on a copy of the overlay."""
+    edges = mask ^ np.pad(mask, 1)[:-2, 1:-1] | mask ^ np.pad(mask, 1)[1:-1, :-2]
+    drawn = overlay.copy()
+    drawn[edges] = 255
+    return drawn

@@ -1,0 +1,128 @@
+"""Turn untrusted bytes into a grayscale uint8 surface, or a typed rejection.
+
+Documented conversions (everything else is rejected with a reason):
+
+* 1-bit, palette, RGB, RGBA, CMYK, YCbCr, LAB, HSV -> 8-bit luminance (ITU-R 601-2);
+  alpha is dropped, transparent palette entries become their colour;
+* 16-bit and 32-bit integer images -> scaled to 8 bits over their full range
+  (0..65535 for I;16, min..max for 32-bit);
+* EXIF orientation is applied;
+* multi-frame files (animated GIF, multi-page TIFF) -> first frame.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_BYTES = 20 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MIN_SIDE = 16
+
+
+class RejectReason(StrEnum):
+    EMPTY = "empty"
+    TOO_MANY_BYTES = "too_many_bytes"
+    NOT_AN_IMAGE = "not_an_image"
+    TRUNCATED = "truncated"
+    TOO_MANY_PIXELS = "too_many_pixels"
+    TOO_SMALL = "too_small"
+    UNSUPPORTED_MODE = "unsupported_mode"
+    UNREADABLE = "unreadable"
+
+
+class ImageRejected(ValueError):
+    """The bytes are not a usable surface image; ``reason`` says why."""
+
+    def __init__(self, reason: RejectReason, detail: str):
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    min_side: int = DEFAULT_MIN_SIDE
+
+
+def _to_gray(img: Image.Image) -> np.ndarray:
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        return (np.asarray(img, dtype=np.uint32) // 257).astype(np.uint8)
+    if mode == "I":
+        arr = np.asarray(img, dtype=np.int64)
+        lo, hi = int(arr.min()), int(arr.max())
+        if hi <= 65535 and lo >= 0:
+            return (arr // 257).astype(np.uint8)
+        return ((arr - lo) * 255 // max(hi - lo, 1)).astype(np.uint8)
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        scale = 255.0 if float(np.nanmax(arr)) <= 1.0 else 1.0
+        return np.clip(np.nan_to_num(arr) * scale, 0, 255).astype(np.uint8)
+    if mode == "L":
+        return np.asarray(img, dtype=np.uint8)
+    if mode == "P":
+        img = img.convert("RGBA")
+    if mode in ("1", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "P", "PA"):
+        return np.asarray(img.convert("RGB").convert("L"), dtype=np.uint8)
+    raise ImageRejected(RejectReason.UNSUPPORTED_MODE, f"pixel mode {mode!r} is not supported")
+
+
+def decode_gray(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
+    """Decode image bytes into an (H, W) uint8 array or raise :class:`ImageRejected`."""
+    if not data:
+        raise ImageRejected(RejectReason.EMPTY, "zero bytes")
+    if len(data) > limits.max_bytes:
+        raise ImageRejected(RejectReason.TOO_MANY_BYTES, f"{len(data)} bytes > limit {limits.max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > limits.max_pixels:
+                raise ImageRejected(
+                    RejectReason.TOO_MANY_PIXELS,
+                    f"{width}x{height} = {width * height} pixels > limit {limits.max_pixels}",
+                )
+            if min(width, height) < limits.min_side:
+                raise ImageRejected(
+                    RejectReason.TOO_SMALL, f"{width}x{height} is below the {limits.min_side}px minimum side"
+                )
+            img.seek(0)
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+            return _to_gray(img)
+    except ImageRejected:
+        raise
+    except UnidentifiedImageError as exc:
+        raise ImageRejected(RejectReason.NOT_AN_IMAGE, "no known image format matches these bytes") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageRejected(RejectReason.TOO_MANY_PIXELS, str(exc)) from exc
+    except (OSError, SyntaxError, EOFError) as exc:
+        text = str(exc)
+        reason = RejectReason.TRUNCATED if "truncat" in text.lower() or isinstance(exc, EOFError) else (
+            RejectReason.UNREADABLE)
+        raise ImageRejected(reason, text or type(exc).__name__) from exc
+    except (ValueError, MemoryError, TypeError, IndexError) as exc:
+        raise ImageRejected(RejectReason.UNREADABLE, f"{type(exc).__name__}: {exc}") from exc
+
+
+def read_gray(path: str | Path, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
+    """Read and decode a file; a missing or unreadable file is an :class:`ImageRejected`."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > limits.max_bytes:
+            raise ImageRejected(RejectReason.TOO_MANY_BYTES, f"{size} bytes > limit {limits.max_bytes}")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ImageRejected(RejectReason.UNREADABLE, f"{path}: {exc.strerror or exc}") from exc
+    return decode_gray(data, limits)

@@ -1,0 +1,159 @@
+"""Predictor: load a checkpoint once, serve batches of decoded surfaces.
+
+The inferencer contract is load -> pre-process -> forward -> post-process.
+Worker, dashboard and CLI all go through this class; it knows nothing about
+queues or storage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from pytorch_grad_cam.utils.image import show_cam_on_image
+
+from .cam import CheapCam
+from .checkpoint import LoadedCheckpoint, load_checkpoint
+from .transforms import eval_batch
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but no CUDA device is available")
+    return torch.device(device)
+
+
+@dataclass
+class Prediction:
+    label: str
+    confidence: float
+    probabilities: dict[str, float]
+    ood_score: float | None = None
+    unknown: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Explanation(Prediction):
+    cam_class: str = ""
+    heatmap: np.ndarray = field(default=None, repr=False)  # (H, W) float32 in [0, 1], input size
+    overlay: np.ndarray = field(default=None, repr=False)  # (H, W, 3) uint8 RGB, input size
+
+    def to_dict(self) -> dict:
+        data = super().to_dict()
+        data.pop("heatmap")
+        data.pop("overlay")
+        return data
+
+
+def as_gray(image: np.ndarray) -> np.ndarray:
+    if image.ndim == 3:
+        image = cv2.cvtColor(image[..., :3], cv2.COLOR_RGB2GRAY)
+    if image.dtype != np.uint8:
+        raise TypeError(f"expected uint8 pixels, got {image.dtype}")
+    return image
+
+
+def overlay_heatmap(gray: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
+    rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32) / 255.0
+    return show_cam_on_image(rgb, heatmap, use_rgb=True, image_weight=0.55)
+
+
+class Predictor:
+    def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, batch_size: int = 16):
+        self.device = device
+        self.batch_size = batch_size
+        self.checkpoint = checkpoint
+        self.meta = checkpoint.meta
+        self.net = checkpoint.model.to(device).eval().requires_grad_(False)
+        self.ood = checkpoint.ood
+        self.classes = list(self.meta.classes)
+        self.input_size = int(self.meta.input_size)
+        self.temperature = float(self.meta.temperature or 1.0)
+        self.ood_threshold = self.meta.ood.get("threshold") if self.meta.ood else None
+        self.cam = CheapCam(self.net)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, device: str = "auto", batch_size: int = 16) -> Predictor:
+        dev = resolve_device(device)
+        return cls(load_checkpoint(path, device=dev), dev, batch_size)
+
+    # pre-process / post-process -------------------------------------------------
+    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        return eval_batch([as_gray(img) for img in images], self.input_size).to(self.device)
+
+    def _ood_scores(self, pooled: torch.Tensor) -> list[float | None]:
+        if self.ood is None:
+            return [None] * len(pooled)
+        return self.ood(pooled.to(self.device)).cpu().tolist()
+
+    def _postprocess(self, logits: torch.Tensor, pooled: torch.Tensor) -> list[Prediction]:
+        probs = torch.softmax(logits.float() / self.temperature, dim=1).cpu()
+        preds = []
+        for row, score in zip(probs, self._ood_scores(pooled), strict=True):
+            index = int(row.argmax())
+            unknown = score is not None and self.ood_threshold is not None and score > self.ood_threshold
+            preds.append(
+                Prediction(
+                    label=self.classes[index],
+                    confidence=float(row[index]),
+                    probabilities={c: float(p) for c, p in zip(self.classes, row, strict=True)},
+                    ood_score=None if score is None else float(score),
+                    unknown=bool(unknown),
+                )
+            )
+        return preds
+
+    # forward ------------------------------------------------------------------
+    def _chunks(self, images: Sequence[np.ndarray]):
+        for start in range(0, len(images), self.batch_size):
+            yield images[start : start + self.batch_size]
+
+    @torch.inference_mode()
+    def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+        """Label, confidence, all probabilities and the OOD verdict for each image."""
+        results: list[Prediction] = []
+        for chunk in self._chunks(images):
+            pooled = self.net.pooled(self.net.features(self.preprocess(chunk)))
+            results.extend(self._postprocess(self.net.head(pooled), pooled))
+        return results
+
+    def explain(
+        self, images: Sequence[np.ndarray], method: str = "gradcam", targets: Sequence[int] | None = None
+    ) -> list[Explanation]:
+        """Prediction plus a CAM heatmap and overlay at each input's own size.
+
+        ``targets`` picks the class to explain per image; by default the predicted one.
+        """
+        results: list[Explanation] = []
+        for offset, chunk in enumerate(self._chunks(images)):
+            chunk_targets = None
+            if targets is not None:
+                start = offset * self.batch_size
+                chunk_targets = list(targets[start : start + len(chunk)])
+            results.extend(self._explain_batch(chunk, method, chunk_targets))
+        return results
+
+    def _explain_batch(self, images, method, targets) -> list[Explanation]:
+        batch = self.preprocess(images)
+        heatmaps, logits, feats = self.cam(batch, targets, method)
+        feats = feats.to(self.device)
+        with torch.inference_mode():
+            preds = self._postprocess(logits, self.net.pooled(feats))
+        out = []
+        for i, (image, pred, heat) in enumerate(zip(images, preds, heatmaps, strict=True)):
+            gray = as_gray(image)
+            heat = cv2.resize(heat, (gray.shape[1], gray.shape[0]), interpolation=cv2.INTER_LINEAR)
+            heat = np.clip(heat, 0.0, 1.0).astype(np.float32)
+            target = self.classes[targets[i]] if targets is not None else pred.label
+            out.append(Explanation(**asdict(pred), cam_class=target, heatmap=heat,
+                                   overlay=overlay_heatmap(gray, heat)))
+        return out

@@ -1,0 +1,275 @@
+"""Fine-tune the attention-ResNet-50 on one-folder-per-class data.
+
+Outputs in ``--out``: ``best.safetensors`` (best epoch by val macro-F1, then
+val loss), ``model.safetensors`` (best weights + temperature + OOD scorer, the
+file to ship), ``last_state.pt`` (resume state), ``history.json`` and
+``training_curves.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .calibrate import fit_temperature, ood_threshold
+from .checkpoint import CheckpointMeta, save_checkpoint
+from .data import SurfaceDataset, manifest_hash, scan_folders, stratified_split
+from .labels import CLASSES
+from .losses import FocalLoss
+from .metrics import classification_report
+from .network import ArchConfig, AttentionResNet50, load_trunk_weights
+from .ood import MahalanobisScorer
+from .plots import training_curves
+from .predictor import resolve_device
+from .pretrained import resolve_pretrained
+from .transforms import train_augment
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str = "runs/neu"
+    pretrained: str = "keras"
+    image_size: int = 160
+    epochs: int = 6
+    batch_size: int = 32
+    lr: float = 1e-3
+    trunk_lr_scale: float = 0.1
+    weight_decay: float = 1e-4
+    freeze_stages: int = 0
+    val_fraction: float = 0.2
+    seed: int = 0
+    gamma: float = 2.0
+    alpha: float = 0.75
+    workers: int = 1
+    device: str = "auto"
+    limit_per_class: int = 0
+    half: bool = False
+    resume: bool = False
+
+
+def build_model(pretrained: str) -> tuple[AttentionResNet50, str]:
+    init = resolve_pretrained(pretrained)
+    model = AttentionResNet50(ArchConfig(stride_in_1x1=init.stride_in_1x1, mean=init.mean, std=init.std))
+    if init.state is not None:
+        load_trunk_weights(model, init.state)
+    return model, init.source
+
+
+def frozen_modules(model: AttentionResNet50, stages: int) -> list[torch.nn.Module]:
+    """Stage 0 is the stem (conv1 + bn1); stage i >= 1 is layer i."""
+    if stages <= 0:
+        return []
+    trunk = model.trunk
+    return [trunk[0], trunk[1], *[trunk[3 + i] for i in range(1, min(stages, 4) + 1)]]
+
+
+def set_train_mode(model: AttentionResNet50, frozen: list[torch.nn.Module]) -> None:
+    model.train()
+    for module in frozen:
+        module.eval()  # frozen stages keep their ImageNet BatchNorm statistics
+
+
+def limited(samples, per_class: int):
+    if per_class <= 0:
+        return samples
+    counts: dict[int, int] = {}
+    kept = []
+    for s in samples:
+        if counts.get(s.label, 0) < per_class:
+            kept.append(s)
+            counts[s.label] = counts.get(s.label, 0) + 1
+    return kept
+
+
+@torch.inference_mode()
+def infer(model: AttentionResNet50, loader: DataLoader, device: torch.device):
+    """Logits, labels and pooled features over a loader (eval mode)."""
+    model.eval()
+    logits, labels, pooled = [], [], []
+    for x, y in loader:
+        feats = model.pooled(model.features(x.to(device)))
+        pooled.append(feats.cpu())
+        logits.append(model.head(feats).cpu())
+        labels.append(y)
+    return torch.cat(logits), torch.cat(labels), torch.cat(pooled)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        samples = limited(scan_folders(Path(cfg.data)), cfg.limit_per_class)
+        self.manifest = manifest_hash(samples)
+        train_s, val_s = stratified_split(samples, cfg.val_fraction, cfg.seed)
+        print(f"data: {len(samples)} images, train {len(train_s)}, val {len(val_s)}, "
+              f"manifest sha256 {self.manifest[:12]}…; device {self.device}")
+        self.train_set = SurfaceDataset(train_s, train_augment(cfg.image_size), cfg.image_size)
+        self.val_set = SurfaceDataset(val_s, None, cfg.image_size)
+        self.model, self.init_source = build_model(cfg.pretrained)
+        self.model.to(self.device)
+        self.frozen = frozen_modules(self.model, cfg.freeze_stages)
+        for module in self.frozen:
+            module.requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self._param_groups(), weight_decay=cfg.weight_decay)
+        self.steps_per_epoch = math.ceil(len(self.train_set) / cfg.batch_size)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=max(cfg.epochs * self.steps_per_epoch, 1), eta_min=cfg.lr * 0.01
+        )
+        self.criterion = FocalLoss(cfg.gamma, cfg.alpha)
+        self.history: list[dict] = []
+        self.start_epoch = 1
+        self.best_key = (-1.0, -math.inf)
+        if cfg.resume:
+            self._resume()
+
+    def _param_groups(self):
+        trunk = [p for p in self.model.trunk.parameters() if p.requires_grad]
+        rest = [p for n, p in self.model.named_parameters() if not n.startswith("trunk.")]
+        return [
+            {"params": trunk, "lr": self.cfg.lr * self.cfg.trunk_lr_scale},
+            {"params": rest, "lr": self.cfg.lr},
+        ]
+
+    def _loader(self, dataset, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.cfg.seed + len(self.history))
+        return DataLoader(
+            dataset, batch_size=self.cfg.batch_size, shuffle=shuffle, num_workers=self.cfg.workers,
+            generator=generator, drop_last=False, pin_memory=self.device.type == "cuda",
+        )
+
+    # resume state -------------------------------------------------------------------
+    def _state_path(self) -> Path:
+        return self.out / "last_state.pt"
+
+    def _save_state(self, epoch: int) -> None:
+        state = {
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "history": json.dumps(self.history),
+            "best_key": list(self.best_key),
+            "config": json.dumps(asdict(self.cfg)),
+        }
+        tmp = self._state_path().with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self._state_path())
+
+    def _resume(self) -> None:
+        path = self._state_path()
+        if not path.exists():
+            print(f"--resume: no {path}, starting from scratch")
+            return
+        state = torch.load(path, map_location=self.device, weights_only=True)  # no arbitrary pickles
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.history = json.loads(state["history"])
+        self.best_key = tuple(state["best_key"])
+        self.start_epoch = int(state["epoch"]) + 1
+        print(f"resumed after epoch {state['epoch']} from {path}")
+
+    # epochs -----------------------------------------------------------------------
+    def _train_epoch(self, epoch: int) -> float:
+        set_train_mode(self.model, self.frozen)
+        total, seen = 0.0, 0
+        bar = tqdm(self._loader(self.train_set, True), desc=f"epoch {epoch}/{self.cfg.epochs}", unit="batch",
+                   leave=False)
+        for x, y in bar:
+            x, y = x.to(self.device), y.to(self.device)
+            loss = self.criterion(self.model(x), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            total += loss.item() * len(y)
+            seen += len(y)
+            bar.set_postfix(loss=f"{total / seen:.4f}")
+        return total / max(seen, 1)
+
+    def _validate(self) -> dict:
+        logits, labels, _ = infer(self.model, self._loader(self.val_set, False), self.device)
+        report = classification_report(torch.softmax(logits, 1).numpy(), labels.numpy(), list(CLASSES))
+        report["focal_loss"] = float(self.criterion(logits, labels))
+        return report
+
+    def _meta(self, val_metrics: dict) -> CheckpointMeta:
+        training = asdict(self.cfg) | {"init": self.init_source, "epochs_done": len(self.history)}
+        return CheckpointMeta(
+            input_size=self.cfg.image_size, training=training, val_metrics=val_metrics,
+            data_manifest_sha256=self.manifest,
+        )
+
+    def fit(self) -> Path:
+        for epoch in range(self.start_epoch, self.cfg.epochs + 1):
+            started = time.perf_counter()
+            train_loss = self._train_epoch(epoch)
+            report = self._validate()
+            row = {
+                "epoch": epoch, "train_loss": train_loss, "val_loss": report["focal_loss"],
+                "val_accuracy": report["accuracy"], "val_macro_f1": report["macro_f1"],
+                "val_ece": report["ece"], "lr": self.optimizer.param_groups[1]["lr"],
+                "seconds": time.perf_counter() - started,
+            }
+            self.history.append(row)
+            key = (report["macro_f1"], -report["focal_loss"])
+            improved = key > tuple(self.best_key)
+            if improved:
+                self.best_key = key
+                save_checkpoint(self.model, self._meta(_summary(report)), self.out / "best.safetensors")
+            print(f"epoch {epoch}: train loss {train_loss:.4f} | val loss {row['val_loss']:.4f} "
+                  f"acc {row['val_accuracy']:.4f} macro-F1 {row['val_macro_f1']:.4f} ECE {row['val_ece']:.4f} "
+                  f"| {row['seconds']:.0f}s{' | best' if improved else ''}", flush=True)
+            self._save_state(epoch)
+            (self.out / "history.json").write_text(json.dumps(self.history, indent=2))
+            training_curves(self.history, self.out / "training_curves.png")
+        return self.finalize()
+
+    def finalize(self) -> Path:
+        """Best weights + temperature (val NLL) + OOD scorer (train features) -> model.safetensors."""
+        from .checkpoint import load_checkpoint
+
+        best = load_checkpoint(self.out / "best.safetensors", device=self.device)
+        self.model = best.model
+        val_logits, val_labels, val_pooled = infer(self.model, self._loader(self.val_set, False), self.device)
+        plain_train = SurfaceDataset(self.train_set.samples, None, self.cfg.image_size)
+        _, train_labels, train_pooled = infer(self.model, self._loader(plain_train, False), self.device)
+        meta = best.meta
+        meta.temperature = fit_temperature(val_logits, val_labels)
+        scorer = MahalanobisScorer.fit(train_pooled, train_labels)
+        val_scores = scorer(val_pooled).numpy()
+        threshold = ood_threshold(val_scores)
+        meta.ood = {
+            "method": "mahalanobis_tied_pooled2048",
+            "threshold": threshold,
+            "val_false_unknown_rate": float((val_scores > threshold).mean()),
+            "val_score_median": float(np.median(val_scores)),
+        }
+        calibrated = torch.softmax(val_logits / meta.temperature, 1).numpy()
+        meta.val_metrics["ece_calibrated"] = classification_report(
+            calibrated, val_labels.numpy(), list(CLASSES))["ece"]
+        path = save_checkpoint(self.model, meta, self.out / "model.safetensors", half=self.cfg.half, ood=scorer)
+        print(f"temperature {meta.temperature:.3f}; ECE {meta.val_metrics['ece']:.4f} -> "
+              f"{meta.val_metrics['ece_calibrated']:.4f}; OOD threshold {threshold:.3f}; wrote {path}")
+        return path
+
+
+def _summary(report: dict) -> dict:
+    keys = ("n", "accuracy", "accuracy_ci95", "macro_f1", "ece", "nll")
+    return {k: report[k] for k in keys}
+
+
+def train(cfg: TrainConfig) -> Path:
+    return Trainer(cfg).fit()

@@ -1,0 +1,64 @@
+"""Transform presets: small functions, one per use (cf. torchvision references)."""
+
+from __future__ import annotations
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+
+REFLECT = cv2.BORDER_REFLECT_101
+
+
+def train_augment(size: int) -> A.Compose:
+    """Augmentation for grayscale uint8 (H, W) surfaces.
+
+    Steel strip has no preferred orientation, so rotations span the full
+    circle; the photometric part mimics line cameras (uneven light, sensor
+    noise, motion and focus blur, lossy transport).
+    """
+    return A.Compose(
+        [
+            A.Resize(size, size, interpolation=cv2.INTER_AREA),
+            A.Rotate(limit=180, border_mode=REFLECT, p=0.7),
+            A.HorizontalFlip(p=0.5),
+            A.VerticalFlip(p=0.5),
+            A.OneOf(
+                [
+                    A.ElasticTransform(alpha=20, sigma=5, border_mode=REFLECT),
+                    A.OpticalDistortion(distort_limit=0.3, border_mode=REFLECT),
+                ],
+                p=0.3,
+            ),
+            A.CLAHE(clip_limit=(1, 3), p=0.2),
+            A.RandomBrightnessContrast(brightness_limit=0.25, contrast_limit=0.25, p=0.5),
+            A.GaussNoise(std_range=(0.02, 0.12), p=0.3),
+            A.OneOf(
+                [
+                    A.MotionBlur(blur_limit=(3, 9)),
+                    A.GaussianBlur(blur_limit=(3, 7), sigma_limit=(0.3, 2.0)),
+                    A.MedianBlur(blur_limit=(3, 5)),
+                ],
+                p=0.3,
+            ),
+            A.ImageCompression(quality_range=(25, 95), p=0.2),
+        ]
+    )
+
+
+def resize_for_model(gray: np.ndarray, size: int) -> np.ndarray:
+    """Square resize; INTER_AREA when shrinking avoids aliasing on fine textures."""
+    if gray.shape == (size, size):
+        return gray
+    shrinking = gray.shape[0] > size or gray.shape[1] > size
+    return cv2.resize(gray, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+def to_tensor(gray: np.ndarray) -> torch.Tensor:
+    """(H, W) uint8 -> (1, H, W) float32 in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(gray)).float().div_(255.0).unsqueeze(0)
+
+
+def eval_batch(images: list[np.ndarray], size: int) -> torch.Tensor:
+    """Decoded gray images -> (N, 1, size, size) batch."""
+    return torch.stack([to_tensor(resize_for_model(img, size)) for img in images])

@@ -1,0 +1,1 @@
+"""steelsight: live steel-strip defect inspection."""

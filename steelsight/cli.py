@@ -1,0 +1,193 @@
+"""The ``steelsight`` command line. Heavy imports happen inside each command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_SOME_REJECTED = 3
+
+
+def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="model .safetensors (default: the checkpoint shipped in the repository)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser(
+        "train", help="fine-tune the attention-ResNet-50 on one folder per class",
+        description="Fine-tune on DIR/<class>/*.{bmp,png,jpg,...} (or DIR/images/<class>/, the NEU layout) "
+                    "with a seeded stratified train/val split, focal loss, AdamW + cosine annealing and "
+                    "the full augmentation pipeline. Writes best.safetensors, model.safetensors (calibrated, "
+                    "with OOD scorer), last_state.pt, history.json and training_curves.png to --out.",
+    )
+    p.add_argument("--data", type=Path, required=True, help="folder with one sub-folder per class")
+    p.add_argument("--out", type=Path, default=Path("runs/neu"), help="output folder (default: runs/neu)")
+    p.add_argument("--pretrained", default="keras",
+                   help="trunk init: keras (offline ImageNet port, default), torchvision, none, or a file")
+    p.add_argument("--image-size", type=int, default=160, help="square input side in pixels (default: 160)")
+    p.add_argument("--epochs", type=int, default=6, help="default: 6")
+    p.add_argument("--batch-size", type=int, default=32, help="default: 32")
+    p.add_argument("--lr", type=float, default=1e-3, help="head learning rate (default: 1e-3)")
+    p.add_argument("--trunk-lr-scale", type=float, default=0.1, help="trunk lr = lr x this (default: 0.1)")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default: 1e-4)")
+    p.add_argument("--freeze-stages", type=int, default=0,
+                   help="freeze the stem and the first N-1 ResNet stages, 0-5 (default: 0, nothing frozen)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of each class for val (default: 0.2)")
+    p.add_argument("--seed", type=int, default=0, help="split and init seed (default: 0)")
+    p.add_argument("--workers", type=int, default=1, help="data-loader processes (default: 1)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    p.add_argument("--limit-per-class", type=int, default=0, help="use only N images per class (smoke runs)")
+    p.add_argument("--half", action="store_true", help="store model.safetensors weights in float16")
+    p.add_argument("--resume", action="store_true", help="continue from --out/last_state.pt")
+    p.set_defaults(func=cmd_train)
+
+
+def _evaluate_parser(sub) -> None:
+    p = sub.add_parser(
+        "evaluate", help="accuracy, macro-F1, calibration, latency and Grad-CAM localisation",
+        description="Writes report.json and confusion_matrix.png to --out; with --annotations also scores "
+                    "Grad-CAM on NEU-DET boxes (pointing game, energy in box) and writes gradcam_grid.png.",
+    )
+    p.add_argument("--data", type=Path, required=True, help="folder with one sub-folder per class")
+    p.add_argument("--annotations", type=Path, default=None,
+                   help="NEU-DET XML folder (annotations/<class>/<stem>.xml) for localisation scores")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--split", choices=["all", "val", "train"], default="all",
+                   help="all images, or the checkpoint's own val/train split (default: all)")
+    p.add_argument("--cam-method", default="gradcam", help="CAM method for localisation (default: gradcam)")
+    _add_checkpoint_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+
+def _predict_parser(sub) -> None:
+    p = sub.add_parser(
+        "predict", help="label images, optionally with Grad-CAM overlays",
+        description="Prints label, confidence, probabilities, OOD score and unknown verdict per image. "
+                    f"Unreadable files are reported per file; the exit status is {EXIT_SOME_REJECTED} "
+                    "when any file was rejected.",
+    )
+    p.add_argument("images", nargs="+", type=Path, help="image files")
+    p.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    p.add_argument("--cam-out", type=Path, default=None, help="write <stem>_cam.png overlays here")
+    p.add_argument("--cam-method", default="gradcam",
+                   help="gradcam, gradcam++, hirescam, xgradcam, layercam or eigencam (default: gradcam)")
+    _add_checkpoint_args(p)
+    p.set_defaults(func=cmd_predict)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="steelsight",
+        description="Steel-strip surface defect inspection with Grad-CAM explanations.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _train_parser(sub)
+    _evaluate_parser(sub)
+    _predict_parser(sub)
+    return parser
+
+
+def cmd_train(args) -> int:
+    from steelsight.model.train import TrainConfig, train
+
+    fields = TrainConfig.__dataclass_fields__
+    cfg = TrainConfig(**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k in fields})
+    train(cfg)
+    return 0
+
+
+def _load_predictor(args):
+    from steelsight.model.predictor import Predictor
+
+    return Predictor.load(args.checkpoint, device=args.device, batch_size=args.batch_size)
+
+
+def cmd_evaluate(args) -> int:
+    from steelsight.model.evaluate import evaluate
+
+    report = evaluate(_load_predictor(args), args.data, args.out, args.annotations, args.split, args.cam_method)
+    lo, hi = report["accuracy_ci95"]
+    print(f"n={report['n']} accuracy {report['accuracy']:.4f} (95% CI {lo:.4f}-{hi:.4f}) "
+          f"macro-F1 {report['macro_f1']:.4f} ECE {report['ece']:.4f} "
+          f"(uncalibrated {report['ece_uncalibrated']:.4f}) {report['mean_latency_ms_per_image']:.1f} ms/image")
+    if "localisation" in report:
+        loc = report["localisation"]
+        print(f"Grad-CAM pointing game {loc['pointing_game']:.3f}, energy in box {loc['energy_in_box']:.3f} "
+              f"over {loc['images_scored']} images")
+    print(f"wrote {args.out / 'report.json'}")
+    return 0
+
+
+def _unique_png(folder: Path, stem: str) -> Path:
+    path, n = folder / f"{stem}_cam.png", 1
+    while path.exists():
+        path, n = folder / f"{stem}_cam_{n}.png", n + 1
+    return path
+
+
+def cmd_predict(args) -> int:
+    from PIL import Image
+
+    from steelsight.model.imageio import ImageRejected, read_gray
+
+    predictor = _load_predictor(args)
+    rows: list[dict] = []
+    good: list[tuple[int, object]] = []
+    for path in args.images:
+        try:
+            good.append((len(rows), read_gray(path)))
+            rows.append({"path": str(path)})
+        except ImageRejected as exc:
+            rows.append({"path": str(path), "error": {"reason": exc.reason.value, "detail": exc.detail}})
+    images = [img for _, img in good]
+    if args.cam_out:
+        args.cam_out.mkdir(parents=True, exist_ok=True)
+        results = predictor.explain(images, args.cam_method) if images else []
+    else:
+        results = predictor.predict(images) if images else []
+    for (row_index, _), result in zip(good, results, strict=True):
+        row = rows[row_index]
+        row.update(result.to_dict())
+        if args.cam_out:
+            png = _unique_png(args.cam_out, Path(row["path"]).stem)
+            Image.fromarray(result.overlay).save(png)
+            row["overlay"] = str(png)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        _print_table(rows)
+    return EXIT_SOME_REJECTED if any("error" in r for r in rows) else 0
+
+
+def _print_table(rows: list[dict]) -> None:
+    for row in rows:
+        if "error" in row:
+            print(f"{row['path']}: REJECTED ({row['error']['reason']}) {row['error']['detail']}")
+            continue
+        verdict = "UNKNOWN " if row.get("unknown") else ""
+        ood = f" ood {row['ood_score']:.2f}" if row.get("ood_score") is not None else ""
+        extra = f" overlay {row['overlay']}" if "overlay" in row else ""
+        print(f"{row['path']}: {verdict}{row['label']} {row['confidence']:.3f}{ood}{extra}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from steelsight.model.checkpoint import CheckpointError
+
+    try:
+        return args.func(args)
+    except (CheckpointError, FileNotFoundError) as exc:
+        print(f"steelsight {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
