@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .labels import CLASSES
@@ -108,7 +108,7 @@ def load_checkpoint(path: Path | str | None = None, device: str | torch.device =
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                 state[key] = f.get_tensor(key).float()
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
     ood = MahalanobisScorer.from_prefixed_state(state)
     model.load_state_dict({k: v for k, v in state.items() if not k.startswith(OOD_PREFIX)})

@@ -54,6 +54,19 @@ def scan_folders(data_dir: Path, classes: Sequence[str] = CLASSES) -> list[Sampl
     return samples
 
 
+def limit_per_class(samples: Sequence[Sample], per_class: int) -> list[Sample]:
+    """The first ``per_class`` samples of each class (0 keeps all): for smoke runs."""
+    if per_class <= 0:
+        return list(samples)
+    counts: dict[int, int] = {}
+    kept = []
+    for sample in samples:
+        counts[sample.label] = counts.get(sample.label, 0) + 1
+        if counts[sample.label] <= per_class:
+            kept.append(sample)
+    return kept
+
+
 def manifest_hash(samples: Sequence[Sample]) -> str:
     """sha256 over (class, file name, file sha256): identifies the exact data a model saw."""
     digest = hashlib.sha256()

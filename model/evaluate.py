@@ -10,7 +10,16 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .data import Sample, annotation_for, box_mask, manifest_hash, read_voc_boxes, scan_folders, stratified_split
+from .data import (
+    Sample,
+    annotation_for,
+    box_mask,
+    limit_per_class,
+    manifest_hash,
+    read_voc_boxes,
+    scan_folders,
+    stratified_split,
+)
 from .imageio import read_gray
 from .metrics import classification_report, expected_calibration_error
 from .plots import confusion_matrix_png, overlay_grid
@@ -44,6 +53,7 @@ def select_split(samples: list[Sample], predictor: Predictor, split: str) -> lis
     training = predictor.meta.training
     if "seed" not in training:
         raise ValueError("this checkpoint records no training split; use --split all")
+    samples = limit_per_class(samples, training.get("limit_per_class", 0))
     if manifest_hash(samples) != predictor.meta.data_manifest_sha256:
         print("warning: data differ from the training manifest; the split may not match training's")
     train, val = stratified_split(samples, training["val_fraction"], training["seed"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 
@@ -28,7 +30,7 @@ def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, bins: int 
     correct = (probs.argmax(axis=1) == y_true).astype(float)
     edges = np.linspace(0.0, 1.0, bins + 1)
     ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+    for lo, hi in itertools.pairwise(edges):
         in_bin = (conf > lo) & (conf <= hi)
         if in_bin.any():
             ece += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())
@@ -52,7 +54,7 @@ def classification_report(probs: np.ndarray, y_true: np.ndarray, classes: list[s
     prf = per_class_prf(cm)
     correct = int((y_pred == y_true).sum())
     return {
-        "n": int(len(y_true)),
+        "n": len(y_true),
         "accuracy": correct / max(len(y_true), 1),
         "accuracy_ci95": wilson_interval(correct, len(y_true)),
         "macro_f1": float(prf["f1"].mean()),

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .calibrate import fit_temperature, ood_threshold
 from .checkpoint import CheckpointMeta, save_checkpoint
-from .data import SurfaceDataset, manifest_hash, scan_folders, stratified_split
+from .data import SurfaceDataset, limit_per_class, manifest_hash, scan_folders, stratified_split
 from .labels import CLASSES
 from .losses import FocalLoss
 from .metrics import classification_report
@@ -78,18 +78,6 @@ def set_train_mode(model: AttentionResNet50, frozen: list[torch.nn.Module]) -> N
         module.eval()  # frozen stages keep their ImageNet BatchNorm statistics
 
 
-def limited(samples, per_class: int):
-    if per_class <= 0:
-        return samples
-    counts: dict[int, int] = {}
-    kept = []
-    for s in samples:
-        if counts.get(s.label, 0) < per_class:
-            kept.append(s)
-            counts[s.label] = counts.get(s.label, 0) + 1
-    return kept
-
-
 @torch.inference_mode()
 def infer(model: AttentionResNet50, loader: DataLoader, device: torch.device):
     """Logits, labels and pooled features over a loader (eval mode)."""
@@ -110,7 +98,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
-        samples = limited(scan_folders(Path(cfg.data)), cfg.limit_per_class)
+        samples = limit_per_class(scan_folders(Path(cfg.data)), cfg.limit_per_class)
         self.manifest = manifest_hash(samples)
         train_s, val_s = stratified_split(samples, cfg.val_fraction, cfg.seed)
         print(f"data: {len(samples)} images, train {len(train_s)}, val {len(val_s)}, "

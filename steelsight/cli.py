@@ -80,6 +80,40 @@ def _predict_parser(sub) -> None:
     p.set_defaults(func=cmd_predict)
 
 
+def _worker_parser(sub) -> None:
+    p = sub.add_parser(
+        "worker", help="serve the frame queue: predict, Grad-CAM, write results",
+        description="Loads the checkpoint once, then takes frames from the Redis queue in micro-batches, "
+                    "uploads Grad-CAM overlays and writes results (job result, per-frame record, stream). "
+                    "Connection settings come from STEELSIGHT_* environment variables or .env.",
+    )
+    p.add_argument("--checkpoint", default=None, help="model .safetensors (default: settings, then the shipped one)")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default=None, help="default: settings (auto)")
+    p.add_argument("--batch-size", type=int, default=None, help="max frames per micro-batch (default: settings, 8)")
+    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default: settings, 9100)")
+    p.add_argument("--name", default=None, help="worker name shown in RQ (default: steelsight-<pid>)")
+    p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    p.set_defaults(func=cmd_worker)
+
+
+def _produce_parser(sub) -> None:
+    p = sub.add_parser(
+        "produce", help="send frames from a folder into the pipeline",
+        description="Uploads each image to the frames bucket under {line}/{camera}/{yyyy}/{mm}/{dd}/{frame_id}.{ext} "
+                    "and enqueues one job per frame (job id from line, camera and frame id, so a re-sent frame is "
+                    "skipped). Waits when the queue is deeper than STEELSIGHT_MAX_QUEUE_DEPTH.",
+    )
+    p.add_argument("--source", type=Path, required=True, help="folder of images (searched recursively)")
+    p.add_argument("--watch", action="store_true", help="send new files as they appear instead of replaying")
+    p.add_argument("--loop", action="store_true", help="replay the folder forever (fresh frame ids per pass)")
+    p.add_argument("--fps", type=float, default=None, help="frames per second (default: as fast as possible)")
+    p.add_argument("--limit", type=int, default=None, help="stop after N frames")
+    p.add_argument("--line", default="line-1", help="line id (default: line-1)")
+    p.add_argument("--camera", default="cam-1", help="camera id (default: cam-1)")
+    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default: none)")
+    p.set_defaults(func=cmd_produce)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="steelsight",
@@ -89,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _evaluate_parser(sub)
     _predict_parser(sub)
+    _worker_parser(sub)
+    _produce_parser(sub)
     return parser
 
 
@@ -175,13 +211,54 @@ def _print_table(rows: list[dict]) -> None:
         print(f"{row['path']}: {verdict}{row['label']} {row['confidence']:.3f}{ood}{extra}")
 
 
+def _settings_with(**overrides):
+    from steelsight.contract import get_settings
+
+    return get_settings().model_copy(update={k: v for k, v in overrides.items() if v is not None})
+
+
+def _logging() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def cmd_worker(args) -> int:
+    from steelsight.worker.service import run_worker
+
+    _logging()
+    settings = _settings_with(checkpoint=args.checkpoint, device=args.device, batch_size=args.batch_size,
+                              metrics_port=args.metrics_port)
+    run_worker(settings, burst=args.burst, name=args.name)
+    return 0
+
+
+def cmd_produce(args) -> int:
+    from prometheus_client import start_http_server
+
+    from steelsight.contract import validate_id
+    from steelsight.producer.service import Producer, replay, run_producer, watch
+
+    _logging()
+    validate_id(args.line, "--line")
+    validate_id(args.camera, "--camera")
+    settings = _settings_with()
+    if args.metrics_port:
+        start_http_server(args.metrics_port)
+    producer = Producer(settings, args.line, args.camera)
+    frames = watch(args.source, limit=args.limit) if args.watch else replay(args.source, args.loop, args.limit)
+    counts = run_producer(producer, frames, args.fps)
+    print("sent: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) if counts else "sent nothing")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from steelsight.model.checkpoint import CheckpointError
 
     try:
         return args.func(args)
-    except (CheckpointError, FileNotFoundError) as exc:
+    except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"steelsight {args.command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,157 @@
+"""The pipeline contract: settings, names, object keys and the job/result schemas.
+
+Producer, worker and dashboard import this module and nothing of each other.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+JOB_FUNCTION = "steelsight.worker.jobs.process_frame"
+# letters, digits, '-' and '_' (RQ's job-id alphabet); '__' is reserved as the job-id separator
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,95}$")
+JOB_ID_SEPARATOR = "__"
+IMAGE_EXTENSIONS = ("bmp", "png", "jpg", "jpeg", "tif", "tiff", "webp", "gif", "pgm")
+CONTENT_TYPES = {"bmp": "image/bmp", "png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg",
+                 "tif": "image/tiff", "tiff": "image/tiff", "webp": "image/webp", "gif": "image/gif",
+                 "pgm": "image/x-portable-graymap"}
+
+
+class Settings(BaseSettings):
+    """Every knob of the pipeline; env vars ``STEELSIGHT_<FIELD>`` or a ``.env`` file."""
+
+    model_config = SettingsConfigDict(env_prefix="STEELSIGHT_", env_file=".env", extra="ignore")
+
+    # Redis: password and TLS go in the URL (redis://:pw@host:6379/0, rediss://...)
+    redis_url: SecretStr = SecretStr("redis://localhost:6379/0")
+    queue_name: str = "steelsight-frames"
+    key_prefix: str = "steelsight"
+
+    # S3 / MinIO
+    s3_endpoint: str = "localhost:9000"
+    s3_public_endpoint: str | None = None  # host the browser can reach, for presigned URLs
+    s3_secure: bool = False
+    s3_public_secure: bool | None = None
+    s3_region: str = "us-east-1"
+    s3_access_key: SecretStr | None = None
+    s3_secret_key: SecretStr | None = None
+    frames_bucket: str = "steelsight-frames"
+    overlays_bucket: str = "steelsight-overlays"
+    presign_expiry_s: int = 900
+
+    # jobs and results
+    job_timeout_s: int = 60
+    job_retries: int = 3
+    result_ttl_s: int = 7 * 24 * 3600
+    failure_ttl_s: int = 30 * 24 * 3600
+    dedup_ttl_s: int = 7 * 24 * 3600
+    stream_maxlen: int = 10_000
+    max_queue_depth: int = 1_000
+    max_frame_bytes: int = 20 * 1024 * 1024
+
+    # worker
+    checkpoint: str | None = None
+    device: str = "auto"
+    batch_size: int = 8
+    cam_method: str = "gradcam"
+    heartbeat_grace_s: int = 15
+    maintenance_interval_s: int = 30
+
+    # metrics
+    metrics_port: int = 9100
+
+    @property
+    def results_stream(self) -> str:
+        return f"{self.key_prefix}:results"
+
+    def result_key(self, job_id: str) -> str:
+        return f"{self.key_prefix}:result:{job_id}"
+
+    def dedup_key(self, job_id: str) -> str:
+        return f"{self.key_prefix}:seen:{job_id}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Read once per process; tests build their own ``Settings(...)`` instead."""
+    return Settings()
+
+
+def validate_id(value: str, what: str = "id") -> str:
+    if not ID_PATTERN.match(value) or JOB_ID_SEPARATOR in value:
+        raise ValueError(f"{what} {value!r} must match {ID_PATTERN.pattern} and contain no '{JOB_ID_SEPARATOR}'")
+    return value
+
+
+class Frame(BaseModel):
+    """A job's payload: where the frame is and where it came from."""
+
+    frame_id: str
+    line_id: str
+    camera_id: str
+    captured_at: datetime
+    ext: str
+    enqueued_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @field_validator("frame_id", "line_id", "camera_id")
+    @classmethod
+    def _safe_id(cls, value: str, info) -> str:
+        return validate_id(value, info.field_name)
+
+    @field_validator("ext")
+    @classmethod
+    def _known_ext(cls, value: str) -> str:
+        value = value.lower().lstrip(".")
+        if value not in IMAGE_EXTENSIONS:
+            raise ValueError(f"extension {value!r} is not one of {', '.join(IMAGE_EXTENSIONS)}")
+        return value
+
+    @property
+    def object_key(self) -> str:
+        """``{line}/{camera}/{yyyy}/{mm}/{dd}/{frame_id}.{ext}``, from validated parts only."""
+        t = self.captured_at.astimezone(UTC)
+        return f"{self.line_id}/{self.camera_id}/{t:%Y}/{t:%m}/{t:%d}/{self.frame_id}.{self.ext}"
+
+    @property
+    def overlay_key(self) -> str:
+        return self.object_key.rsplit(".", 1)[0] + ".png"
+
+    @property
+    def job_id(self) -> str:
+        """Deterministic: re-sending a frame can never create a second job."""
+        return JOB_ID_SEPARATOR.join((self.line_id, self.camera_id, self.frame_id))
+
+
+class Timings(BaseModel):
+    queue_wait_s: float
+    inference_s: float
+    total_s: float
+
+
+class FrameResult(BaseModel):
+    """What a worker writes back for one frame."""
+
+    frame_id: str
+    job_id: str
+    line_id: str
+    camera_id: str
+    captured_at: datetime
+    status: Literal["ok", "rejected"]
+    label: str | None = None
+    confidence: float | None = None
+    probabilities: dict[str, float] = Field(default_factory=dict)
+    ood_score: float | None = None
+    unknown: bool = False
+    reason: str | None = None  # why a frame was rejected
+    frame_key: str
+    overlay_key: str | None = None
+    timings: Timings
+    worker: str = ""
+    checkpoint_sha256: str = ""
+    finished_at: datetime = Field(default_factory=lambda: datetime.now(UTC))

@@ -1,0 +1,55 @@
+import pickle
+
+import pytest
+import torch
+
+from steelsight.model.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint, save_checkpoint
+from steelsight.model.network import ArchConfig, AttentionResNet50
+from steelsight.model.ood import MahalanobisScorer
+
+
+def test_round_trip_keeps_weights_metadata_and_ood(tmp_path):
+    torch.manual_seed(0)
+    net = AttentionResNet50(ArchConfig(stride_in_1x1=True, mean=(0.1, 0.2, 0.3), std=(1.0, 2.0, 3.0))).eval()
+    feats, labels = torch.randn(60, 2048), torch.arange(60) % 6
+    ood = MahalanobisScorer.fit(feats, labels)
+    meta = CheckpointMeta(input_size=96, training={"epochs": 3}, val_metrics={"accuracy": 0.5},
+                          data_manifest_sha256="abc", temperature=1.7, ood={"threshold": 2.0})
+    path = save_checkpoint(net, meta, tmp_path / "m.safetensors", ood=ood)
+    loaded = load_checkpoint(path)
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, loaded.model.state_dict()[key]), key
+    assert loaded.model.arch == net.arch
+    assert loaded.meta.classes == meta.classes and loaded.meta.input_size == 96
+    assert loaded.meta.temperature == 1.7 and loaded.meta.data_manifest_sha256 == "abc"
+    assert loaded.meta.normalisation["mean"] == [0.1, 0.2, 0.3]
+    assert torch.allclose(loaded.ood(feats[:5]), ood(feats[:5]), rtol=1e-2)
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(net(x), loaded.model(x))
+
+
+def test_half_precision_checkpoint_is_close(tmp_path):
+    net = AttentionResNet50().eval()
+    path = save_checkpoint(net, CheckpointMeta(), tmp_path / "h.safetensors", half=True)
+    loaded = load_checkpoint(path).model
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(net(x).softmax(1), loaded(x).softmax(1), atol=2e-3)
+
+
+class Boom:
+    def __reduce__(self):
+        return (exec, ("open('/tmp/steelsight_pwned', 'w').write('x')",))
+
+
+def test_pickle_disguised_as_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "evil.safetensors"
+    path.write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+
+
+def test_missing_checkpoint_says_so(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.safetensors")

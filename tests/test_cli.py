@@ -1,0 +1,54 @@
+import json
+
+import pytest
+
+from steelsight.cli import build_parser, main
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    for command in ("train", "evaluate", "predict"):
+        assert command in out
+
+
+def test_train_evaluate_predict_round_trip(tmp_path, neu_dir, capsys):
+    run = tmp_path / "run"
+    tiny = ["--data", str(neu_dir), "--out", str(run), "--pretrained", "none", "--image-size", "64",
+            "--batch-size", "8", "--limit-per-class", "5", "--workers", "0"]
+    assert main(["train", *tiny, "--epochs", "1"]) == 0
+    for name in ("best.safetensors", "model.safetensors", "last_state.pt", "history.json", "training_curves.png"):
+        assert (run / name).exists(), name
+    history = json.loads((run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1]
+
+    # resume: a second epoch continues from the saved state rather than starting over
+    assert main(["train", *tiny, "--epochs", "2", "--resume"]) == 0
+    assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == [1, 2]
+    assert "resumed after epoch 1" in capsys.readouterr().out
+
+    ckpt = str(run / "model.safetensors")
+    assert main(["evaluate", "--data", str(neu_dir / "images"), "--annotations", str(neu_dir / "annotations"),
+                 "--checkpoint", ckpt, "--out", str(tmp_path / "eval"), "--split", "val"]) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert (tmp_path / "eval" / "confusion_matrix.png").exists()
+    assert (tmp_path / "eval" / "gradcam_grid.png").exists()
+    assert report["n"] == 6  # 1 of 5 per class in val
+    assert sum(map(sum, report["confusion_matrix"])) == 6
+    for key in ("accuracy", "macro_f1", "ece", "ece_uncalibrated", "mean_latency_ms_per_image", "per_class"):
+        assert key in report
+    loc = report["localisation"]
+    assert loc["images_scored"] == 6 and 0 <= loc["pointing_game"] <= 1 and 0 <= loc["energy_in_box"] <= 1
+
+    capsys.readouterr()
+    image = next((neu_dir / "images" / "scratches").iterdir())
+    assert main(["predict", str(image), "--json", "--checkpoint", ckpt]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert set(row) >= {"label", "confidence", "probabilities", "ood_score", "unknown"}
+    assert isinstance(row["ood_score"], float)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert main(["predict", "x.png", "--checkpoint", str(tmp_path / "none.safetensors")]) == 2
+    assert "does not exist" in capsys.readouterr().err

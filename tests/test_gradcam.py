@@ -1,0 +1,60 @@
+import numpy as np
+import pytest
+import torch
+from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM
+
+from steelsight.model.cam import CheapCam
+from steelsight.model.checkpoint import load_checkpoint
+
+
+@pytest.fixture()
+def trained_like_net(tiny_checkpoint):
+    net = load_checkpoint(tiny_checkpoint).model
+    with torch.no_grad():  # a non-trivial attention gate, so its gradient path matters
+        net.attention.conv.weight.normal_(0, 0.5)
+    return net
+
+
+@pytest.mark.parametrize(("name", "cls"), [("gradcam", GradCAM), ("gradcam++", GradCAMPlusPlus),
+                                           ("hirescam", HiResCAM)])
+def test_cheap_path_equals_plain_full_backward(trained_like_net, name, cls):
+    x = torch.rand(3, 1, 64, 64)
+    targets = [0, 3, 5]
+    plain = cls(model=trained_like_net, target_layers=[trained_like_net.last_block])
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    expected = plain(input_tensor=x, targets=[ClassifierOutputTarget(t) for t in targets])
+    expected_logits = plain.outputs.detach()
+    plain.activations_and_grads.release()
+    heatmaps, logits, _ = CheapCam(trained_like_net)(x, targets, name)
+    assert heatmaps.shape == (3, 64, 64)
+    np.testing.assert_allclose(heatmaps, expected, atol=1e-5)
+    torch.testing.assert_close(logits, expected_logits)
+
+
+def test_cheap_path_never_backpropagates_into_the_trunk(trained_like_net):
+    trained_like_net.zero_grad(set_to_none=True)
+    CheapCam(trained_like_net)(torch.rand(2, 1, 64, 64))
+    assert all(p.grad is None for p in trained_like_net.trunk.parameters())
+    assert trained_like_net.head[1].weight.grad is not None  # the head did get a backward pass
+
+
+def test_explain_returns_overlays_at_input_size(tiny_predictor):
+    images = [np.random.default_rng(i).integers(0, 256, shape, dtype=np.uint8)
+              for i, shape in enumerate([(200, 200), (90, 130)])]
+    out = tiny_predictor.explain(images)
+    for image, exp in zip(images, out, strict=True):
+        assert exp.heatmap.shape == image.shape and exp.heatmap.dtype == np.float32
+        assert exp.heatmap.min() >= 0.0 and exp.heatmap.max() <= 1.0
+        assert exp.overlay.shape == (*image.shape, 3) and exp.overlay.dtype == np.uint8
+    plain = tiny_predictor.predict(images)
+    for exp, pred in zip(out, plain, strict=True):
+        assert exp.label == pred.label
+        assert abs(exp.confidence - pred.confidence) < 1e-4
+        assert abs(sum(pred.probabilities.values()) - 1.0) < 1e-5
+
+
+def test_explain_can_target_another_class(tiny_predictor):
+    image = np.random.default_rng(3).integers(0, 256, (64, 64), dtype=np.uint8)
+    out = tiny_predictor.explain([image, image], method="eigencam", targets=[1, 4])
+    assert [e.cam_class for e in out] == ["inclusion", "rolled-in_scale"]

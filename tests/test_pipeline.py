@@ -1,0 +1,205 @@
+"""Producer -> S3 (moto server) -> Redis/RQ -> worker processes -> results, on loopback."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from rq import Queue
+from rq.job import Job
+from rq.registry import FailedJobRegistry, StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from steelsight.clients import ObjectStore, redis_client
+from steelsight.contract import Frame, Settings
+from steelsight.model.checkpoint import CheckpointMeta, save_checkpoint
+from steelsight.model.network import AttentionResNet50
+from steelsight.producer.service import Producer, replay
+
+from .services import free_port, redis_server, s3_server, wait_until
+
+SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
+_ids = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("services")
+    redis, s3 = redis_server(workdir).start(), s3_server(workdir).start()
+    yield redis, s3
+    redis.stop()
+    s3.stop()
+
+
+@pytest.fixture(scope="module")
+def pipeline_checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "pipeline.safetensors"
+    save_checkpoint(AttentionResNet50().eval(), CheckpointMeta(input_size=96), path)
+    return path
+
+
+@pytest.fixture()
+def settings(services, pipeline_checkpoint) -> Settings:
+    redis, s3 = services
+    n = next(_ids)
+    return Settings(
+        redis_url=f"redis://127.0.0.1:{redis.port}/0", s3_endpoint=f"127.0.0.1:{s3.port}",
+        s3_access_key="testing", s3_secret_key="testing", queue_name=f"frames-{n}", key_prefix=f"t{n}",
+        frames_bucket=f"frames-{n}", overlays_bucket=f"overlays-{n}", checkpoint=str(pipeline_checkpoint),
+        device="cpu", batch_size=4, job_timeout_s=10, heartbeat_grace_s=2, maintenance_interval_s=1,
+        metrics_port=free_port(),
+    )
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        env[f"STEELSIGHT_{name.upper()}"] = value.get_secret_value() if hasattr(value, "get_secret_value") else str(
+            value)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+class WorkerProcess:
+    def __init__(self, settings: Settings, tmp: Path, name: str, burst: bool = False):
+        self.log_path = tmp / f"{name}.log"
+        self.log = open(self.log_path, "wb")  # noqa: SIM115
+        args = [sys.executable, "-m", "steelsight.cli", "worker", "--name", name]
+        self.proc = subprocess.Popen(args + (["--burst"] if burst else []), env=settings_env(settings),
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+        self.log.close()
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def records(settings: Settings, conn) -> dict[str, dict]:
+    keys = conn.keys(f"{settings.key_prefix}:result:*")
+    return {k.decode().rsplit(":", 1)[1]: json.loads(conn.get(k)) for k in keys}
+
+
+def test_frames_flow_to_results_overlays_and_metrics(settings, tmp_path):
+    conn = redis_client(settings)
+    producer = Producer(settings, "line-a", "cam-1")
+    sent = [producer.send_file(item) for item in replay(SAMPLES, limit=6)]
+    assert sent == ["enqueued"] * 6
+    assert producer.send_file(next(replay(SAMPLES))) == "duplicate"  # re-sent frame: skipped
+    producer.send(b"\x89PNG\r\n\x1a\nthis is not really a png", "corrupt", "png")
+    producer.send((SAMPLES / "crazing" / "Cr_1.bmp").read_bytes()[:3000], "truncated", "bmp")
+    # a race past the producer's check: the same job enqueued twice still yields one result
+    store = ObjectStore(settings)
+    frame = Frame(frame_id="twice", line_id="line-a", camera_id="cam-1", captured_at="2026-01-02T03:04:05Z",
+                  ext="bmp")
+    store.put(settings.frames_bucket, frame.object_key, (SAMPLES / "patches" / "Pa_1.bmp").read_bytes(), "image/bmp")
+    producer._enqueue(frame)
+    producer._enqueue(frame)
+
+    worker = WorkerProcess(settings, tmp_path, "w1")
+    try:
+        wait_until(lambda: len(records(settings, conn)) == 9, 120, "9 results")
+        wait_until(lambda: Queue(settings.queue_name, connection=conn).count == 0, 30, "an empty queue")
+        time.sleep(1.0)  # let the duplicate job finish too
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{settings.metrics_port}/metrics").read().decode()
+    finally:
+        worker.kill(signal.SIGTERM)
+
+    results = records(settings, conn)
+    ok = {k: r for k, r in results.items() if r["status"] == "ok"}
+    rejected = {k: r for k, r in results.items() if r["status"] == "rejected"}
+    assert len(ok) == 7 and set(rejected) == {"line-a__cam-1__corrupt", "line-a__cam-1__truncated"}
+    assert rejected["line-a__cam-1__corrupt"]["reason"].startswith("not_an_image")
+    assert rejected["line-a__cam-1__truncated"]["reason"].startswith("truncated")
+    for result in ok.values():
+        assert result["label"] in result["probabilities"] and store.exists(settings.overlays_bucket,
+                                                                             result["overlay_key"])
+        assert result["frame_key"].startswith("line-a/cam-1/") and result["timings"]["total_s"] > 0
+    assert conn.xlen(settings.results_stream) == 9  # one stream entry per frame, duplicates included
+    job = Job.fetch("line-a__cam-1__Cr_1", connection=conn, serializer=JSONSerializer)
+    assert job.return_value()["label"] == ok["line-a__cam-1__Cr_1"]["label"]
+
+    assert 'steelsight_worker_frames_total{label="none",status="rejected"} 2.0' in metrics
+    ok_count = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                   if line.startswith("steelsight_worker_frames_total{") and 'status="ok"' in line)
+    assert ok_count == 7
+    assert "steelsight_model_info{checkpoint=" in metrics
+    assert "steelsight_worker_batch_size_count" in metrics
+
+
+def test_killed_worker_loses_no_frame(settings, tmp_path):
+    conn = redis_client(settings)
+    producer = Producer(settings, "line-k", "cam-1")
+    assert all(producer.send_file(i) == "enqueued" for i in replay(SAMPLES, limit=16))
+    victim = WorkerProcess(settings, tmp_path, "victim")
+    started = StartedJobRegistry(settings.queue_name, connection=conn, serializer=JSONSerializer)
+    wait_until(lambda: len(started.get_job_ids(cleanup=False)) > 0, 90, "the first batch to start", 0.02)
+    victim.kill(signal.SIGKILL)
+    assert len(records(settings, conn)) < 16
+    survivor = WorkerProcess(settings, tmp_path, "survivor")
+    try:
+        wait_until(lambda: len(records(settings, conn)) == 16, 120, "all 16 results")
+    finally:
+        survivor.kill(signal.SIGTERM)
+    assert conn.xlen(settings.results_stream) == 16
+    assert FailedJobRegistry(settings.queue_name, connection=conn).count == 0
+
+
+def test_pickled_and_foreign_jobs_never_execute(settings, tmp_path):
+    conn = redis_client(settings)
+    marker = tmp_path / "executed"
+    # 1) a job pickled by RQ's default serializer, on our queue
+    Queue(settings.queue_name, connection=conn).enqueue("os.system", f"touch {marker}", job_id="pickled")
+
+    # 2) a raw pickle whose unpickling alone would run code
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    Queue(settings.queue_name, connection=conn).enqueue("os.getcwd", job_id="bomb")
+    conn.hset("rq:job:bomb", "data", pickle.dumps(Payload()))
+    # 3) valid JSON naming a function other than the frame job
+    Queue(settings.queue_name, connection=conn, serializer=JSONSerializer).enqueue(
+        "os.system", f"touch {marker}", job_id="foreign")
+    worker = WorkerProcess(settings, tmp_path, "guard", burst=True)
+    worker.proc.wait(timeout=90)
+    worker.kill()
+    assert not marker.exists(), worker.output()
+    failed = FailedJobRegistry(settings.queue_name, connection=conn, serializer=JSONSerializer)
+    assert set(failed.get_job_ids()) == {"pickled", "bomb", "foreign"}
+    assert "refusing to run 'os.system'" in worker.output()
+
+
+def test_producer_waits_when_the_queue_is_full(settings):
+    settings = settings.model_copy(update={"max_queue_depth": 2})
+    conn = redis_client(settings)
+    producer = Producer(settings, "line-b", "cam-1")
+    outcomes = []
+    sender = threading.Thread(target=lambda: outcomes.extend(producer.send_file(i) for i in replay(SAMPLES, limit=5)))
+    sender.start()
+    queue = Queue(settings.queue_name, connection=conn, serializer=JSONSerializer)
+    wait_until(lambda: queue.count == 3, 20, "the queue to fill")
+    time.sleep(1.0)
+    assert queue.count == 3 and sender.is_alive()  # blocked, not dropping
+    while sender.is_alive():
+        conn.lpop(queue.key)  # a stand-in worker draining the queue
+        time.sleep(0.2)
+    sender.join()
+    assert outcomes == ["enqueued"] * 5

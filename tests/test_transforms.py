@@ -1,0 +1,46 @@
+import albumentations as A
+import numpy as np
+
+from steelsight.model.transforms import eval_batch, train_augment
+
+
+def _names(transform) -> set[str]:
+    names = {type(transform).__name__}
+    for child in getattr(transform, "transforms", []):
+        names |= _names(child)
+    return names
+
+
+def test_pipeline_holds_every_named_augmentation():
+    names = _names(train_augment(64))
+    for required in ("Rotate", "ElasticTransform", "OpticalDistortion", "CLAHE", "GaussNoise",
+                     "MotionBlur", "GaussianBlur", "MedianBlur"):
+        assert required in names
+    rotate = next(t for t in train_augment(64).transforms if isinstance(t, A.Rotate))
+    assert tuple(rotate.limit) == (-180, 180)
+
+
+def test_augmentation_keeps_grayscale_uint8_and_size():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (200, 200), dtype=np.uint8)
+    augment = train_augment(96)
+    outputs = [augment(image=image)["image"] for _ in range(25)]
+    for out in outputs:
+        assert out.shape == (96, 96) and out.dtype == np.uint8
+    assert len({o.tobytes() for o in outputs}) > 20  # random, not a fixed transform
+
+
+def test_every_member_runs_on_grayscale():
+    image = np.random.default_rng(1).integers(0, 256, (64, 64), dtype=np.uint8)
+    for transform in train_augment(64).transforms:
+        members = getattr(transform, "transforms", [transform])
+        for member in members:
+            member.p = 1.0
+            out = member(image=image)["image"]
+            assert out.ndim == 2 and out.dtype == np.uint8, type(member).__name__
+
+
+def test_eval_batch_scales_to_unit_range():
+    batch = eval_batch([np.full((50, 70), 255, np.uint8), np.zeros((200, 200), np.uint8)], 32)
+    assert batch.shape == (2, 1, 32, 32)
+    assert float(batch[0].min()) == 1.0 and float(batch[1].max()) == 0.0

@@ -1,0 +1,109 @@
+"""Frame engine: fetch frames, run one batched predict + Grad-CAM, upload overlays.
+
+It turns frames into results and knows nothing about RQ; the job function and
+the worker class hand it work.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from PIL import Image
+
+from steelsight.clients import S3_TRANSIENT, MissingObject, ObjectStore
+from steelsight.contract import Frame, FrameResult, Settings, Timings
+from steelsight.model.imageio import DecodeLimits, ImageRejected, decode_gray
+from steelsight.model.predictor import Predictor
+from steelsight.retry import with_backoff
+
+from . import metrics
+
+
+@dataclass
+class Decoded:
+    frame: Frame
+    gray: object  # np.ndarray
+
+
+def png_bytes(rgb) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG", compress_level=3)  # fast level: overlays are transient
+    return buf.getvalue()
+
+
+class FrameEngine:
+    def __init__(self, predictor: Predictor, store: ObjectStore, settings: Settings):
+        self.predictor = predictor
+        self.store = store
+        self.settings = settings
+        self.limits = DecodeLimits(max_bytes=settings.max_frame_bytes)
+        self.worker_name = socket.gethostname()
+        metrics.MODEL.info({"checkpoint_sha256": predictor.checkpoint.sha256,
+                            "checkpoint": predictor.checkpoint.path.name,
+                            "input_size": str(predictor.input_size), "device": str(predictor.device)})
+
+    def _fetch(self, frame: Frame) -> bytes:
+        return with_backoff(
+            lambda: self.store.get(self.settings.frames_bucket, frame.object_key, self.settings.max_frame_bytes),
+            f"fetch {frame.object_key}", S3_TRANSIENT, attempts=3,
+        )
+
+    def _rejected(self, frame: Frame, reason: str, started: float, batch_start: datetime) -> FrameResult:
+        return self._result(frame, started, batch_start, 0.0, status="rejected", reason=reason)
+
+    def _result(self, frame, started, batch_start, inference_s, **fields) -> FrameResult:
+        wait = max((batch_start - frame.enqueued_at).total_seconds(), 0.0)
+        return FrameResult(
+            frame_id=frame.frame_id, job_id=frame.job_id, line_id=frame.line_id, camera_id=frame.camera_id,
+            captured_at=frame.captured_at, frame_key=frame.object_key, worker=self.worker_name,
+            checkpoint_sha256=self.predictor.checkpoint.sha256,
+            timings=Timings(queue_wait_s=wait, inference_s=inference_s, total_s=wait + time.perf_counter() - started),
+            **fields,
+        )
+
+    def process(self, frames: list[Frame]) -> dict[str, FrameResult | Exception]:
+        """One outcome per job id: a result (ok or rejected) or the exception to fail the job with."""
+        started, batch_start = time.perf_counter(), datetime.now(UTC)
+        outcomes: dict[str, FrameResult | Exception] = {}
+        decoded: list[Decoded] = []
+        for frame in frames:
+            metrics.QUEUE_WAIT_SECONDS.observe(max((batch_start - frame.enqueued_at).total_seconds(), 0.0))
+            try:
+                decoded.append(Decoded(frame, decode_gray(self._fetch(frame), self.limits)))
+            except ImageRejected as exc:
+                outcomes[frame.job_id] = self._rejected(frame, f"{exc.reason.value}: {exc.detail}", started,
+                                                        batch_start)
+            except MissingObject as exc:
+                outcomes[frame.job_id] = self._rejected(frame, f"missing_object: {exc}", started, batch_start)
+            except Exception as exc:  # transient after retries, or unexpected: fail this job only
+                outcomes[frame.job_id] = exc
+        if decoded:
+            outcomes.update(self._infer(decoded, started, batch_start))
+        metrics.BATCH_SIZE.observe(len(frames))
+        return outcomes
+
+    def _infer(self, decoded: list[Decoded], started: float, batch_start: datetime):
+        t0 = time.perf_counter()
+        explained = self.predictor.explain([d.gray for d in decoded], self.settings.cam_method)
+        inference_s = time.perf_counter() - t0
+        metrics.INFERENCE_SECONDS.observe(inference_s)
+        outcomes = {}
+        for item, exp in zip(decoded, explained, strict=True):
+            frame = item.frame
+            try:
+                with_backoff(lambda f=frame, e=exp: self.store.put(self.settings.overlays_bucket, f.overlay_key,
+                                                                   png_bytes(e.overlay), "image/png"),
+                             f"upload overlay {frame.overlay_key}", S3_TRANSIENT, attempts=3)
+            except Exception as exc:
+                outcomes[frame.job_id] = exc
+                continue
+            outcomes[frame.job_id] = self._result(
+                frame, started, batch_start, inference_s / len(decoded), status="ok", label=exp.label,
+                confidence=exp.confidence, probabilities=exp.probabilities, ood_score=exp.ood_score,
+                unknown=exp.unknown, overlay_key=frame.overlay_key,
+            )
+        return outcomes

@@ -1,0 +1,89 @@
+"""The RQ job function and the per-process handoff from the batching worker.
+
+``BatchingWorker`` runs a whole micro-batch through the engine, parks each
+outcome here under its job id, then lets RQ perform each job as usual, so
+retries, registries and results behave exactly as for any RQ job.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from rq import get_current_job
+from rq.job import Job
+
+from steelsight.clients import REDIS_TRANSIENT
+from steelsight.contract import JOB_FUNCTION, Frame, FrameResult, Settings, get_settings
+from steelsight.retry import with_backoff
+
+from . import metrics
+
+_engine = None
+_settings: Settings | None = None
+_precomputed: dict[str, FrameResult | Exception] = {}
+
+
+class RefusedJob(RuntimeError):
+    """A job that names any function other than :data:`JOB_FUNCTION`."""
+
+
+class FrameJob(Job):
+    """Executes only the frame job: a JSON payload cannot name another callable."""
+
+    def _execute(self):
+        if self.func_name != JOB_FUNCTION:
+            raise RefusedJob(f"refusing to run {self.func_name!r}: this queue only runs {JOB_FUNCTION}")
+        return super()._execute()
+
+
+def install(engine, settings: Settings) -> None:
+    global _engine, _settings
+    _engine, _settings = engine, settings
+
+
+def park(outcomes: dict[str, FrameResult | Exception]) -> None:
+    _precomputed.update(outcomes)
+
+
+def discard(job_ids) -> None:
+    for job_id in job_ids:
+        _precomputed.pop(job_id, None)
+
+
+def engine():
+    if _engine is None:  # run by a plain `rq worker`: build the engine once, lazily
+        from .service import build_engine
+
+        install(build_engine(get_settings()), get_settings())
+    return _engine
+
+
+def publish(result: FrameResult, connection, settings: Settings) -> bool:
+    """Per-frame record (first write wins) and one stream entry; True when newly written."""
+    payload = result.model_dump_json()
+
+    def write() -> bool:
+        created = connection.set(settings.result_key(result.job_id), payload, nx=True, ex=settings.result_ttl_s)
+        if created:
+            connection.xadd(settings.results_stream, {"result": payload}, maxlen=settings.stream_maxlen,
+                            approximate=True)
+        return bool(created)
+
+    return with_backoff(write, f"publish result {result.job_id}", REDIS_TRANSIENT, attempts=6)
+
+
+def process_frame(frame: dict) -> dict:
+    job = get_current_job()
+    parsed = Frame.model_validate(frame)
+    job_id = job.id if job is not None else parsed.job_id
+    outcome = _precomputed.pop(job_id, None)
+    if outcome is None:
+        outcome = engine().process([parsed])[parsed.job_id]
+    if isinstance(outcome, Exception):
+        metrics.FAILURES.labels(reason=type(outcome).__name__).inc()
+        raise outcome
+    settings = _settings or get_settings()
+    if publish(outcome, job.connection, settings):
+        metrics.FRAMES.labels(status=outcome.status, label=outcome.label or "none").inc()
+        metrics.END_TO_END_SECONDS.observe((datetime.now(UTC) - outcome.captured_at).total_seconds())
+    return outcome.model_dump(mode="json")

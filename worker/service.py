@@ -1,0 +1,55 @@
+"""Start a worker: load the model once, connect, serve metrics, work the queue."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from prometheus_client import start_http_server
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from steelsight.clients import REDIS_TRANSIENT, S3_TRANSIENT, ObjectStore, redis_client
+from steelsight.contract import Settings
+from steelsight.model.predictor import Predictor
+from steelsight.retry import with_backoff
+
+from . import jobs
+from .engine import FrameEngine
+from .rqworker import BatchingWorker
+
+log = logging.getLogger("steelsight.worker")
+
+
+def build_engine(settings: Settings) -> FrameEngine:
+    predictor = Predictor.load(settings.checkpoint, device=settings.device, batch_size=max(settings.batch_size, 1))
+    store = ObjectStore(settings)
+    with_backoff(store.ensure_buckets, "create buckets", S3_TRANSIENT, attempts=None)
+    log.info("model %s loaded on %s (sha256 %s…)", predictor.checkpoint.path.name, predictor.device,
+             predictor.checkpoint.sha256[:12])
+    return FrameEngine(predictor, store, settings)
+
+
+def make_worker(settings: Settings, name: str | None = None) -> BatchingWorker:
+    connection = redis_client(settings)
+    with_backoff(connection.ping, "connect to Redis", REDIS_TRANSIENT, attempts=None)
+    queue = Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
+    worker = BatchingWorker(
+        [queue], connection=connection, serializer=JSONSerializer, job_class=jobs.FrameJob,
+        name=name, maintenance_interval=settings.maintenance_interval_s,
+        # an idle worker wakes every maintenance interval to re-queue abandoned jobs
+        worker_ttl=max(settings.maintenance_interval_s + 15, 16),
+    )
+    worker.max_batch = max(settings.batch_size, 1)
+    worker.heartbeat_grace_s = settings.heartbeat_grace_s
+    return worker
+
+
+def run_worker(settings: Settings, burst: bool = False, name: str | None = None, metrics: bool = True) -> bool:
+    if metrics:
+        start_http_server(settings.metrics_port)
+        log.info("metrics on :%d/metrics", settings.metrics_port)
+    jobs.install(build_engine(settings), settings)
+    worker = make_worker(settings, name or f"steelsight-{os.getpid()}")
+    log.info("worker %s on queue %s, batches of up to %d", worker.name, settings.queue_name, worker.max_batch)
+    return worker.work(burst=burst, with_scheduler=False, logging_level="INFO")
