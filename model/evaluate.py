@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .corruptions import CORRUPTIONS, FAR_OOD, auroc, corrupt_all, ood_sets
 from .data import (
     Sample,
     annotation_for,
@@ -21,8 +22,8 @@ from .data import (
     stratified_split,
 )
 from .imageio import read_gray
-from .metrics import classification_report, expected_calibration_error
-from .plots import confusion_matrix_png, overlay_grid
+from .metrics import classification_report, expected_calibration_error, wilson_interval
+from .plots import confusion_matrix_png, ood_histogram, overlay_grid
 from .predictor import Predictor
 
 GRID_PER_CLASS = 3
@@ -68,9 +69,53 @@ def uncalibrated(probs: np.ndarray, temperature: float) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def predict_all(predictor: Predictor, images: list, desc: str = "predict") -> list:
+    preds = []
+    for start in tqdm(range(0, len(images), predictor.batch_size), desc=desc, unit="batch", leave=False):
+        preds.extend(predictor.predict(images[start : start + predictor.batch_size]))
+    return preds
+
+
+def corruption_report(predictor: Predictor, images: list, labels: np.ndarray) -> dict:
+    """Accuracy on the same images under each corruption (severities in corruptions.CORRUPTIONS)."""
+    report = {}
+    for name, (_, severity) in CORRUPTIONS.items():
+        preds = predict_all(predictor, corrupt_all(images, name), desc=name)
+        hits = int(sum(predictor.classes.index(p.label) == y for p, y in zip(preds, labels, strict=True)))
+        report[name] = {"severity": severity, "accuracy": hits / len(labels),
+                        "accuracy_ci95": wilson_interval(hits, len(labels))}
+    return report
+
+
+def ood_report(predictor: Predictor, images: list, preds: list, out: Path) -> dict:
+    """AUROC of the OOD score (and of 1 - max softmax, for comparison) against assembled OOD sets."""
+    in_scores = np.array([p.ood_score for p in preds])
+    in_msp = np.array([1 - p.confidence for p in preds])
+    sets = ood_sets(images[0].shape[0], images)
+    report = {"in_distribution": {"n": len(preds), "false_unknown_rate": float(np.mean([p.unknown for p in preds]))},
+              "threshold": predictor.ood_threshold, "sets": {}}
+    scores_by_set, far_scores, far_msp = {}, [], []
+    for name, ood_images in sets.items():
+        ood_preds = predict_all(predictor, ood_images, desc=f"ood {name}")
+        scores = np.array([p.ood_score for p in ood_preds])
+        msp = np.array([1 - p.confidence for p in ood_preds])
+        scores_by_set[name] = scores
+        report["sets"][name] = {"n": len(ood_images), "auroc": auroc(in_scores, scores),
+                                "auroc_max_softmax": auroc(in_msp, msp),
+                                "unknown_rate": float(np.mean([p.unknown for p in ood_preds]))}
+        if name in FAR_OOD:
+            far_scores.append(scores)
+            far_msp.append(msp)
+    far, msp_far = np.concatenate(far_scores), np.concatenate(far_msp)
+    report["far_ood"] = {"n": len(far), "auroc": auroc(in_scores, far), "auroc_max_softmax": auroc(in_msp, msp_far),
+                         "unknown_rate": float(np.mean(far > predictor.ood_threshold))}
+    ood_histogram(in_scores, scores_by_set, predictor.ood_threshold, out / "ood_scores.png")
+    return report
+
+
 def evaluate(
     predictor: Predictor, data: Path, out: Path, annotations: Path | None = None, split: str = "all",
-    cam_method: str = "gradcam",
+    cam_method: str = "gradcam", corruptions: bool = False, ood: bool = False,
 ) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     samples = select_split(scan_folders(data, predictor.classes), predictor, split)
@@ -78,9 +123,7 @@ def evaluate(
     labels = np.array([s.label for s in samples])
 
     started = time.perf_counter()
-    preds = []
-    for start in tqdm(range(0, len(images), predictor.batch_size), desc="predict", unit="batch", leave=False):
-        preds.extend(predictor.predict(images[start : start + predictor.batch_size]))
+    preds = predict_all(predictor, images)
     latency_ms = 1000 * (time.perf_counter() - started) / max(len(images), 1)
 
     probs = np.array([[p.probabilities[c] for c in predictor.classes] for p in preds])
@@ -99,6 +142,12 @@ def evaluate(
         report["unknown_rate"] = float(np.mean([p.unknown for p in preds]))
     confusion_matrix_png(np.array(report["confusion_matrix"]), predictor.classes, out / "confusion_matrix.png",
                          title=f"{data.name} ({split}, n={len(samples)})")
+    if corruptions:
+        report["corruptions"] = corruption_report(predictor, images, labels)
+    if ood:
+        if predictor.ood is None:
+            raise ValueError("this checkpoint has no OOD scorer; train with `steelsight train` to get one")
+        report["ood"] = ood_report(predictor, images, preds, out)
     if annotations is not None:
         report["localisation"] = localise(predictor, samples, images, annotations, out, cam_method)
     (out / "report.json").write_text(json.dumps(report, indent=2))

@@ -57,3 +57,20 @@ def overlay_grid(overlays: Sequence[np.ndarray], captions: Sequence[str], path: 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def ood_histogram(in_scores: np.ndarray, out_sets: dict[str, np.ndarray], threshold: float | None, path: Path):
+    fig, ax = plt.subplots(figsize=(8, 4))
+    everything = np.concatenate([in_scores, *out_sets.values()])
+    bins = np.logspace(np.log10(max(everything.min(), 1e-3)), np.log10(everything.max() + 1e-3), 40)
+    ax.hist(in_scores, bins=bins, alpha=0.7, label="in-distribution (eval data)", color="tab:green")
+    for name, scores in out_sets.items():
+        ax.hist(scores, bins=bins, alpha=0.45, label=name, histtype="stepfilled")
+    if threshold is not None:
+        ax.axvline(threshold, color="black", linestyle="--", label="unknown threshold")
+    ax.set(xscale="log", xlabel="OOD score (Mahalanobis / dim)", ylabel="images", title="OOD score by image set")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

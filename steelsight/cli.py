@@ -60,6 +60,10 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--split", choices=["all", "val", "train"], default="all",
                    help="all images, or the checkpoint's own val/train split (default: all)")
     p.add_argument("--cam-method", default="gradcam", help="CAM method for localisation (default: gradcam)")
+    p.add_argument("--corruptions", action="store_true",
+                   help="also score accuracy under noise, blur, motion blur, brightness/contrast and JPEG")
+    p.add_argument("--ood", action="store_true",
+                   help="also score the unknown verdict against blank, noise, pattern, photo and corrupted images")
     _add_checkpoint_args(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -91,6 +95,9 @@ def _worker_parser(sub) -> None:
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default=None, help="default: settings (auto)")
     p.add_argument("--batch-size", type=int, default=None, help="max frames per micro-batch (default: settings, 8)")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default: settings, 9100)")
+    p.add_argument("--execution", choices=["batch", "fork"], default=None,
+                   help="batch: in-process micro-batches next to the loaded model (default); "
+                        "fork: RQ's fork per job from a preloaded parent (CPU only, slower)")
     p.add_argument("--name", default=None, help="worker name shown in RQ (default: steelsight-<pid>)")
     p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     p.set_defaults(func=cmd_worker)
@@ -114,6 +121,19 @@ def _produce_parser(sub) -> None:
     p.set_defaults(func=cmd_produce)
 
 
+def _dashboard_parser(sub) -> None:
+    p = sub.add_parser(
+        "dashboard", help="the Gradio dashboard: live results, upload tab, metrics",
+        description="Reads results from Redis and images from S3 (settings from STEELSIGHT_* variables or .env). "
+                    "Login is enabled when STEELSIGHT_DASHBOARD_USER and STEELSIGHT_DASHBOARD_PASSWORD are set.",
+    )
+    p.add_argument("--host", default=None, help="bind address (default: settings, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default: settings, 7860)")
+    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default: settings, 9102)")
+    p.add_argument("--checkpoint", default=None, help="model for the upload tab (default: the shipped one)")
+    p.set_defaults(func=cmd_dashboard)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="steelsight",
@@ -125,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     _predict_parser(sub)
     _worker_parser(sub)
     _produce_parser(sub)
+    _dashboard_parser(sub)
     return parser
 
 
@@ -146,7 +167,8 @@ def _load_predictor(args):
 def cmd_evaluate(args) -> int:
     from steelsight.model.evaluate import evaluate
 
-    report = evaluate(_load_predictor(args), args.data, args.out, args.annotations, args.split, args.cam_method)
+    report = evaluate(_load_predictor(args), args.data, args.out, args.annotations, args.split, args.cam_method,
+                      corruptions=args.corruptions, ood=args.ood)
     lo, hi = report["accuracy_ci95"]
     print(f"n={report['n']} accuracy {report['accuracy']:.4f} (95% CI {lo:.4f}-{hi:.4f}) "
           f"macro-F1 {report['macro_f1']:.4f} ECE {report['ece']:.4f} "
@@ -155,6 +177,12 @@ def cmd_evaluate(args) -> int:
         loc = report["localisation"]
         print(f"Grad-CAM pointing game {loc['pointing_game']:.3f}, energy in box {loc['energy_in_box']:.3f} "
               f"over {loc['images_scored']} images")
+    for name, row in report.get("corruptions", {}).items():
+        print(f"  {name:20s} ({row['severity']}): accuracy {row['accuracy']:.4f}")
+    if "ood" in report:
+        far = report["ood"]["far_ood"]
+        print(f"OOD: far AUROC {far['auroc']:.4f} (max-softmax {far['auroc_max_softmax']:.4f}), "
+              f"false-unknown rate {report['ood']['in_distribution']['false_unknown_rate']:.4f}")
     print(f"wrote {args.out / 'report.json'}")
     return 0
 
@@ -228,7 +256,7 @@ def cmd_worker(args) -> int:
 
     _logging()
     settings = _settings_with(checkpoint=args.checkpoint, device=args.device, batch_size=args.batch_size,
-                              metrics_port=args.metrics_port)
+                              metrics_port=args.metrics_port, worker_execution=args.execution)
     run_worker(settings, burst=args.burst, name=args.name)
     return 0
 
@@ -249,6 +277,16 @@ def cmd_produce(args) -> int:
     frames = watch(args.source, limit=args.limit) if args.watch else replay(args.source, args.loop, args.limit)
     counts = run_producer(producer, frames, args.fps)
     print("sent: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) if counts else "sent nothing")
+    return 0
+
+
+def cmd_dashboard(args) -> int:
+    from steelsight.dashboard.app import launch
+
+    _logging()
+    settings = _settings_with(dashboard_host=args.host, dashboard_port=args.port,
+                              dashboard_metrics_port=args.metrics_port, checkpoint=args.checkpoint)
+    launch(settings)
     return 0
 
 

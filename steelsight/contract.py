@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     max_frame_bytes: int = 20 * 1024 * 1024
 
     # worker
+    worker_execution: Literal["batch", "fork"] = "batch"
     checkpoint: str | None = None
     device: str = "auto"
     batch_size: int = 8
@@ -63,8 +64,26 @@ class Settings(BaseSettings):
     heartbeat_grace_s: int = 15
     maintenance_interval_s: int = 30
 
+    # dashboard
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = 7860
+    dashboard_metrics_port: int = 9102
+    dashboard_user: str | None = None
+    dashboard_password: SecretStr | None = None
+    dashboard_refresh_s: float = 2.0
+    max_upload_bytes: int = 10 * 1024 * 1024
+
     # metrics
     metrics_port: int = 9100
+
+    def to_env(self) -> dict[str, str]:
+        """``STEELSIGHT_*`` variables that recreate these settings in a child process."""
+        env = {}
+        for name, value in self.model_dump().items():
+            if value is not None:
+                secret = getattr(value, "get_secret_value", None)
+                env[f"STEELSIGHT_{name.upper()}"] = secret() if secret else str(value)
+        return env
 
     @property
     def results_stream(self) -> str:

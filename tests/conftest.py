@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
 import torch
 
+from steelsight.contract import Settings
+from steelsight.devstack import free_port, redis_server, s3_server
 from steelsight.model.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from steelsight.model.network import AttentionResNet50
 from steelsight.model.predictor import Predictor
@@ -34,3 +37,39 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_predictor(tiny_checkpoint) -> Predictor:
     return Predictor(load_checkpoint(tiny_checkpoint), torch.device("cpu"), batch_size=4)
+
+
+_ids = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory):
+    """A real redis-server and a real S3 server (moto), on loopback, per test module."""
+    workdir = tmp_path_factory.mktemp("services")
+    redis, s3 = redis_server(workdir).start(), s3_server(workdir).start()
+    yield redis, s3
+    redis.stop()
+    s3.stop()
+
+
+@pytest.fixture(scope="session")
+def pipeline_checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "pipeline.safetensors"
+    save_checkpoint(AttentionResNet50().eval(), CheckpointMeta(input_size=96), path)
+    return path
+
+
+@pytest.fixture()
+def settings(services, pipeline_checkpoint) -> Settings:
+    """Fresh queue, key prefix and buckets per test; short timeouts so recovery is quick."""
+    redis, s3 = services
+    n = next(_ids)
+    return Settings(
+        redis_url=f"redis://127.0.0.1:{redis.port}/0", s3_endpoint=f"127.0.0.1:{s3.port}",
+        s3_access_key="testing", s3_secret_key="testing", queue_name=f"frames-{n}", key_prefix=f"t{n}",
+        frames_bucket=f"frames-{n}", overlays_bucket=f"overlays-{n}", checkpoint=str(pipeline_checkpoint),
+        device="cpu", batch_size=4, job_timeout_s=10, heartbeat_grace_s=2, maintenance_interval_s=1,
+        metrics_port=free_port(), dashboard_port=free_port(), dashboard_metrics_port=free_port(),
+        dashboard_refresh_s=1.0,
+    )

@@ -2,99 +2,24 @@
 
 from __future__ import annotations
 
-import itertools
-import json
 import os
 import pickle
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
-import pytest
-import torch
 from rq import Queue
 from rq.job import Job
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from steelsight.clients import ObjectStore, redis_client
-from steelsight.contract import Frame, Settings
-from steelsight.model.checkpoint import CheckpointMeta, save_checkpoint
-from steelsight.model.network import AttentionResNet50
+from steelsight.contract import Frame
+from steelsight.devstack import wait_until
 from steelsight.producer.service import Producer, replay
 
-from .services import free_port, redis_server, s3_server, wait_until
-
-SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
-_ids = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def services(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("services")
-    redis, s3 = redis_server(workdir).start(), s3_server(workdir).start()
-    yield redis, s3
-    redis.stop()
-    s3.stop()
-
-
-@pytest.fixture(scope="module")
-def pipeline_checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "pipeline.safetensors"
-    save_checkpoint(AttentionResNet50().eval(), CheckpointMeta(input_size=96), path)
-    return path
-
-
-@pytest.fixture()
-def settings(services, pipeline_checkpoint) -> Settings:
-    redis, s3 = services
-    n = next(_ids)
-    return Settings(
-        redis_url=f"redis://127.0.0.1:{redis.port}/0", s3_endpoint=f"127.0.0.1:{s3.port}",
-        s3_access_key="testing", s3_secret_key="testing", queue_name=f"frames-{n}", key_prefix=f"t{n}",
-        frames_bucket=f"frames-{n}", overlays_bucket=f"overlays-{n}", checkpoint=str(pipeline_checkpoint),
-        device="cpu", batch_size=4, job_timeout_s=10, heartbeat_grace_s=2, maintenance_interval_s=1,
-        metrics_port=free_port(),
-    )
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    env = dict(os.environ)
-    for name, value in settings.model_dump().items():
-        if value is None:
-            continue
-        env[f"STEELSIGHT_{name.upper()}"] = value.get_secret_value() if hasattr(value, "get_secret_value") else str(
-            value)
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
-class WorkerProcess:
-    def __init__(self, settings: Settings, tmp: Path, name: str, burst: bool = False):
-        self.log_path = tmp / f"{name}.log"
-        self.log = open(self.log_path, "wb")  # noqa: SIM115
-        args = [sys.executable, "-m", "steelsight.cli", "worker", "--name", name]
-        self.proc = subprocess.Popen(args + (["--burst"] if burst else []), env=settings_env(settings),
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-
-    def kill(self, sig=signal.SIGKILL) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=30)
-        self.log.close()
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-def records(settings: Settings, conn) -> dict[str, dict]:
-    keys = conn.keys(f"{settings.key_prefix}:result:*")
-    return {k.decode().rsplit(":", 1)[1]: json.loads(conn.get(k)) for k in keys}
+from .helpers import SAMPLES, WorkerProcess, records
 
 
 def test_frames_flow_to_results_overlays_and_metrics(settings, tmp_path):

@@ -1,4 +1,4 @@
-"""Real services on loopback for the pipeline tests: redis-server and moto's S3 server."""
+"""Local stand-ins for development, tests and benchmarks: redis-server and an S3 server on loopback."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ class Service:
 def redis_server(workdir: Path, appendonly: bool = False, port: int | None = None) -> Service:
     binary = shutil.which("redis-server")
     if binary is None:
-        raise RuntimeError("redis-server is not installed: run `make system-deps`")
+        raise RuntimeError("redis-server is not installed: run `make system-deps` (apt-get install redis-server)")
     port = port or free_port()
     args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir), "--save", "",
             "--appendonly", "yes" if appendonly else "no"]

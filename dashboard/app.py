@@ -1,0 +1,235 @@
+"""The Gradio dashboard: live line view, ad-hoc upload with CAM comparison, pipeline metrics.
+
+Results come from Redis and images from S3 through :class:`LiveSource`; the
+model for uploads is a :class:`Predictor` loaded once. Images reach the browser
+served by the app itself (Gradio's file cache), so buckets stay private and the
+browser needs no route to S3.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+
+from steelsight.contract import Settings
+from steelsight.model.cam import CAM_METHODS
+from steelsight.model.imageio import DecodeLimits, ImageRejected, decode_gray
+from steelsight.model.labels import CLASSES
+from steelsight.model.predictor import Predictor
+
+from . import metrics
+from .data import (
+    ALL,
+    REJECTED,
+    UNKNOWN,
+    Filters,
+    LiveSource,
+    apply_filters,
+    caption,
+    class_counts,
+    latency_quantiles,
+    rate_over_time,
+)
+
+GALLERY_SIZE = 12
+VERDICTS = [*CLASSES, UNKNOWN, REJECTED]
+PLACEHOLDER = np.full((64, 64, 3), 90, np.uint8)
+CSS = """
+.unknown-banner {background:#b45309;color:white;padding:4px 8px;border-radius:4px;font-weight:600}
+.bar {background:#e5e7eb;border-radius:3px;height:14px;margin:2px 0 6px 0}
+.bar > div {background:#2563eb;height:14px;border-radius:3px}
+.upload-error {color:#b91c1c;font-weight:600}
+"""
+
+
+def _stats_markdown(state: dict, results, window_s: int) -> str:
+    q = latency_quantiles(results)["total_s"]
+    return (f"**queue depth** {state['queue_depth']} · **workers alive** {state['workers_alive']} · "
+            f"**failed jobs** {state['failed_jobs']} · **frames in window** {len(results)} "
+            f"({window_s // 60} min) · **latency p50** {q['p50']:.2f}s · **p95** {q['p95']:.2f}s")
+
+
+def _counts_markdown(counts) -> str:
+    cells = " | ".join(f"{row['class']}: {row['frames']}" for _, row in counts.iterrows())
+    return f"<span id='class-counts'>{cells}</span>"
+
+
+def _bars_html(name: str, pred, error: str | None = None) -> str:
+    title = f"<h4>{html.escape(name)}</h4>"
+    if error:
+        return title + f"<p class='upload-error'>Rejected: {html.escape(error)}</p>"
+    banner = ("<p class='unknown-banner'>UNKNOWN — this surface does not look like the training data "
+              f"(OOD score {pred.ood_score:.2f})</p>") if pred.unknown else ""
+    rows = "".join(
+        f"<div>{html.escape(c)} — {p:.1%}</div><div class='bar'><div style='width:{100 * p:.1f}%'></div></div>"
+        for c, p in sorted(pred.probabilities.items(), key=lambda kv: -kv[1])
+    )
+    return f"{title}{banner}<p class='upload-label'><b>{html.escape(pred.label)}</b> {pred.confidence:.1%}</p>{rows}"
+
+
+class Dashboard:
+    def __init__(self, settings: Settings, source: LiveSource, predictor: Predictor):
+        self.settings = settings
+        self.source = source
+        self.predictor = predictor
+        self.limits = DecodeLimits(max_bytes=settings.max_upload_bytes)
+
+    # live tab --------------------------------------------------------------------
+    def refresh_live(self, line: str, camera: str, label: str, window_min: float):
+        started = time.perf_counter()
+        results = self.source.recent()
+        lines = sorted({r.line_id for r in results})
+        cameras = sorted({r.camera_id for r in results})
+        shown = apply_filters(results, Filters(line, camera, label, int(window_min * 60)))
+        latest = shown[:GALLERY_SIZE]
+        gallery = [(self._thumb(r), caption(r)) for r in latest]
+        counts = class_counts(shown)
+        state = self.source.pipeline_state()
+        metrics.REFRESH_SECONDS.observe(time.perf_counter() - started)
+        return (
+            gallery, counts, rate_over_time(shown), _stats_markdown(state, shown, int(window_min * 60)),
+            _counts_markdown(counts), [r.model_dump_json() for r in latest],
+            gr.update(choices=[ALL, *lines]), gr.update(choices=[ALL, *cameras]),
+        )
+
+    def _thumb(self, r):
+        image = self.source.overlay(r) if r.status == "ok" else self.source.original(r)
+        return image if image is not None else PLACEHOLDER
+
+    def select_frame(self, shown: list[str], evt: gr.SelectData):
+        from steelsight.contract import FrameResult
+
+        if evt is None or evt.index is None or evt.index >= len(shown):
+            return None, None, {}, ""
+        r = FrameResult.model_validate_json(shown[evt.index])
+        detail = caption(r) + (f"\n\nreason: `{r.reason}`" if r.reason else "")
+        return self.source.original(r), self.source.overlay(r), r.probabilities, detail
+
+    # upload tab ------------------------------------------------------------------
+    def explain_uploads(self, files, method: str):
+        if not files:
+            return [], "<p>Drop one or more images above.</p>"
+        names, images, blocks = [], [], []
+        for path in files:
+            name = Path(path).name
+            try:
+                images.append(decode_gray(Path(path).read_bytes(), self.limits))
+                names.append(name)
+            except ImageRejected as exc:
+                metrics.UPLOADS.labels(outcome="rejected").inc()
+                gr.Warning(f"{name}: {exc}")
+                blocks.append(_bars_html(name, None, str(exc)))
+        gallery = []
+        for name, exp in zip(names, self.predictor.explain(images, method) if images else [], strict=True):
+            metrics.UPLOADS.labels(outcome="unknown" if exp.unknown else "ok").inc()
+            gallery.append((exp.overlay, f"{name}: {UNKNOWN + ' · ' if exp.unknown else ''}{exp.label}"))
+            blocks.append(_bars_html(name, exp))
+        return gallery, "".join(blocks)
+
+    # metrics tab -----------------------------------------------------------------
+    def refresh_metrics(self):
+        results = self.source.recent()
+        counts = class_counts(results)
+        q = latency_quantiles(results)
+        state = self.source.pipeline_state()
+        rows = "\n".join(f"| {name} | {v['p50']:.3f} | {v['p95']:.3f} | {v['p99']:.3f} |" for name, v in q.items())
+        table = ("| latency (s) | p50 | p95 | p99 |\n|---|---:|---:|---:|\n" + rows +
+                 f"\n\n**results in stream** {len(results)} · **queue depth** {state['queue_depth']} · "
+                 f"**workers alive** {state['workers_alive']} · **failed jobs** {state['failed_jobs']} · "
+                 f"**rejected** {int(counts.loc[counts['class'] == REJECTED, 'frames'].sum())}")
+        latency = [{"frame": i, "stage": stage, "seconds": getattr(r.timings, stage)}
+                   for i, r in enumerate(reversed(results[:300])) for stage in ("queue_wait_s", "inference_s")]
+        import pandas as pd
+
+        return table, counts, pd.DataFrame(latency, columns=["frame", "stage", "seconds"])
+
+    def scrape_help(self) -> str:
+        s = self.settings
+        return (f"Prometheus scrapes each worker on `:{s.metrics_port}/metrics` (one port per worker, "
+                f"`STEELSIGHT_METRICS_PORT`), the producer on the port given by `produce --metrics-port`, and this "
+                f"dashboard on `:{s.dashboard_metrics_port}/metrics`. The numbers here are read from the results "
+                f"stream `{s.results_stream}` in Redis.")
+
+    # layout ------------------------------------------------------------------------
+    def build(self) -> gr.Blocks:
+        with gr.Blocks(title="steelsight", delete_cache=(300, 600)) as demo:
+            gr.Markdown("# steelsight — live steel-strip inspection")
+            with gr.Tab("Live", id="live"):
+                self._live_tab()
+            with gr.Tab("Upload", id="upload"):
+                self._upload_tab()
+            with gr.Tab("Metrics", id="metrics"):
+                self._metrics_tab()
+        return demo
+
+    def _live_tab(self):
+        with gr.Row():
+            line = gr.Dropdown([ALL], value=ALL, label="line", allow_custom_value=True)
+            camera = gr.Dropdown([ALL], value=ALL, label="camera", allow_custom_value=True)
+            label = gr.Dropdown([ALL, *CLASSES, UNKNOWN, REJECTED], value=ALL, label="class")
+            window = gr.Slider(1, 240, value=15, step=1, label="window (minutes)")
+        stats = gr.Markdown(elem_id="live-stats")
+        counts_text = gr.HTML(elem_id="live-counts")
+        gallery = gr.Gallery(label="latest frames (Grad-CAM overlays)", columns=6, height=420, elem_id="live-gallery",
+                             allow_preview=False)
+        with gr.Row():
+            bars = gr.BarPlot(x="class", y="frames", title="frames per class in window", sort=VERDICTS)
+            rates = gr.LinePlot(x="time", y="value", color="series", title="throughput and defect rate")
+        with gr.Row():
+            original = gr.Image(label="selected frame: original", interactive=False)
+            overlay = gr.Image(label="selected frame: Grad-CAM", interactive=False)
+            with gr.Column():
+                probs = gr.Label(label="probabilities", num_top_classes=len(CLASSES))
+                detail = gr.Markdown()
+        shown = gr.State([])
+        timer = gr.Timer(self.settings.dashboard_refresh_s)
+        inputs = [line, camera, label, window]
+        outputs = [gallery, bars, rates, stats, counts_text, shown, line, camera]
+        # trigger_mode="once": a tick while a refresh is still running is dropped, so requests never pile up
+        timer.tick(self.refresh_live, inputs, outputs, trigger_mode="once", concurrency_limit=1,
+                   show_progress="hidden")
+        for control in inputs:
+            control.change(self.refresh_live, inputs, outputs, trigger_mode="always_last", show_progress="hidden")
+        gallery.select(self.select_frame, [shown], [original, overlay, probs, detail])
+
+    def _upload_tab(self):
+        gr.Markdown(f"Drop one or more images (up to {self.settings.max_upload_bytes // (1024 * 1024)} MiB each).")
+        with gr.Row():
+            files = gr.File(file_count="multiple", label="images", elem_id="upload-files")
+            method = gr.Dropdown(list(CAM_METHODS), value="gradcam", label="CAM method")
+        run = gr.Button("Explain", variant="primary", elem_id="upload-run")
+        gallery = gr.Gallery(label="overlays", columns=4, height=340, elem_id="upload-gallery", allow_preview=True,
+                             preview=False)
+        report = gr.HTML(elem_id="upload-report")
+        run.click(self.explain_uploads, [files, method], [gallery, report], concurrency_limit=2)
+        files.upload(self.explain_uploads, [files, method], [gallery, report], concurrency_limit=2)
+
+    def _metrics_tab(self):
+        gr.Markdown(self.scrape_help())
+        table = gr.Markdown(elem_id="metrics-table")
+        with gr.Row():
+            counts = gr.BarPlot(x="class", y="frames", title="frames by verdict (whole stream)", sort=VERDICTS)
+            latency = gr.LinePlot(x="frame", y="seconds", color="stage", title="latency of the last 300 frames")
+        timer = gr.Timer(max(self.settings.dashboard_refresh_s * 2.5, 5))
+        timer.tick(self.refresh_metrics, None, [table, counts, latency], trigger_mode="once", concurrency_limit=1,
+                   show_progress="hidden")
+
+
+def launch(settings: Settings, predictor: Predictor | None = None, block: bool = True):
+    from prometheus_client import start_http_server
+
+    predictor = predictor or Predictor.load(settings.checkpoint, device="cpu")
+    app = Dashboard(settings, LiveSource(settings), predictor).build()
+    start_http_server(settings.dashboard_metrics_port)
+    auth = None
+    if settings.dashboard_user and settings.dashboard_password:
+        auth = (settings.dashboard_user, settings.dashboard_password.get_secret_value())
+    app.queue(default_concurrency_limit=4)
+    app.launch(server_name=settings.dashboard_host, server_port=settings.dashboard_port, auth=auth,
+               max_file_size=settings.max_upload_bytes, prevent_thread_lock=not block, show_error=True, css=CSS,
+               footer_links=["api"], quiet=False)
+    return app
