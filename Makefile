@@ -4,24 +4,21 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint system-deps clean-venv
+.PHONY: run test lint clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-## run: install, then label the bundled sample frames with Grad-CAM overlays (shipped checkpoint)
+## run: install, then start the whole product (Redis, S3, 2 workers, producer, dashboard); Ctrl-C stops it
 run: $(STAMP)
-	$(BIN)/steelsight predict deploy/samples/*/*.bmp --cam-out runs/demo-overlays
-
-## system-deps: Debian packages the tests use (needs root or sudo)
-system-deps:
 	./deploy/install-system-deps.sh
+	$(BIN)/steelsight up
 
 ## test: install everything, then run the whole test suite
-test: $(STAMP) system-deps
+test: $(STAMP)
+	./deploy/install-system-deps.sh --test
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

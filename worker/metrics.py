@@ -1,6 +1,8 @@
 """Worker metrics, named by Prometheus conventions (base units, _total counters)."""
 
-from prometheus_client import Counter, Gauge, Histogram, Info
+from prometheus_client import Counter, Histogram, Info
+
+from steelsight.metrics import QUEUE_DEPTH  # noqa: F401 - shared with the producer
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -13,5 +15,4 @@ END_TO_END_SECONDS = Histogram("steelsight_frame_end_to_end_seconds", "Capture t
 QUEUE_WAIT_SECONDS = Histogram("steelsight_frame_queue_wait_seconds", "Enqueue to batch start",
                                buckets=LATENCY_BUCKETS)
 BATCH_SIZE = Histogram("steelsight_worker_batch_size", "Frames per micro-batch", buckets=(1, 2, 4, 8, 16, 32, 64))
-QUEUE_DEPTH = Gauge("steelsight_queue_depth", "Jobs waiting in the frame queue, seen by this worker")
 MODEL = Info("steelsight_model", "The loaded checkpoint")
