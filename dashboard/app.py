@@ -62,8 +62,9 @@ def _bars_html(name: str, pred, error: str | None = None) -> str:
     title = f"<h4>{html.escape(name)}</h4>"
     if error:
         return title + f"<p class='upload-error'>Rejected: {html.escape(error)}</p>"
+    score = f"OOD score {pred.ood_score:.2f}" if pred.ood_score is not None else "no OOD scorer"
     banner = ("<p class='unknown-banner'>UNKNOWN — this surface does not look like the training data "
-              f"(OOD score {pred.ood_score:.2f})</p>") if pred.unknown else ""
+              f"({pred.unknown_reason}, {score})</p>") if pred.unknown else ""
     rows = "".join(
         f"<div>{html.escape(c)} — {p:.1%}</div><div class='bar'><div style='width:{100 * p:.1f}%'></div></div>"
         for c, p in sorted(pred.probabilities.items(), key=lambda kv: -kv[1])

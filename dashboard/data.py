@@ -89,7 +89,7 @@ def caption(r: FrameResult) -> str:
     when = r.captured_at.astimezone(UTC).strftime("%H:%M:%S")
     if r.status == "rejected":
         return f"REJECTED ({(r.reason or '').split(':')[0]}) · {r.line_id}/{r.camera_id} · {when}"
-    head = f"⚠ UNKNOWN (looks like {r.label})" if r.unknown else f"{r.label} {r.confidence:.2f}"
+    head = f"⚠ UNKNOWN ({r.unknown_reason}; nearest {r.label})" if r.unknown else f"{r.label} {r.confidence:.2f}"
     return f"{head} · {r.line_id}/{r.camera_id} · {when}"
 
 

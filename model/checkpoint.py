@@ -79,7 +79,9 @@ def save_checkpoint(
     state = {}
     for key, tensor in model.state_dict().items():
         tensor = tensor.detach().cpu()
-        if half and tensor.is_floating_point():
+        # half precision for conv/linear weights only: BatchNorm statistics hold folded conv biases
+        # (large means, small variances) that fp16 rounding would wreck
+        if half and tensor.is_floating_point() and tensor.ndim >= 2:
             tensor = tensor.half()
         state[key] = tensor.contiguous()
     if ood is not None:

@@ -18,6 +18,7 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 
 from .cam import CheapCam
 from .checkpoint import LoadedCheckpoint, load_checkpoint
+from .quality import quality_issue
 from .transforms import eval_batch
 
 
@@ -36,6 +37,7 @@ class Prediction:
     probabilities: dict[str, float]
     ood_score: float | None = None
     unknown: bool = False
+    unknown_reason: str | None = None  # "ood_score" or an input-quality issue (model/quality.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,19 +97,28 @@ class Predictor:
             return [None] * len(pooled)
         return self.ood(pooled.to(self.device)).cpu().tolist()
 
-    def _postprocess(self, logits: torch.Tensor, pooled: torch.Tensor) -> list[Prediction]:
+    def _unknown_reason(self, image: np.ndarray, score: float | None) -> str | None:
+        issue = quality_issue(as_gray(image))
+        if issue:
+            return issue
+        if score is not None and self.ood_threshold is not None and score > self.ood_threshold:
+            return "ood_score"
+        return None
+
+    def _postprocess(self, images, logits: torch.Tensor, pooled: torch.Tensor) -> list[Prediction]:
         probs = torch.softmax(logits.float() / self.temperature, dim=1).cpu()
         preds = []
-        for row, score in zip(probs, self._ood_scores(pooled), strict=True):
+        for image, row, score in zip(images, probs, self._ood_scores(pooled), strict=True):
             index = int(row.argmax())
-            unknown = score is not None and self.ood_threshold is not None and score > self.ood_threshold
+            reason = self._unknown_reason(image, score)
             preds.append(
                 Prediction(
                     label=self.classes[index],
                     confidence=float(row[index]),
                     probabilities={c: float(p) for c, p in zip(self.classes, row, strict=True)},
                     ood_score=None if score is None else float(score),
-                    unknown=bool(unknown),
+                    unknown=reason is not None,
+                    unknown_reason=reason,
                 )
             )
         return preds
@@ -123,7 +134,7 @@ class Predictor:
         results: list[Prediction] = []
         for chunk in self._chunks(images):
             pooled = self.net.pooled(self.net.features(self.preprocess(chunk)))
-            results.extend(self._postprocess(self.net.head(pooled), pooled))
+            results.extend(self._postprocess(chunk, self.net.head(pooled), pooled))
         return results
 
     def explain(
@@ -147,7 +158,7 @@ class Predictor:
         heatmaps, logits, feats = self.cam(batch, targets, method)
         feats = feats.to(self.device)
         with torch.inference_mode():
-            preds = self._postprocess(logits, self.net.pooled(feats))
+            preds = self._postprocess(images, logits, self.net.pooled(feats))
         out = []
         for i, (image, pred, heat) in enumerate(zip(images, preds, heatmaps, strict=True)):
             gray = as_gray(image)

@@ -21,16 +21,18 @@ from tqdm import tqdm
 
 from .calibrate import fit_temperature, ood_threshold
 from .checkpoint import CheckpointMeta, save_checkpoint
+from .corruptions import CORRUPTIONS, corrupt_all
 from .data import SurfaceDataset, limit_per_class, manifest_hash, scan_folders, stratified_split
+from .imageio import read_gray
 from .labels import CLASSES
 from .losses import FocalLoss
-from .metrics import classification_report
+from .metrics import classification_report, expected_calibration_error
 from .network import ArchConfig, AttentionResNet50, load_trunk_weights
 from .ood import MahalanobisScorer
 from .plots import training_curves
 from .predictor import resolve_device
 from .pretrained import resolve_pretrained
-from .transforms import train_augment
+from .transforms import eval_batch, train_augment
 
 
 @dataclass
@@ -54,6 +56,9 @@ class TrainConfig:
     limit_per_class: int = 0
     half: bool = False
     resume: bool = False
+    finalize_only: bool = False
+    augment: str = "standard"
+    init_from: str | None = None
 
 
 def build_model(pretrained: str) -> tuple[AttentionResNet50, str]:
@@ -103,9 +108,9 @@ class Trainer:
         train_s, val_s = stratified_split(samples, cfg.val_fraction, cfg.seed)
         print(f"data: {len(samples)} images, train {len(train_s)}, val {len(val_s)}, "
               f"manifest sha256 {self.manifest[:12]}…; device {self.device}")
-        self.train_set = SurfaceDataset(train_s, train_augment(cfg.image_size), cfg.image_size)
+        self.train_set = SurfaceDataset(train_s, train_augment(cfg.image_size, cfg.augment), cfg.image_size)
         self.val_set = SurfaceDataset(val_s, None, cfg.image_size)
-        self.model, self.init_source = build_model(cfg.pretrained)
+        self.model, self.init_source = self._initial_model()
         self.model.to(self.device)
         self.frozen = frozen_modules(self.model, cfg.freeze_stages)
         for module in self.frozen:
@@ -121,6 +126,15 @@ class Trainer:
         self.best_key = (-1.0, -math.inf)
         if cfg.resume:
             self._resume()
+
+    def _initial_model(self) -> tuple[AttentionResNet50, str]:
+        """ImageNet trunk (--pretrained), or every weight of an earlier steelsight checkpoint (--init-from)."""
+        if not self.cfg.init_from:
+            return build_model(self.cfg.pretrained)
+        from .checkpoint import file_sha256, load_checkpoint
+
+        start = load_checkpoint(self.cfg.init_from)
+        return start.model, f"checkpoint:{Path(self.cfg.init_from).name}:{file_sha256(Path(self.cfg.init_from))[:12]}"
 
     def _param_groups(self):
         trunk = [p for p in self.model.trunk.parameters() if p.requires_grad]
@@ -225,8 +239,27 @@ class Trainer:
             training_curves(self.history, self.out / "training_curves.png")
         return self.finalize()
 
+    def _shifted_val(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of the val images under every moderate corruption of :mod:`.corruptions`."""
+        originals = [read_gray(s.path) for s in self.val_set.samples]
+        labels = torch.tensor([s.label for s in self.val_set.samples])
+        logits = []
+        self.model.eval()
+        with torch.inference_mode():
+            for name in CORRUPTIONS:
+                shifted = corrupt_all(originals, name)
+                for start in range(0, len(shifted), self.cfg.batch_size):
+                    batch = eval_batch(shifted[start : start + self.cfg.batch_size], self.cfg.image_size)
+                    logits.append(self.model(batch.to(self.device)).cpu())
+        return torch.cat(logits), labels.repeat(len(CORRUPTIONS))
+
     def finalize(self) -> Path:
-        """Best weights + temperature (val NLL) + OOD scorer (train features) -> model.safetensors."""
+        """Best weights + temperature + OOD scorer (train features) -> model.safetensors.
+
+        The temperature is fitted on val *and* val under the moderate corruptions: a
+        model that makes no error on clean val would otherwise be pushed to T -> 0
+        (ever sharper), which is overconfident the first time the line is noisy.
+        """
         from .checkpoint import load_checkpoint
 
         best = load_checkpoint(self.out / "best.safetensors", device=self.device)
@@ -234,8 +267,10 @@ class Trainer:
         val_logits, val_labels, val_pooled = infer(self.model, self._loader(self.val_set, False), self.device)
         plain_train = SurfaceDataset(self.train_set.samples, None, self.cfg.image_size)
         _, train_labels, train_pooled = infer(self.model, self._loader(plain_train, False), self.device)
+        shifted_logits, shifted_labels = self._shifted_val()
         meta = best.meta
-        meta.temperature = fit_temperature(val_logits, val_labels)
+        meta.temperature = fit_temperature(torch.cat([val_logits, shifted_logits]),
+                                           torch.cat([val_labels, shifted_labels]))
         scorer = MahalanobisScorer.fit(train_pooled, train_labels)
         val_scores = scorer(val_pooled).numpy()
         threshold = ood_threshold(val_scores)
@@ -245,13 +280,22 @@ class Trainer:
             "val_false_unknown_rate": float((val_scores > threshold).mean()),
             "val_score_median": float(np.median(val_scores)),
         }
-        calibrated = torch.softmax(val_logits / meta.temperature, 1).numpy()
-        meta.val_metrics["ece_calibrated"] = classification_report(
-            calibrated, val_labels.numpy(), list(CLASSES))["ece"]
+        meta.val_metrics["calibration"] = {
+            "temperature_fitted_on": "val + val under the 5 moderate corruptions",
+            **_ece_pair("val", val_logits, val_labels, meta.temperature),
+            **_ece_pair("val_corrupted", shifted_logits, shifted_labels, meta.temperature),
+        }
         path = save_checkpoint(self.model, meta, self.out / "model.safetensors", half=self.cfg.half, ood=scorer)
-        print(f"temperature {meta.temperature:.3f}; ECE {meta.val_metrics['ece']:.4f} -> "
-              f"{meta.val_metrics['ece_calibrated']:.4f}; OOD threshold {threshold:.3f}; wrote {path}")
+        print(f"temperature {meta.temperature:.3f}; calibration {meta.val_metrics['calibration']}; "
+              f"OOD threshold {threshold:.3f}; wrote {path}")
         return path
+
+
+def _ece_pair(name: str, logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> dict:
+    before = torch.softmax(logits, 1).numpy()
+    after = torch.softmax(logits / temperature, 1).numpy()
+    return {f"ece_{name}_before": expected_calibration_error(before, labels.numpy()),
+            f"ece_{name}_after": expected_calibration_error(after, labels.numpy())}
 
 
 def _summary(report: dict) -> dict:
@@ -260,4 +304,5 @@ def _summary(report: dict) -> dict:
 
 
 def train(cfg: TrainConfig) -> Path:
-    return Trainer(cfg).fit()
+    trainer = Trainer(cfg)
+    return trainer.finalize() if cfg.finalize_only else trainer.fit()

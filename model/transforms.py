@@ -10,13 +10,22 @@ import torch
 REFLECT = cv2.BORDER_REFLECT_101
 
 
-def train_augment(size: int) -> A.Compose:
+def train_augment(size: int, strength: str = "standard") -> A.Compose:
     """Augmentation for grayscale uint8 (H, W) surfaces.
 
     Steel strip has no preferred orientation, so rotations span the full
     circle; the photometric part mimics line cameras (uneven light, sensor
-    noise, motion and focus blur, lossy transport).
+    noise, motion and focus blur, lossy transport). ``strong`` applies the
+    photometric faults more often and harder, for a robustness fine-tune.
     """
+    if strength == "strong":
+        return _augment(size, photometric_p=0.6, light=0.35, noise_std=(0.02, 0.15), motion=(3, 15), jpeg_p=0.3)
+    if strength != "standard":
+        raise ValueError(f"unknown augmentation strength {strength!r}: standard or strong")
+    return _augment(size, photometric_p=0.3, light=0.25, noise_std=(0.02, 0.12), motion=(3, 9), jpeg_p=0.2)
+
+
+def _augment(size: int, photometric_p: float, light: float, noise_std, motion, jpeg_p: float) -> A.Compose:
     return A.Compose(
         [
             A.Resize(size, size, interpolation=cv2.INTER_AREA),
@@ -31,17 +40,17 @@ def train_augment(size: int) -> A.Compose:
                 p=0.3,
             ),
             A.CLAHE(clip_limit=(1, 3), p=0.2),
-            A.RandomBrightnessContrast(brightness_limit=0.25, contrast_limit=0.25, p=0.5),
-            A.GaussNoise(std_range=(0.02, 0.12), p=0.3),
+            A.RandomBrightnessContrast(brightness_limit=light, contrast_limit=light, p=0.5),
+            A.GaussNoise(std_range=noise_std, p=photometric_p),
             A.OneOf(
                 [
-                    A.MotionBlur(blur_limit=(3, 9)),
+                    A.MotionBlur(blur_limit=motion),
                     A.GaussianBlur(blur_limit=(3, 7), sigma_limit=(0.3, 2.0)),
                     A.MedianBlur(blur_limit=(3, 5)),
                 ],
-                p=0.3,
+                p=photometric_p,
             ),
-            A.ImageCompression(quality_range=(25, 95), p=0.2),
+            A.ImageCompression(quality_range=(25, 95), p=jpeg_p),
         ]
     )
 

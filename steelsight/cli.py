@@ -29,6 +29,10 @@ def _train_parser(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/neu"), help="output folder (default: runs/neu)")
     p.add_argument("--pretrained", default="keras",
                    help="trunk init: keras (offline ImageNet port, default), torchvision, none, or a file")
+    p.add_argument("--init-from", default=None,
+                   help="start from every weight of an earlier steelsight checkpoint instead of --pretrained")
+    p.add_argument("--augment", choices=["standard", "strong"], default="standard",
+                   help="augmentation preset; strong = harder photometric faults (default: standard)")
     p.add_argument("--image-size", type=int, default=160, help="square input side in pixels (default: 160)")
     p.add_argument("--epochs", type=int, default=6, help="default: 6")
     p.add_argument("--batch-size", type=int, default=32, help="default: 32")
@@ -44,6 +48,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--limit-per-class", type=int, default=0, help="use only N images per class (smoke runs)")
     p.add_argument("--half", action="store_true", help="store model.safetensors weights in float16")
     p.add_argument("--resume", action="store_true", help="continue from --out/last_state.pt")
+    p.add_argument("--finalize-only", action="store_true",
+                   help="skip training: recalibrate --out/best.safetensors and write model.safetensors")
     p.set_defaults(func=cmd_train)
 
 

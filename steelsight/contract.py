@@ -167,6 +167,7 @@ class FrameResult(BaseModel):
     probabilities: dict[str, float] = Field(default_factory=dict)
     ood_score: float | None = None
     unknown: bool = False
+    unknown_reason: str | None = None  # "ood_score" or an input-quality issue
     reason: str | None = None  # why a frame was rejected
     frame_key: str
     overlay_key: str | None = None

@@ -25,13 +25,17 @@ def neu_dir() -> Path:
     return NEU
 
 
+def random_checkpoint(folder: Path, input_size: int) -> Path:
+    """A random-init network: fast, and enough to exercise every code path."""
+    torch.manual_seed(0)
+    path = folder / f"random-{input_size}.safetensors"
+    save_checkpoint(AttentionResNet50().eval(), CheckpointMeta(input_size=input_size), path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    """Random-init network at 64 px: fast, and enough to exercise every code path."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_checkpoint(AttentionResNet50().eval(), CheckpointMeta(input_size=64), path)
-    return path
+    return random_checkpoint(tmp_path_factory.mktemp("ckpt"), 64)
 
 
 @pytest.fixture(scope="session")
@@ -54,10 +58,8 @@ def services(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def pipeline_checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "pipeline.safetensors"
-    save_checkpoint(AttentionResNet50().eval(), CheckpointMeta(input_size=96), path)
-    return path
+    """96 px: a batch takes long enough for a worker to be killed in the middle of it."""
+    return random_checkpoint(tmp_path_factory.mktemp("ckpt"), 96)
 
 
 @pytest.fixture()

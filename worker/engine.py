@@ -104,6 +104,6 @@ class FrameEngine:
             outcomes[frame.job_id] = self._result(
                 frame, started, batch_start, inference_s / len(decoded), status="ok", label=exp.label,
                 confidence=exp.confidence, probabilities=exp.probabilities, ood_score=exp.ood_score,
-                unknown=exp.unknown, overlay_key=frame.overlay_key,
+                unknown=exp.unknown, unknown_reason=exp.unknown_reason, overlay_key=frame.overlay_key,
             )
         return outcomes

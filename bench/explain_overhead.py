@@ -1,0 +1,72 @@
+"""Explained inference vs label only, and vs the grad-cam package's plain usage, in one run.
+
+    .venv/bin/python bench/explain_overhead.py --batch 1 8 --repeats 10
+
+Times, on the same images and threads: ``predict`` (label only), the product's
+``explain`` (label + Grad-CAM + overlay, trunk run once without autograd), and
+the package's plain usage (full backward through the trunk) + the same overlay.
+Prints medians and the ratios; absolute times on shared machines are noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from pytorch_grad_cam import GradCAM
+
+from steelsight.model.checkpoint import load_checkpoint
+from steelsight.model.data import scan_folders
+from steelsight.model.imageio import read_gray
+from steelsight.model.predictor import Predictor, overlay_heatmap
+
+SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def plain_explain(predictor: Predictor, plain: GradCAM, images: list[np.ndarray]):
+    heatmaps = plain(input_tensor=predictor.preprocess(images), targets=None)
+    return [overlay_heatmap(img, np.asarray(heat)) for img, heat in zip(images, heatmaps, strict=True)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=None, help="default: the shipped checkpoint")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    predictor = Predictor.load(args.checkpoint, device="cpu", batch_size=max(args.batch))
+    plain_net = load_checkpoint(args.checkpoint).model  # a separate copy whose parameters require grad
+    plain = GradCAM(model=plain_net, target_layers=[plain_net.last_block])
+    images = [read_gray(s.path) for s in scan_folders(SAMPLES)]
+    print(f"# explain overhead, {predictor.input_size}px input, {platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}")
+    print("| batch | label only (ms/img) | explain (ms/img) | plain grad-cam (ms/img) | explain / label "
+          "| plain / label |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for batch in args.batch:
+        chunk = images[:batch]
+        label = median_time(lambda c=chunk: predictor.predict(c), args.repeats) / batch
+        cheap = median_time(lambda c=chunk: predictor.explain(c), args.repeats) / batch
+        full = median_time(lambda c=chunk: plain_explain(predictor, plain, c), args.repeats) / batch
+        print(f"| {batch} | {1000 * label:.1f} | {1000 * cheap:.1f} | {1000 * full:.1f} | {cheap / label:.2f}x | "
+              f"{full / label:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

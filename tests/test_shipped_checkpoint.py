@@ -1,0 +1,67 @@
+"""Checks on the checkpoint that ships in the repository (what a fresh clone uses by default)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from steelsight.model.checkpoint import SHIPPED_CHECKPOINT, load_checkpoint
+from steelsight.model.data import scan_folders
+from steelsight.model.imageio import read_gray
+from steelsight.model.labels import CLASSES
+from steelsight.model.predictor import Predictor
+
+from .helpers import SAMPLES
+
+
+@pytest.fixture(scope="module")
+def shipped() -> Predictor:
+    assert SHIPPED_CHECKPOINT.exists(), "the repository must ship a trained checkpoint"
+    return Predictor.load(device="cpu", batch_size=16)
+
+
+def test_metadata_describes_the_model(shipped):
+    meta = shipped.meta
+    assert meta.classes == list(CLASSES)
+    assert meta.input_size >= 128
+    assert meta.arch["stride_in_1x1"] is True  # initialised from the Keras ImageNet port
+    assert len(meta.data_manifest_sha256) == 64
+    assert meta.val_metrics["accuracy"] >= 0.99 and meta.val_metrics["n"] == 288
+    assert 0.05 < meta.temperature < 20
+    assert meta.ood["threshold"] > 0 and shipped.ood is not None
+    assert SHIPPED_CHECKPOINT.stat().st_size < 60 * 1024 * 1024
+    assert load_checkpoint().sha256 == shipped.checkpoint.sha256
+
+
+def test_labels_the_bundled_samples(shipped):
+    samples = scan_folders(SAMPLES)
+    preds = shipped.predict([read_gray(s.path) for s in samples])
+    correct = sum(p.label == s.class_name for p, s in zip(preds, samples, strict=True))
+    assert correct == len(samples), [(s.path.name, p.label) for p, s in zip(preds, samples, strict=True)]
+    assert sum(p.unknown for p in preds) == 0
+
+
+def test_blank_and_noise_frames_are_unknown(shipped):
+    rng = np.random.default_rng(0)
+    frames = [np.zeros((200, 200), np.uint8), np.full((200, 200), 255, np.uint8),
+              rng.integers(0, 256, (200, 200), dtype=np.uint8)]
+    assert all(p.unknown for p in shipped.predict(frames))
+
+
+def test_explanations_concentrate_on_the_defect(shipped, neu_dir):
+    """Grad-CAM puts more of its energy inside the NEU-DET boxes than a uniform map would, and its peak
+    lands in a box more often than chance (a uniform random point lands with probability = box area)."""
+    from steelsight.model.data import annotation_for, box_mask, read_voc_boxes
+    from steelsight.model.evaluate import heatmap_peak
+
+    samples = scan_folders(SAMPLES)
+    images = [read_gray(s.path) for s in samples]
+    hits, chance, gains = 0, 0.0, []
+    for sample, exp in zip(samples, shipped.explain(images, targets=[s.label for s in samples]), strict=True):
+        mask = box_mask(read_voc_boxes(annotation_for(sample, neu_dir / "annotations")), sample.class_name,
+                        exp.heatmap.shape)
+        hits += int(mask[heatmap_peak(exp.heatmap)])
+        chance += float(mask.mean())
+        gains.append(float(exp.heatmap[mask].sum() / exp.heatmap.sum() - mask.mean()))
+    assert float(np.mean(gains)) > 0.03  # measured 0.069 on the shipped checkpoint
+    assert hits > chance  # measured 18 hits of 30 against 13.1 expected by chance
