@@ -93,7 +93,7 @@ class Dashboard:
         metrics.REFRESH_SECONDS.observe(time.perf_counter() - started)
         return (
             gallery, counts, rate_over_time(shown), _stats_markdown(state, shown, int(window_min * 60)),
-            _counts_markdown(counts), [r.model_dump_json() for r in latest],
+            _counts_markdown(counts), {caption(r): r.model_dump_json() for r in latest},
             gr.update(choices=[ALL, *lines]), gr.update(choices=[ALL, *cameras]),
         )
 
@@ -101,12 +101,14 @@ class Dashboard:
         image = self.source.overlay(r) if r.status == "ok" else self.source.original(r)
         return image if image is not None else PLACEHOLDER
 
-    def select_frame(self, shown: list[str], evt: gr.SelectData):
+    def select_frame(self, shown: dict[str, str], evt: gr.SelectData):
+        """Find the result by the selected item's caption: the gallery may have refreshed since the click."""
         from steelsight.contract import FrameResult
 
-        if evt is None or evt.index is None or evt.index >= len(shown):
-            return None, None, {}, ""
-        r = FrameResult.model_validate_json(shown[evt.index])
+        selected = (evt.value or {}).get("caption") if evt is not None else None
+        if selected not in shown:
+            return None, None, {}, "that frame has scrolled out of the gallery; select another"
+        r = FrameResult.model_validate_json(shown[selected])
         detail = caption(r) + (f"\n\nreason: `{r.reason}`" if r.reason else "")
         return self.source.original(r), self.source.overlay(r), r.probabilities, detail
 
@@ -185,8 +187,8 @@ class Dashboard:
             overlay = gr.Image(label="selected frame: Grad-CAM", interactive=False)
             with gr.Column():
                 probs = gr.Label(label="probabilities", num_top_classes=len(CLASSES))
-                detail = gr.Markdown()
-        shown = gr.State([])
+                detail = gr.Markdown(elem_id="selected-detail")
+        shown = gr.State({})
         timer = gr.Timer(self.settings.dashboard_refresh_s)
         inputs = [line, camera, label, window]
         outputs = [gallery, bars, rates, stats, counts_text, shown, line, camera]

@@ -86,11 +86,13 @@ def latency_quantiles(results: list[FrameResult]) -> dict[str, dict[str, float]]
 
 
 def caption(r: FrameResult) -> str:
+    """One line per frame; it names the frame, so a selection can be traced back to its result."""
     when = r.captured_at.astimezone(UTC).strftime("%H:%M:%S")
+    where = f"{r.line_id}/{r.camera_id}/{r.frame_id}"
     if r.status == "rejected":
-        return f"REJECTED ({(r.reason or '').split(':')[0]}) · {r.line_id}/{r.camera_id} · {when}"
+        return f"REJECTED ({(r.reason or '').split(':')[0]}) · {where} · {when}"
     head = f"⚠ UNKNOWN ({r.unknown_reason}; nearest {r.label})" if r.unknown else f"{r.label} {r.confidence:.2f}"
-    return f"{head} · {r.line_id}/{r.camera_id} · {when}"
+    return f"{head} · {where} · {when}"
 
 
 class LiveSource:

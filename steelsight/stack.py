@@ -113,6 +113,8 @@ class Stack:
         return access, secret
 
     def down(self) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not strand half the processes
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for proc in self.children:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -130,11 +132,12 @@ class Stack:
 
 def run_stack(stack: Stack) -> int:
     """Bring the stack up and keep it until Ctrl-C (SIGINT) or SIGTERM."""
-    stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    # installed explicitly: a shell starts background jobs with SIGINT ignored, and Ctrl-C must still work
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         stack.up()
-        while not stopping:
+        while True:
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass

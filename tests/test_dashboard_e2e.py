@@ -60,6 +60,13 @@ def test_live_gallery_counts_and_uploads(settings, tmp_path, browser):
         produced = {r["label"] if not r["unknown"] else "unknown" for r in records(settings, conn).values()}
         assert {name for name, n in counts.items() if n} == produced
         assert "line-e2e/cam-9" in page.inner_text("#live-gallery")
+        # selecting a frame shows its original, its overlay and its probabilities
+        first = page.locator("#live-gallery .thumbnail-item").first
+        frame_name = re.search(r"line-e2e/cam-9/(\w+)", first.inner_text()).group(1)
+        first.click()
+        page.wait_for_function(
+            f"document.querySelector('#selected-detail').innerText.includes('line-e2e/cam-9/{frame_name}')",
+            timeout=20_000)
         page.screenshot(path=str(ARTIFACTS / "dashboard-live.png"), full_page=True)
 
         # upload tab: one good image gets a label, bars and an overlay
