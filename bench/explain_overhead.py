@@ -17,6 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from pytorch_grad_cam import GradCAM
@@ -41,7 +42,8 @@ def median_time(fn, repeats: int) -> float:
 
 def plain_explain(predictor: Predictor, plain: GradCAM, images: list[np.ndarray]):
     heatmaps = plain(input_tensor=predictor.preprocess(images), targets=None)
-    return [overlay_heatmap(img, np.asarray(heat)) for img, heat in zip(images, heatmaps, strict=True)]
+    return [overlay_heatmap(img, cv2.resize(heat, (img.shape[1], img.shape[0])))
+            for img, heat in zip(images, heatmaps, strict=True)]
 
 
 def main() -> None:

@@ -101,9 +101,6 @@ def _worker_parser(sub) -> None:
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default=None, help="default: settings (auto)")
     p.add_argument("--batch-size", type=int, default=None, help="max frames per micro-batch (default: settings, 8)")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default: settings, 9100)")
-    p.add_argument("--execution", choices=["batch", "fork"], default=None,
-                   help="batch: in-process micro-batches next to the loaded model (default); "
-                        "fork: RQ's fork per job from a preloaded parent (CPU only, slower)")
     p.add_argument("--name", default=None, help="worker name shown in RQ (default: steelsight-<pid>)")
     p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     p.set_defaults(func=cmd_worker)
@@ -279,7 +276,7 @@ def cmd_worker(args) -> int:
 
     _logging()
     settings = _settings_with(checkpoint=args.checkpoint, device=args.device, batch_size=args.batch_size,
-                              metrics_port=args.metrics_port, worker_execution=args.execution)
+                              metrics_port=args.metrics_port)
     run_worker(settings, burst=args.burst, name=args.name)
     return 0
 

@@ -56,7 +56,6 @@ class Settings(BaseSettings):
     max_frame_bytes: int = 20 * 1024 * 1024
 
     # worker
-    worker_execution: Literal["batch", "fork"] = "batch"
     checkpoint: str | None = None
     device: str = "auto"
     batch_size: int = 8

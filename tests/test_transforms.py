@@ -1,5 +1,6 @@
 import albumentations as A
 import numpy as np
+import pytest
 
 from steelsight.model.transforms import eval_batch, train_augment
 
@@ -20,10 +21,11 @@ def test_pipeline_holds_every_named_augmentation():
     assert tuple(rotate.limit) == (-180, 180)
 
 
-def test_augmentation_keeps_grayscale_uint8_and_size():
+@pytest.mark.parametrize("strength", ["standard", "strong"])
+def test_augmentation_keeps_grayscale_uint8_and_size(strength):
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (200, 200), dtype=np.uint8)
-    augment = train_augment(96)
+    augment = train_augment(96, strength)
     outputs = [augment(image=image)["image"] for _ in range(25)]
     for out in outputs:
         assert out.shape == (96, 96) and out.dtype == np.uint8
@@ -44,3 +46,8 @@ def test_eval_batch_scales_to_unit_range():
     batch = eval_batch([np.full((50, 70), 255, np.uint8), np.zeros((200, 200), np.uint8)], 32)
     assert batch.shape == (2, 1, 32, 32)
     assert float(batch[0].min()) == 1.0 and float(batch[1].max()) == 0.0
+
+
+def test_unknown_strength_is_refused():
+    with pytest.raises(ValueError, match="standard or strong"):
+        train_augment(64, "extreme")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from rq.worker import SimpleWorker, Worker, WorkerStatus
+from rq.worker import SimpleWorker, WorkerStatus
 
 from steelsight.contract import Frame
 
@@ -55,16 +55,3 @@ class BatchingWorker(FrameWorker):
             jobs.discard(frames)
         self.set_state(WorkerStatus.IDLE)
 
-
-class ForkingFrameWorker(Worker):
-    """RQ's classic fork per job; the model is loaded in the parent and shared copy-on-write.
-
-    Kept for comparison (bench/worker_modes.py): a fork per frame costs more than
-    the frame's inference on CPU, and CUDA cannot be used in a forked child.
-    """
-
-    max_batch = 1
-    heartbeat_grace_s = 15
-
-
-WORKER_CLASSES = {"batch": BatchingWorker, "fork": ForkingFrameWorker}

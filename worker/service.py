@@ -16,7 +16,7 @@ from steelsight.retry import with_backoff
 
 from . import jobs
 from .engine import FrameEngine
-from .rqworker import WORKER_CLASSES, BatchingWorker
+from .rqworker import BatchingWorker
 
 log = logging.getLogger("steelsight.worker")
 
@@ -31,11 +31,10 @@ def build_engine(settings: Settings) -> FrameEngine:
 
 
 def make_worker(settings: Settings, name: str | None = None) -> BatchingWorker:
-    worker_class = WORKER_CLASSES[settings.worker_execution]
     connection = redis_client(settings)
     with_backoff(connection.ping, "connect to Redis", REDIS_TRANSIENT, attempts=None)
     queue = Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
-    worker = worker_class(
+    worker = BatchingWorker(
         [queue], connection=connection, serializer=JSONSerializer, job_class=jobs.FrameJob,
         name=name, maintenance_interval=settings.maintenance_interval_s,
         # an idle worker wakes every maintenance interval to re-queue abandoned jobs
@@ -47,8 +46,6 @@ def make_worker(settings: Settings, name: str | None = None) -> BatchingWorker:
 
 
 def run_worker(settings: Settings, burst: bool = False, name: str | None = None, metrics: bool = True) -> bool:
-    if settings.worker_execution == "fork" and settings.device != "cpu":
-        raise ValueError("fork execution needs --device cpu: CUDA cannot be used in a forked child")
     if metrics:
         start_http_server(settings.metrics_port)
         log.info("metrics on :%d/metrics", settings.metrics_port)
