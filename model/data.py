@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from .imageio import read_gray
 from .labels import CLASSES
-from .transforms import to_tensor
+from .transforms import resize_for_model, to_tensor
 
 IMAGE_SUFFIXES = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".gif", ".pgm", ".ppm"}
 
@@ -95,8 +95,6 @@ class SurfaceDataset(Dataset):
     """Decodes every image once into memory (NEU: 1,440 x 40 kB), augments per access."""
 
     def __init__(self, samples: Sequence[Sample], transform: Callable[..., dict] | None, size: int):
-        from .transforms import resize_for_model
-
         self.samples = list(samples)
         self.images = [resize_for_model(read_gray(s.path), size) for s in self.samples]
         self.transform = transform

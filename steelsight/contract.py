@@ -50,7 +50,6 @@ class Settings(BaseSettings):
     job_retries: int = 3
     result_ttl_s: int = 7 * 24 * 3600
     failure_ttl_s: int = 30 * 24 * 3600
-    dedup_ttl_s: int = 7 * 24 * 3600
     stream_maxlen: int = 10_000
     max_queue_depth: int = 1_000
     max_frame_bytes: int = 20 * 1024 * 1024
@@ -90,9 +89,6 @@ class Settings(BaseSettings):
 
     def result_key(self, job_id: str) -> str:
         return f"{self.key_prefix}:result:{job_id}"
-
-    def dedup_key(self, job_id: str) -> str:
-        return f"{self.key_prefix}:seen:{job_id}"
 
 
 @lru_cache(maxsize=1)

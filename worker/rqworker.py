@@ -46,7 +46,11 @@ class BatchingWorker(FrameWorker):
             except Exception as exc:  # undecodable or invalid payload: perform_job fails that job
                 log.warning("job %s has a bad payload: %s", batch_job.id, exc)
         if frames:
-            outcomes = jobs.engine().process(list(frames.values()))
+            try:
+                outcomes = jobs.engine().process(list(frames.values()))
+            except Exception as exc:  # the whole batch failed: fail (and retry) its jobs, keep the worker
+                log.exception("batch of %d frames failed", len(frames))
+                outcomes = {frame.job_id: exc for frame in frames.values()}
             jobs.park({job_id: outcomes[frame.job_id] for job_id, frame in frames.items()})
         try:
             for batch_job, batch_queue, execution in batch:
