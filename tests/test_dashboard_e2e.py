@@ -93,3 +93,29 @@ def test_live_gallery_counts_and_uploads(settings, tmp_path, browser):
     finally:
         dashboard.kill(signal.SIGTERM)
         worker.kill(signal.SIGTERM)
+
+
+def test_login_when_enabled(settings, tmp_path):
+    import urllib.error
+    import urllib.parse
+
+    settings = settings.model_copy(update={"dashboard_user": "operator", "dashboard_password": "s3cret-pass"})
+    dashboard = ChildProcess(settings, tmp_path, "dashboard-auth", ["dashboard"])
+    base = f"http://127.0.0.1:{settings.dashboard_port}"
+    try:
+        wait_until(lambda: urllib.request.urlopen(base + "/", timeout=2).status == 200, 120, "the dashboard")
+
+        def login(password: str) -> int:
+            data = urllib.parse.urlencode({"username": "operator", "password": password}).encode()
+            try:
+                return urllib.request.urlopen(base + "/login", data=data, timeout=10).status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        assert login("wrong") == 400
+        assert login("s3cret-pass") == 200
+        with pytest.raises(urllib.error.HTTPError) as denied:  # the app's config is behind the login
+            urllib.request.urlopen(base + "/config", timeout=10)
+        assert denied.value.code == 401
+    finally:
+        dashboard.kill(signal.SIGTERM)
