@@ -150,7 +150,7 @@ def evaluate(
     report = classification_report(probs, labels, predictor.classes)
     report.update({
         "split": split,
-        "checkpoint": str(predictor.checkpoint.path),
+        "checkpoint": predictor.checkpoint.path.name,
         "checkpoint_sha256": predictor.checkpoint.sha256,
         "temperature": predictor.temperature,
         "ece_uncalibrated": expected_calibration_error(uncalibrated(probs, predictor.temperature), labels),
