@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 
@@ -50,6 +51,15 @@ def run_worker(settings: Settings, burst: bool = False, name: str | None = None,
         start_http_server(settings.metrics_port)
         log.info("metrics on :%d/metrics", settings.metrics_port)
     jobs.install(build_engine(settings), settings)
-    worker = make_worker(settings, name or f"steelsight-{os.getpid()}")
-    log.info("worker %s on queue %s, batches of up to %d", worker.name, settings.queue_name, worker.max_batch)
-    return worker.work(burst=burst, with_scheduler=False, logging_level="INFO")
+    base_name = name or f"steelsight-{os.getpid()}"
+    for generation in itertools.count():
+        # RQ survives Redis outages while it waits for jobs, not while it books one; then it quits.
+        # The model stays loaded: reconnect and work on under a fresh worker name. A job caught
+        # mid-flight is found abandoned by the started-job registry and re-queued.
+        worker = make_worker(settings, base_name if generation == 0 else f"{base_name}-r{generation}")
+        log.info("worker %s on queue %s, batches of up to %d", worker.name, settings.queue_name, worker.max_batch)
+        try:
+            return worker.work(burst=burst, with_scheduler=False, logging_level="INFO")
+        except REDIS_TRANSIENT as exc:
+            log.warning("lost Redis while working (%s); reconnecting", exc)
+    return False
