@@ -14,6 +14,7 @@ from pathlib import Path
 
 import gradio as gr
 import numpy as np
+import pandas as pd
 
 from steelsight.contract import Settings
 from steelsight.model.cam import CAM_METHODS
@@ -146,8 +147,6 @@ class Dashboard:
                  f"**rejected** {int(counts.loc[counts['class'] == REJECTED, 'frames'].sum())}")
         latency = [{"frame": i, "stage": stage, "seconds": getattr(r.timings, stage)}
                    for i, r in enumerate(reversed(results[:300])) for stage in ("queue_wait_s", "inference_s")]
-        import pandas as pd
-
         return table, counts, pd.DataFrame(latency, columns=["frame", "stage", "seconds"])
 
     def scrape_help(self) -> str:
