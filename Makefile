@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint clean-venv
+.PHONY: run test lint audit clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,12 @@ run: $(STAMP)
 test: $(STAMP)
 	./deploy/install-system-deps.sh --test
 	$(BIN)/ruff check .
+	./deploy/dependency-audit.sh
 	$(BIN)/python -m pytest
+
+## audit: check the installed Python dependencies against PyPI's vulnerability advisories
+audit: $(STAMP)
+	./deploy/dependency-audit.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

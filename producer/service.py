@@ -14,7 +14,7 @@ from rq import Queue, Retry
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from steelsight.clients import REDIS_TRANSIENT, S3_TRANSIENT, ObjectStore, redis_client
+from steelsight.clients import PERMANENT, REDIS_TRANSIENT, S3_TRANSIENT, ObjectStore, redis_client
 from steelsight.contract import CONTENT_TYPES, IMAGE_EXTENSIONS, JOB_FUNCTION, Frame, Settings
 from steelsight.retry import with_backoff
 
@@ -47,7 +47,7 @@ class Producer:
         self._retry(self.store.ensure_buckets, "create buckets", S3_TRANSIENT, "s3")
 
     def _retry(self, fn, what, transient, service):
-        return with_backoff(fn, what, transient, attempts=None,
+        return with_backoff(fn, what, transient, attempts=None, permanent=PERMANENT,
                             on_retry=lambda exc, delay: metrics.RETRIES.labels(service=service).inc())
 
     def _wait_for_room(self) -> None:

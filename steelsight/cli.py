@@ -153,6 +153,19 @@ def _up_parser(sub) -> None:
     p.set_defaults(func=cmd_up)
 
 
+def _link_parser(sub) -> None:
+    p = sub.add_parser(
+        "link", help="print an expiring link to a finished frame's overlay or original",
+        description="Looks up the job's result in Redis and prints a presigned S3 URL, signed for "
+                    "STEELSIGHT_S3_PUBLIC_ENDPOINT when set. Buckets stay private; the link stops working after "
+                    "the expiry (default: STEELSIGHT_PRESIGN_EXPIRY_S, 900 s).",
+    )
+    p.add_argument("job_id", help="LINE__CAMERA__FRAME, as in the result records and the dashboard")
+    p.add_argument("--frame", action="store_true", help="link the original frame instead of the Grad-CAM overlay")
+    p.add_argument("--expires", type=int, default=None, help="seconds the link stays valid (1 to 604800)")
+    p.set_defaults(func=cmd_link)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="steelsight",
@@ -166,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     _produce_parser(sub)
     _dashboard_parser(sub)
     _up_parser(sub)
+    _link_parser(sub)
     return parser
 
 
@@ -316,6 +330,25 @@ def cmd_up(args) -> int:
     return run_stack(Stack(args.data.resolve(), args.port_offset, args.frames, args.fps, args.workers))
 
 
+def cmd_link(args) -> int:
+    from steelsight.clients import ObjectStore, redis_client
+    from steelsight.contract import FrameResult
+
+    settings = _settings_with(presign_expiry_s=args.expires)
+    if not 1 <= settings.presign_expiry_s <= 7 * 24 * 3600:
+        raise ValueError("--expires must be between 1 s and 7 days (S3's limit)")
+    record = redis_client(settings).get(settings.result_key(args.job_id))
+    if record is None:
+        raise ValueError(f"no result for job {args.job_id!r} (finished results live {settings.result_ttl_s} s)")
+    result = FrameResult.model_validate_json(record)
+    if not args.frame and result.overlay_key is None:
+        raise ValueError(f"job {args.job_id!r} was {result.status} ({result.reason}): it has no overlay; use --frame")
+    bucket, key = ((settings.frames_bucket, result.frame_key) if args.frame
+                   else (settings.overlays_bucket, result.overlay_key))
+    print(ObjectStore(settings).presigned_url(bucket, key))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from steelsight.model.checkpoint import CheckpointError
@@ -328,6 +361,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        from steelsight.clients import PERMANENT
+        from steelsight.retry import caused_by
+
+        if not caused_by(exc, PERMANENT):
+            raise
+        print(f"steelsight {args.command}: Redis or S3 refused the connection for good ({type(exc).__name__}: "
+              f"{exc}); check the password, credentials and CA certificate in the settings", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import ssl
 from datetime import timedelta
 
 import redis
@@ -15,6 +16,9 @@ from .contract import Settings
 # errors that mean "the service is not there right now", not "the request is wrong"
 REDIS_TRANSIENT = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError)
 S3_TRANSIENT = (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError, OSError, ServerError)
+# ...unless caused by one of these, which no amount of waiting fixes
+PERMANENT = (redis.exceptions.AuthenticationError, redis.exceptions.AuthenticationWrongNumberOfArgsError,
+             ssl.SSLCertVerificationError)
 MISSING_OBJECT_CODES = {"NoSuchKey", "NoSuchObject", "NoSuchBucket"}
 
 

@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     frames_bucket: str = "steelsight-frames"
     overlays_bucket: str = "steelsight-overlays"
     presign_expiry_s: int = 900
+    # a worker rides out an S3 outage this long per attempt; keep it below job_timeout_s + heartbeat_grace_s
+    s3_retry_window_s: float = 30.0
 
     # jobs and results
     job_timeout_s: int = 60

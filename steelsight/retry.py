@@ -19,18 +19,40 @@ def with_backoff(
     first_delay_s: float = 0.5,
     max_delay_s: float = 10.0,
     on_retry: Callable[[BaseException, float], None] | None = None,
+    give_up_after_s: float | None = None,
+    permanent: tuple[type[BaseException], ...] = (),
 ) -> T:
-    """Call ``fn`` until it succeeds; ``attempts=None`` retries forever (never drop a frame)."""
+    """Call ``fn`` until it succeeds.
+
+    ``attempts=None`` retries forever (never drop a frame); ``give_up_after_s``
+    bounds the time instead, for callers that hold a job whose heartbeat must not lapse.
+    An error caused by one of ``permanent`` (a wrong password, an untrusted
+    certificate) is raised at once: waiting will not fix it.
+    """
     delay, attempt = first_delay_s, 0
+    deadline = None if give_up_after_s is None else time.monotonic() + give_up_after_s
     while True:
         attempt += 1
         try:
             return fn()
         except transient as exc:
-            if attempts is not None and attempt >= attempts:
+            if caused_by(exc, permanent):
+                raise
+            out_of_attempts = attempts is not None and attempt >= attempts
+            if out_of_attempts or (deadline is not None and time.monotonic() + delay > deadline):
                 raise
             log.warning("%s failed (%s: %s); retry %d in %.1fs", what, type(exc).__name__, exc, attempt, delay)
             if on_retry:
                 on_retry(exc, delay)
             time.sleep(delay)
             delay = min(delay * 2, max_delay_s)
+
+
+def caused_by(exc: BaseException | None, kinds: tuple[type[BaseException], ...]) -> bool:
+    """True when ``exc`` or anything in its cause/context chain is one of ``kinds``."""
+    seen = 0
+    while exc is not None and seen < 10 and kinds:
+        if isinstance(exc, kinds):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False

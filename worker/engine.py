@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 from PIL import Image
 
-from steelsight.clients import S3_TRANSIENT, MissingObject, ObjectStore
+from steelsight.clients import PERMANENT, S3_TRANSIENT, MissingObject, ObjectStore
 from steelsight.contract import Frame, FrameResult, Settings, Timings
 from steelsight.model.imageio import DecodeLimits, ImageRejected, decode_gray
 from steelsight.model.predictor import Predictor
@@ -46,11 +46,16 @@ class FrameEngine:
                             "checkpoint": predictor.checkpoint.path.name,
                             "input_size": str(predictor.input_size), "device": str(predictor.device)})
 
+    def _s3_retry(self, fn, what: str):
+        """Ride out an S3 outage for up to ``s3_retry_window_s``; then the job fails and RQ retries it."""
+        return with_backoff(fn, what, S3_TRANSIENT, attempts=None, give_up_after_s=self.settings.s3_retry_window_s,
+                            permanent=PERMANENT,
+                            on_retry=lambda exc, delay: metrics.RETRIES.labels(service="s3").inc())
+
     def _fetch(self, frame: Frame) -> bytes:
-        return with_backoff(
+        return self._s3_retry(
             lambda: self.store.get(self.settings.frames_bucket, frame.object_key, self.settings.max_frame_bytes),
-            f"fetch {frame.object_key}", S3_TRANSIENT, attempts=3,
-        )
+            f"fetch {frame.object_key}")
 
     def _rejected(self, frame: Frame, reason: str, started: float, batch_start: datetime) -> FrameResult:
         return self._result(frame, started, batch_start, 0.0, status="rejected", reason=reason)
@@ -95,9 +100,9 @@ class FrameEngine:
         for item, exp in zip(decoded, explained, strict=True):
             frame = item.frame
             try:
-                with_backoff(lambda f=frame, e=exp: self.store.put(self.settings.overlays_bucket, f.overlay_key,
-                                                                   png_bytes(e.overlay), "image/png"),
-                             f"upload overlay {frame.overlay_key}", S3_TRANSIENT, attempts=3)
+                self._s3_retry(lambda f=frame, e=exp: self.store.put(self.settings.overlays_bucket, f.overlay_key,
+                                                                     png_bytes(e.overlay), "image/png"),
+                               f"upload overlay {frame.overlay_key}")
             except Exception as exc:
                 outcomes[frame.job_id] = exc
                 continue

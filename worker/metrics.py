@@ -16,3 +16,4 @@ QUEUE_WAIT_SECONDS = Histogram("steelsight_frame_queue_wait_seconds", "Enqueue t
                                buckets=LATENCY_BUCKETS)
 BATCH_SIZE = Histogram("steelsight_worker_batch_size", "Frames per micro-batch", buckets=(1, 2, 4, 8, 16, 32, 64))
 MODEL = Info("steelsight_model", "The loaded checkpoint")
+RETRIES = Counter("steelsight_worker_retries_total", "Retries after a transient service error", ["service"])

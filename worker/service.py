@@ -10,10 +10,10 @@ from prometheus_client import start_http_server
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from steelsight.clients import REDIS_TRANSIENT, S3_TRANSIENT, ObjectStore, redis_client
+from steelsight.clients import PERMANENT, REDIS_TRANSIENT, S3_TRANSIENT, ObjectStore, redis_client
 from steelsight.contract import Settings
 from steelsight.model.predictor import Predictor
-from steelsight.retry import with_backoff
+from steelsight.retry import caused_by, with_backoff
 
 from . import jobs
 from .engine import FrameEngine
@@ -25,7 +25,7 @@ log = logging.getLogger("steelsight.worker")
 def build_engine(settings: Settings) -> FrameEngine:
     predictor = Predictor.load(settings.checkpoint, device=settings.device, batch_size=max(settings.batch_size, 1))
     store = ObjectStore(settings)
-    with_backoff(store.ensure_buckets, "create buckets", S3_TRANSIENT, attempts=None)
+    with_backoff(store.ensure_buckets, "create buckets", S3_TRANSIENT, attempts=None, permanent=PERMANENT)
     log.info("model %s loaded on %s (sha256 %s…)", predictor.checkpoint.path.name, predictor.device,
              predictor.checkpoint.sha256[:12])
     return FrameEngine(predictor, store, settings)
@@ -33,7 +33,7 @@ def build_engine(settings: Settings) -> FrameEngine:
 
 def make_worker(settings: Settings, name: str | None = None) -> BatchingWorker:
     connection = redis_client(settings)
-    with_backoff(connection.ping, "connect to Redis", REDIS_TRANSIENT, attempts=None)
+    with_backoff(connection.ping, "connect to Redis", REDIS_TRANSIENT, attempts=None, permanent=PERMANENT)
     queue = Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
     worker = BatchingWorker(
         [queue], connection=connection, serializer=JSONSerializer, job_class=jobs.FrameJob,
@@ -61,5 +61,7 @@ def run_worker(settings: Settings, burst: bool = False, name: str | None = None,
         try:
             return worker.work(burst=burst, with_scheduler=False, logging_level="INFO")
         except REDIS_TRANSIENT as exc:
+            if caused_by(exc, PERMANENT):
+                raise
             log.warning("lost Redis while working (%s); reconnecting", exc)
     return False
