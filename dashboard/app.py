@@ -224,7 +224,7 @@ class Dashboard:
 def launch(settings: Settings, predictor: Predictor | None = None, block: bool = True):
     from prometheus_client import start_http_server
 
-    predictor = predictor or Predictor.load(settings.checkpoint, device="cpu")
+    predictor = predictor or Predictor.load(settings.checkpoint, device="cpu", backend=settings.backend)
     app = Dashboard(settings, LiveSource(settings), predictor).build()
     start_http_server(settings.dashboard_metrics_port)
     auth = None

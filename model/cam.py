@@ -1,14 +1,17 @@
 """Grad-CAM that costs about one forward pass.
 
 The grad-cam package needs the gradient of the class score with respect to the
-target layer's output, here the trunk's last bottleneck. That gradient only
-flows through the attention module and the head, so the trunk runs once under
-``torch.no_grad()`` and its last block's output is turned into a fresh leaf
-that requires grad. The package's own hooks then record activations and
-gradients exactly as in its plain usage, but backward never enters the trunk.
+trunk's output feature map. That gradient only flows through the attention
+module and the head, so the trunk runs once without autograd (in PyTorch or
+any backend in backends.py) and its output goes through ``FeatureTap``, an
+identity layer that grad-cam hooks as its target layer. The package then
+records activations and gradients exactly as in its plain usage on the last
+bottleneck, but backward never enters the trunk.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
@@ -27,42 +30,40 @@ CAM_METHODS = {
 }
 
 
-def _output_as_leaf(_module, _inputs, output: torch.Tensor) -> torch.Tensor:
-    return output.detach().requires_grad_(True)
+class FeatureTap(nn.Identity):
+    """Grad-CAM's target layer: the trunk's output, as a leaf that requires grad."""
 
 
 class TrunkOnce(nn.Module):
     """Forward = trunk without autograd, then attention + head with autograd."""
 
-    def __init__(self, net: AttentionResNet50):
+    def __init__(self, net: AttentionResNet50, trunk: Callable[[torch.Tensor], torch.Tensor] | None = None):
         super().__init__()
         self.net = net
+        self.trunk = trunk or net.features
+        self.tap = FeatureTap()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # prepend=True: the leaf must exist before grad-cam's hooks look at it
-        handle = self.net.last_block.register_forward_hook(_output_as_leaf, prepend=True)
-        try:
-            with torch.no_grad():
-                feats = self.net.features(x)
-        finally:
-            handle.remove()
+        with torch.no_grad():
+            feats = self.trunk(x)
+        feats = feats.to(x.device).detach().requires_grad_(True)
         with torch.enable_grad():
-            return self.net.classify(feats)
+            return self.net.classify(self.tap(feats))
 
 
 class CheapCam:
     """One grad-cam object per method, all sharing the trunk-once wrapper."""
 
-    def __init__(self, net: AttentionResNet50):
+    def __init__(self, net: AttentionResNet50, trunk: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.net = net
-        self.wrapper = TrunkOnce(net)
+        self.wrapper = TrunkOnce(net, trunk)
         self._cams: dict[str, object] = {}
 
     def _cam(self, method: str):
         if method not in CAM_METHODS:
             raise ValueError(f"unknown CAM method {method!r}; choose from {', '.join(CAM_METHODS)}")
         if method not in self._cams:
-            self._cams[method] = CAM_METHODS[method](model=self.wrapper, target_layers=[self.net.last_block])
+            self._cams[method] = CAM_METHODS[method](model=self.wrapper, target_layers=[self.wrapper.tap])
         return self._cams[method]
 
     def __call__(self, batch: torch.Tensor, targets: list[int] | None = None, method: str = "gradcam"):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from pytorch_grad_cam.utils.image import show_cam_on_image
 
+from .backends import make_trunk
 from .cam import CheapCam
 from .checkpoint import LoadedCheckpoint, load_checkpoint
 from .quality import quality_issue
@@ -70,7 +71,8 @@ def overlay_heatmap(gray: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
 
 
 class Predictor:
-    def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, batch_size: int = 16):
+    def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, batch_size: int = 16,
+                 backend: str = "auto"):
         self.device = device
         self.batch_size = batch_size
         self.checkpoint = checkpoint
@@ -81,12 +83,15 @@ class Predictor:
         self.input_size = int(self.meta.input_size)
         self.temperature = float(self.meta.temperature or 1.0)
         self.ood_threshold = self.meta.ood.get("threshold") if self.meta.ood else None
-        self.cam = CheapCam(self.net)
+        # the trunk is ~99% of the compute; backends.py runs it (ONNX Runtime on CPU by default)
+        self.trunk = make_trunk(backend, self.net, self.input_size, checkpoint.sha256)
+        self.cam = CheapCam(self.net, self.trunk)
 
     @classmethod
-    def load(cls, path: str | Path | None = None, device: str = "auto", batch_size: int = 16) -> Predictor:
+    def load(cls, path: str | Path | None = None, device: str = "auto", batch_size: int = 16,
+             backend: str = "auto") -> Predictor:
         dev = resolve_device(device)
-        return cls(load_checkpoint(path, device=dev), dev, batch_size)
+        return cls(load_checkpoint(path, device=dev), dev, batch_size, backend)
 
     # pre-process / post-process -------------------------------------------------
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
@@ -133,7 +138,7 @@ class Predictor:
         """Label, confidence, all probabilities and the OOD verdict for each image."""
         results: list[Prediction] = []
         for chunk in self._chunks(images):
-            pooled = self.net.pooled(self.net.features(self.preprocess(chunk)))
+            pooled = self.net.pooled(self.trunk(self.preprocess(chunk)).to(self.device))
             results.extend(self._postprocess(chunk, self.net.head(pooled), pooled))
         return results
 

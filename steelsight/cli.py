@@ -15,6 +15,8 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
                    help="model .safetensors (default: the checkpoint shipped in the repository)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
+    p.add_argument("--backend", choices=["auto", "torch", "onnxruntime"], default="auto",
+                   help="trunk runtime: auto = ONNX Runtime on CPU (measured faster, see bench/), PyTorch on GPU")
 
 
 def _train_parser(sub) -> None:
@@ -100,6 +102,8 @@ def _worker_parser(sub) -> None:
     p.add_argument("--checkpoint", default=None, help="model .safetensors (default: settings, then the shipped one)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default=None, help="default: settings (auto)")
     p.add_argument("--batch-size", type=int, default=None, help="max frames per micro-batch (default: settings, 8)")
+    p.add_argument("--backend", choices=["auto", "torch", "onnxruntime"], default=None,
+                   help="trunk runtime (default: settings, auto = ONNX Runtime on CPU, PyTorch on GPU)")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default: settings, 9100)")
     p.add_argument("--name", default=None, help="worker name shown in RQ (default: steelsight-<pid>)")
     p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
@@ -195,7 +199,7 @@ def cmd_train(args) -> int:
 def _load_predictor(args):
     from steelsight.model.predictor import Predictor
 
-    return Predictor.load(args.checkpoint, device=args.device, batch_size=args.batch_size)
+    return Predictor.load(args.checkpoint, device=args.device, batch_size=args.batch_size, backend=args.backend)
 
 
 def cmd_evaluate(args) -> int:
@@ -290,7 +294,7 @@ def cmd_worker(args) -> int:
 
     _logging()
     settings = _settings_with(checkpoint=args.checkpoint, device=args.device, batch_size=args.batch_size,
-                              metrics_port=args.metrics_port)
+                              metrics_port=args.metrics_port, backend=args.backend)
     run_worker(settings, burst=args.burst, name=args.name)
     return 0
 

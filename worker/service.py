@@ -23,7 +23,8 @@ log = logging.getLogger("steelsight.worker")
 
 
 def build_engine(settings: Settings) -> FrameEngine:
-    predictor = Predictor.load(settings.checkpoint, device=settings.device, batch_size=max(settings.batch_size, 1))
+    predictor = Predictor.load(settings.checkpoint, device=settings.device, batch_size=max(settings.batch_size, 1),
+                               backend=settings.backend)
     store = ObjectStore(settings)
     with_backoff(store.ensure_buckets, "create buckets", S3_TRANSIENT, attempts=None, permanent=PERMANENT)
     log.info("model %s loaded on %s (sha256 %s…)", predictor.checkpoint.path.name, predictor.device,

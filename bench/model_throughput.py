@@ -1,0 +1,250 @@
+"""Model throughput per CPU core: eager PyTorch against faster runtimes, with accuracy parity, in one run.
+
+    .venv/bin/python bench/model_throughput.py --size 200 --batch 1 8
+
+Every candidate runs the trunk (input adapter + ResNet-50, ~99% of the FLOPs);
+attention, pooling and head run in PyTorch afterwards for all of them, as in the
+product. Timings are interleaved round-robin so drift hits every candidate alike.
+Parity: top-1 agreement with eager and the largest probability difference on the
+checkpoint's val split (or the bundled samples without NEU data), at the
+checkpoint's input size. The compute bound is the model's FLOPs over the sgemm
+rate measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from steelsight.model.backends import OnnxRuntimeTrunk, TrunkInput, export_onnx
+from steelsight.model.checkpoint import load_checkpoint
+from steelsight.model.data import scan_folders, stratified_split
+from steelsight.model.imageio import read_gray
+from steelsight.model.transforms import eval_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "deploy" / "samples"
+NEU = ROOT.parent / "shared" / "data" / "neu"
+Trunk = Callable[[torch.Tensor], torch.Tensor]
+
+
+# candidates: each returns a callable gray batch -> trunk features -------------------------------
+def eager(net) -> Trunk:
+    module = TrunkInput(net).eval()
+
+    def run(x):
+        with torch.no_grad():
+            return module(x)
+    return run
+
+
+def folded(net) -> torch.nn.Module:
+    """Input adapter + the trunk with every BatchNorm folded into its conv (torch.fx)."""
+    from torch.fx.experimental.optimization import fuse
+
+    return torch.nn.Sequential(net.input_adapter, fuse(net.trunk.eval())).eval()
+
+
+def folded_channels_last(net) -> Trunk:
+    """inference_mode + channels_last + conv-BN folding."""
+    module = folded(net).to(memory_format=torch.channels_last)
+
+    def run(x):
+        with torch.inference_mode():
+            return module(x.contiguous(memory_format=torch.channels_last))
+    return run
+
+
+def compiled(net) -> Trunk:
+    module = torch.compile(folded(net), dynamic=False)
+
+    def run(x):
+        with torch.inference_mode():
+            return module(x)
+    return run
+
+
+def onnxruntime_fp32(net, onnx_path: Path) -> Trunk:
+    return OnnxRuntimeTrunk(onnx_path)
+
+
+def onnxruntime_int8(net, onnx_path: Path, calibration: torch.Tensor) -> Trunk:
+    """Static QDQ quantization, per-channel weights, calibrated on training images."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"gray": calibration[i : i + 8].numpy()} for i in range(0, len(calibration), 8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    prepared, quantized = onnx_path.with_suffix(".pre.onnx"), onnx_path.with_suffix(".int8.onnx")
+    quant_pre_process(str(onnx_path), str(prepared))
+    quantize_static(str(prepared), str(quantized), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return onnxruntime_fp32(net, quantized)
+
+
+def openvino_fp32(net, onnx_path: Path) -> Trunk:
+    import openvino as ov
+
+    core = ov.Core()
+    compiled_models: dict = {}
+
+    def run(x):
+        key = tuple(x.shape)
+        if key not in compiled_models:  # static shapes compile faster kernels
+            model = core.read_model(str(onnx_path))
+            model.reshape({"gray": list(key)})
+            compiled_models[key] = core.compile_model(model, "CPU", {
+                "INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY"})
+        return torch.from_numpy(compiled_models[key]({"gray": x.numpy()})[0])
+    return run
+
+
+# measurement -------------------------------------------------------------------------------------
+def parity_images(ckpt) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(val batch, calibration batch from train, description)."""
+    size = int(ckpt.meta.input_size)
+    training = ckpt.meta.training
+    if (NEU / "images").is_dir() and "seed" in training:
+        train, val = stratified_split(scan_folders(NEU, ckpt.meta.classes), training["val_fraction"],
+                                      training["seed"])
+        calib = eval_batch([read_gray(s.path) for s in train[::36]], size)
+        return eval_batch([read_gray(s.path) for s in val], size), calib, f"NEU val split ({len(val)} images)"
+    samples = scan_folders(SAMPLES, ckpt.meta.classes)
+    images = eval_batch([read_gray(s.path) for s in samples], size)
+    return images, images, f"bundled samples ({len(samples)} images; NEU data not found)"
+
+
+def probabilities(net, trunk: Trunk, images: torch.Tensor, temperature: float) -> np.ndarray:
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), 16):
+            logits = net.classify(trunk(images[i : i + 16]).float())
+            out.append(torch.softmax(logits / temperature, dim=1).numpy())
+    return np.concatenate(out)
+
+
+def sgemm_gflops(n: int = 1024, repeats: int = 10) -> float:
+    a, b = torch.rand(n, n), torch.rand(n, n)
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def model_gflops(net, size: int) -> float:
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        net(torch.zeros(1, 1, size, size))
+    return counter.get_total_flops() / 1e9
+
+
+def interleaved_times(candidates: dict[str, Trunk], x: torch.Tensor, repeats: int) -> dict[str, float]:
+    for trunk in candidates.values():
+        trunk(x)  # warm-up (and shape-specialised compilation)
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, trunk in candidates.items():
+            start = time.perf_counter()
+            trunk(x)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def build_candidates(net, onnx_path: Path, calibration: torch.Tensor, skip: set[str]) -> dict[str, Trunk]:
+    builders = {
+        "eager fp32 (baseline)": lambda: eager(net),
+        "inference_mode + channels_last + BN fold": lambda: folded_channels_last(net),
+        "torch.compile (inductor)": lambda: compiled(net),
+        "ONNX Runtime fp32 (product default)": lambda: onnxruntime_fp32(net, onnx_path),
+        "ONNX Runtime int8 (static QDQ)": lambda: onnxruntime_int8(net, onnx_path, calibration),
+        "OpenVINO fp32": lambda: openvino_fp32(net, onnx_path),
+    }
+    candidates = {}
+    for name, build in builders.items():
+        if any(s in name.lower() for s in skip):
+            continue
+        start = time.perf_counter()
+        try:
+            candidates[name] = build()
+        except Exception as exc:  # a runtime that is missing or fails is reported, not fatal
+            print(f"  {name}: unavailable ({type(exc).__name__}: {str(exc)[:120]})")
+            continue
+        print(f"  built {name} in {time.perf_counter() - start:.1f}s")
+    return candidates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=None, help="default: the shipped checkpoint")
+    parser.add_argument("--size", type=int, default=200, help="input side for the timings (default: 200)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=12, help="timed calls per candidate and batch")
+    parser.add_argument("--skip", nargs="*", default=[], help="skip candidates whose name contains these words")
+    args = parser.parse_args()
+
+    ckpt = load_checkpoint(args.checkpoint)
+    net = ckpt.model.eval()
+    threads = torch.get_num_threads()
+    val, calibration, described = parity_images(ckpt)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = export_onnx(net, Path(tmp) / "trunk.onnx", int(ckpt.meta.input_size))
+        print(f"building candidates ({threads} threads)")
+        candidates = build_candidates(net, onnx_path, calibration, {s.lower() for s in args.skip})
+        temperature = float(ckpt.meta.temperature or 1.0)
+        reference = probabilities(net, candidates["eager fp32 (baseline)"], val, temperature)
+        parity = {}
+        for name, trunk in candidates.items():
+            probs = probabilities(net, trunk, val, temperature)
+            parity[name] = (float(np.mean(probs.argmax(1) == reference.argmax(1))),
+                            float(np.abs(probs - reference).max()))
+        speed = {b: interleaved_times(candidates, torch.rand(b, 1, args.size, args.size),
+                                      args.repeats if b > 1 else args.repeats * 2) for b in args.batch}
+
+    gflops, sgemm = model_gflops(net, args.size), sgemm_gflops()
+    bound = sgemm / gflops
+    print(f"\n{platform.processor() or platform.machine()}, {threads} threads; torch {torch.__version__}; "
+          f"{_versions()}")
+    print(f"model: {gflops:.2f} GFLOP per {args.size}px image; sgemm {sgemm:.0f} GFLOP/s in this run "
+          f"-> compute bound {bound:.1f} img/s ({bound / threads:.1f} per core)")
+    print(f"parity on {described} at {ckpt.meta.input_size}px, against eager\n")
+    header = "| candidate | top-1 agreement | max prob diff |" + "".join(
+        f" b{b} img/s/core | b{b} × eager | b{b} % of bound |" for b in args.batch)
+    print(header + "\n|" + "---|" * (header.count("|") - 1))
+    base = "eager fp32 (baseline)"
+    for name in candidates:
+        agree, diff = parity[name]
+        cells = "".join(
+            f" {b / speed[b][name] / threads:.2f} | {speed[b][base] / speed[b][name]:.2f} | "
+            f"{100 * b / speed[b][name] / bound:.0f}% |" for b in args.batch)
+        print(f"| {name} | {100 * agree:.2f}% | {diff:.1e} |{cells}")
+
+
+def _versions() -> str:
+    found = []
+    for module in ("onnxruntime", "openvino"):
+        try:
+            found.append(f"{module} {__import__(module).__version__}")
+        except ImportError:
+            found.append(f"{module} not installed")
+    return ", ".join(found)
+
+
+if __name__ == "__main__":
+    main()

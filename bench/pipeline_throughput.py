@@ -1,0 +1,137 @@
+"""End-to-end pipeline against model-only throughput, same cores and worker count, in one run.
+
+    .venv/bin/python bench/pipeline_throughput.py --workers 2 --frames 240
+
+1. model only: W processes, each explaining (label + Grad-CAM + overlay RGB) decoded
+   frames in batches, with the threads a worker gets; aggregate frames/s.
+2. end to end: the producer (unpaced) uploads to S3 and enqueues in Redis, W worker
+   processes fetch, decode, explain, upload overlays and publish results;
+   frames/s from the first upload to the last result. Redis, the S3 server and the
+   producer share the same cores, as they would on a single box.
+3. capture-to-result latency p50/p95 with the producer paced at 50% and 90% of the
+   end-to-end capacity measured in step 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from steelsight.clients import redis_client
+from steelsight.contract import Settings
+from steelsight.devstack import free_port, redis_server, s3_server, wait_until
+from steelsight.producer.service import Producer, replay, run_producer
+
+SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
+
+
+def model_only_child(frames: int, batch: int, checkpoint: str | None) -> None:
+    """One worker's model work with no I/O; prints frames/s after a warm-up batch."""
+    from steelsight.model.imageio import read_gray
+    from steelsight.model.predictor import Predictor
+
+    predictor = Predictor.load(checkpoint, device="cpu", batch_size=batch)
+    images = [read_gray(p) for p in sorted(SAMPLES.rglob("*.bmp"))]
+    work = [images[i % len(images)] for i in range(frames)]
+    predictor.explain(work[:batch])
+    start = time.perf_counter()
+    for i in range(0, frames, batch):
+        predictor.explain(work[i : i + batch])
+    print(json.dumps({"fps": frames / (time.perf_counter() - start)}))
+
+
+def worker_env(settings: Settings, threads: int) -> dict[str, str]:
+    return dict(os.environ) | settings.to_env() | {"OMP_NUM_THREADS": str(threads)}
+
+
+def model_only(workers: int, frames: int, batch: int, threads: int, checkpoint: str | None) -> float:
+    env = dict(os.environ) | {"OMP_NUM_THREADS": str(threads)}
+    args = [sys.executable, __file__, "--model-only-child", "--frames", str(frames // workers), "--batch", str(batch)]
+    if checkpoint:
+        args += ["--checkpoint", checkpoint]
+    procs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, text=True) for _ in range(workers)]
+    return sum(json.loads(p.communicate()[0].strip().splitlines()[-1])["fps"] for p in procs)
+
+
+def results(settings: Settings, conn) -> list[dict]:
+    return [json.loads(conn.get(k)) for k in conn.keys(f"{settings.key_prefix}:result:*")]
+
+
+def run_stream(settings: Settings, conn, line: str, frames: int, fps: float | None) -> tuple[float, list[float]]:
+    """Produce ``frames``; return (frames/s from first upload to last result, capture-to-result seconds)."""
+    producer = Producer(settings, line, "cam-1")
+    started = datetime.now().astimezone()
+    run_producer(producer, replay(SAMPLES, loop=True, limit=frames), fps)
+    wait_until(lambda: sum(1 for k in conn.scan_iter(f"{settings.key_prefix}:result:{line}__*")) >= frames, 600,
+               f"{frames} results")
+    done = [r for r in results(settings, conn) if r["line_id"] == line]
+    finished = max(datetime.fromisoformat(r["finished_at"]) for r in done)
+    latency = [(datetime.fromisoformat(r["finished_at"]) - datetime.fromisoformat(r["captured_at"])).total_seconds()
+               for r in done]
+    return frames / (finished - started).total_seconds(), latency
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--frames", type=int, default=240, help="frames per measurement")
+    parser.add_argument("--batch", type=int, default=8, help="worker micro-batch size")
+    parser.add_argument("--checkpoint", default=None, help="default: the shipped checkpoint")
+    parser.add_argument("--model-only-child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.model_only_child:
+        return model_only_child(args.frames, args.batch, args.checkpoint)
+
+    cores = os.cpu_count() or 1
+    threads = max(cores // args.workers, 1)
+    model_fps = model_only(args.workers, args.frames, args.batch, threads, args.checkpoint)
+
+    workdir = Path(tempfile.mkdtemp(prefix="steelsight-pipeline-"))
+    redis, s3 = redis_server(workdir).start(), s3_server(workdir).start()
+    procs = []
+    try:
+        settings = Settings(redis_url=f"redis://127.0.0.1:{redis.port}/0", s3_endpoint=f"127.0.0.1:{s3.port}",
+                            s3_access_key="bench", s3_secret_key="bench", device="cpu", batch_size=args.batch,
+                            checkpoint=args.checkpoint, max_queue_depth=10_000)
+        conn = redis_client(settings)
+        for i in range(args.workers):
+            env = worker_env(settings.model_copy(update={"metrics_port": free_port()}), threads)
+            procs.append(subprocess.Popen([sys.executable, "-m", "steelsight.cli", "worker", "--name", f"bench{i}"],
+                                          env=env, stdout=open(workdir / f"worker{i}.log", "wb"),  # noqa: SIM115
+                                          stderr=subprocess.STDOUT))
+        run_stream(settings, conn, "warmup", args.workers * args.batch, None)  # models loaded, sessions warm
+        e2e_fps, _ = run_stream(settings, conn, "capacity", args.frames, None)
+        latency = {share: run_stream(settings, conn, f"load{int(share * 100)}", max(args.frames // 2, 20),
+                                     share * e2e_fps)[1] for share in (0.5, 0.9)}
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=30)
+        redis.stop()
+        s3.stop()
+
+    print(f"# {platform.processor() or platform.machine()}, {cores} cores, {args.workers} workers x {threads} "
+          f"threads, batch {args.batch}, torch {torch.__version__}; logs in {workdir}")
+    print("| measure | value |\n|---|---:|")
+    print(f"| model only, {args.workers} processes (explain, no I/O) | {model_fps:.2f} frames/s |")
+    print(f"| end to end, producer → S3 → Redis → workers → results | {e2e_fps:.2f} frames/s |")
+    print(f"| **end to end / model only** | **{e2e_fps / model_fps:.2f}** |")
+    for share, values in latency.items():
+        p50, p95 = np.percentile(values, [50, 95])
+        print(f"| capture-to-result at {share:.0%} of capacity ({share * e2e_fps:.1f} fps), p50 / p95 | "
+              f"{p50 * 1000:.0f} / {p95 * 1000:.0f} ms |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Trunk backends: the same ResNet-50 trunk run by PyTorch or by ONNX Runtime.
+
+The trunk is ~99% of the compute. Attention, pooling, head and the Grad-CAM
+backward stay in PyTorch (see cam.py: the trunk runs once without autograd),
+so any backend that turns a gray batch into the trunk's feature map serves
+both ``predict`` and ``explain``. ``tests/test_backends.py`` proves they agree.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .network import AttentionResNet50
+
+BACKENDS = ("torch", "onnxruntime")
+
+
+class TrunkInput(nn.Module):
+    """Gray batch -> trunk feature map: the part a backend runs."""
+
+    def __init__(self, net: AttentionResNet50):
+        super().__init__()
+        self.input_adapter, self.trunk = net.input_adapter, net.trunk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(self.input_adapter(x))
+
+
+class TorchTrunk:
+    """Eager PyTorch without autograd, channels-last activations."""
+
+    name = "torch"
+
+    def __init__(self, net: AttentionResNet50):
+        self.module = TrunkInput(net)
+        self.module = self.module.to(memory_format=torch.channels_last)
+
+    @torch.no_grad()  # not inference_mode: explain() turns the output into an autograd leaf
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
+def export_onnx(net: AttentionResNet50, path: Path, size: int) -> Path:
+    """Export the trunk with dynamic batch and spatial size (legacy exporter: no extra dependencies)."""
+    example = torch.zeros(2, 1, size, size)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the gray-input branch is traced as taken
+        torch.onnx.export(
+            TrunkInput(net).eval(), (example,), str(path), input_names=["gray"], output_names=["features"],
+            dynamic_axes={"gray": {0: "batch", 2: "height", 3: "width"}, "features": {0: "batch", 2: "h", 3: "w"}},
+            opset_version=17, dynamo=False,
+        )
+    return path
+
+
+def _cache_dir() -> Path:
+    root = Path(os.environ.get("STEELSIGHT_CACHE", Path.home() / ".cache" / "steelsight")) / "onnx"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def cached_onnx(net: AttentionResNet50, size: int, cache_key: str) -> Path:
+    """The trunk exported once per checkpoint into the cache folder."""
+    path = _cache_dir() / f"trunk-{cache_key[:16]}-{size}.onnx"
+    if not path.exists():
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".onnx", delete=False) as tmp:
+            tmp_path = Path(tmp.name)
+        try:
+            export_onnx(net, tmp_path, size)
+            os.replace(tmp_path, path)  # atomic: concurrent workers never read a half-written model
+        finally:
+            tmp_path.unlink(missing_ok=True)
+    return path
+
+
+class OnnxRuntimeTrunk:
+    """An exported trunk run by ONNX Runtime's CPU provider."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.path = path
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        (features,) = self.session.run(None, {"gray": x.detach().cpu().numpy()})
+        return torch.from_numpy(features)
+
+
+def onnxruntime_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_trunk(name: str, net: AttentionResNet50, size: int, cache_key: str):
+    """``auto``: ONNX Runtime on CPU when installed, else PyTorch; PyTorch on GPU."""
+    on_cpu = next(net.parameters()).device.type == "cpu"
+    if name == "auto":
+        name = "onnxruntime" if on_cpu and onnxruntime_available() else "torch"
+    if name == "torch":
+        return TorchTrunk(net)
+    if name == "onnxruntime":
+        if not on_cpu:
+            raise ValueError("the onnxruntime backend runs on CPU; use --backend torch with a GPU")
+        if not onnxruntime_available():
+            raise ValueError("onnxruntime is not installed: pip install onnxruntime, or use --backend torch")
+        return OnnxRuntimeTrunk(cached_onnx(net, size, cache_key))
+    raise ValueError(f"unknown backend {name!r}; choose auto, {', '.join(BACKENDS)}")
+

@@ -1,0 +1,52 @@
+"""The trunk backends agree numerically on the shipped checkpoint: labels, probabilities, OOD scores, CAMs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from steelsight.model.backends import OnnxRuntimeTrunk, TorchTrunk, make_trunk
+from steelsight.model.checkpoint import load_checkpoint
+from steelsight.model.imageio import read_gray
+from steelsight.model.predictor import Predictor
+
+from .helpers import SAMPLES
+
+
+@pytest.fixture(scope="module")
+def predictors():
+    ckpt = load_checkpoint(None)
+    return {name: Predictor(ckpt, torch.device("cpu"), batch_size=8, backend=name)
+            for name in ("torch", "onnxruntime")}
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return [read_gray(p) for p in sorted(SAMPLES.rglob("*.bmp"))]
+
+
+def test_auto_picks_onnxruntime_on_cpu(tiny_checkpoint):
+    net = load_checkpoint(tiny_checkpoint).model
+    assert isinstance(make_trunk("auto", net, 64, "tiny"), OnnxRuntimeTrunk)
+    assert isinstance(make_trunk("torch", net, 64, "tiny"), TorchTrunk)
+    with pytest.raises(ValueError, match="unknown backend"):
+        make_trunk("tensorrt", net, 64, "tiny")
+
+
+def test_backends_agree_on_predictions(predictors, samples):
+    ref, ort = (predictors[n].predict(samples) for n in ("torch", "onnxruntime"))
+    assert len(samples) == 30
+    assert [p.label for p in ort] == [p.label for p in ref]  # top-1 agreement 100%
+    diff = max(abs(a.probabilities[c] - b.probabilities[c]) for a, b in zip(ref, ort, strict=True)
+               for c in a.probabilities)
+    assert diff < 1e-3, diff
+    assert max(abs(a.ood_score - b.ood_score) for a, b in zip(ref, ort, strict=True)) < 1e-3
+    assert [p.unknown for p in ort] == [p.unknown for p in ref]
+
+
+def test_backends_agree_on_gradcam(predictors, samples):
+    ref, ort = (predictors[n].explain(samples[::5]) for n in ("torch", "onnxruntime"))
+    for a, b in zip(ref, ort, strict=True):
+        assert a.label == b.label
+        np.testing.assert_allclose(a.heatmap, b.heatmap, atol=2e-3)
