@@ -60,9 +60,17 @@ def export_onnx(net: AttentionResNet50, path: Path, size: int) -> Path:
 
 
 def _cache_dir() -> Path:
+    """$STEELSIGHT_CACHE/onnx, or a temp folder when that is not writable (a container's read-only home)."""
     root = Path(os.environ.get("STEELSIGHT_CACHE", Path.home() / ".cache" / "steelsight")) / "onnx"
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if os.access(root, os.W_OK):
+            return root
+    except OSError:
+        pass
+    fallback = Path(tempfile.gettempdir()) / f"steelsight-onnx-{os.getuid()}"
+    fallback.mkdir(parents=True, exist_ok=True)
+    return fallback
 
 
 def cached_onnx(net: AttentionResNet50, size: int, cache_key: str) -> Path:

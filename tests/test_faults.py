@@ -98,6 +98,7 @@ def test_workers_killed_at_random_lose_and_duplicate_nothing(settings, tmp_path)
         for worker in workers:
             worker.kill(signal.SIGTERM)
     results, failed = records(settings, conn), failed_jobs(settings, conn)
+    print(f"random kills: {kills} SIGKILLs, {len(results)} results + {len(failed)} failed = {total} frames")
     assert kills == 4
     assert len(results) + len(failed) == total and not set(results) & set(failed)
     assert conn.xlen(settings.results_stream) == len(results)  # one stream entry per result: no duplicate
