@@ -33,8 +33,9 @@ def _train_parser(sub) -> None:
                    help="trunk init: keras (offline ImageNet port, default), torchvision, none, or a file")
     p.add_argument("--init-from", default=None,
                    help="start from every weight of an earlier steelsight checkpoint instead of --pretrained")
-    p.add_argument("--augment", choices=["standard", "strong"], default="standard",
-                   help="augmentation preset; strong = harder photometric faults (default: standard)")
+    p.add_argument("--augment", choices=["standard", "strong", "blur"], default="standard",
+                   help="augmentation preset; strong = harder photometric faults, blur = more and longer blur "
+                        "(default: standard)")
     p.add_argument("--image-size", type=int, default=160, help="square input side in pixels (default: 160)")
     p.add_argument("--epochs", type=int, default=6, help="default: 6")
     p.add_argument("--batch-size", type=int, default=32, help="default: 32")

@@ -21,7 +21,7 @@ def test_pipeline_holds_every_named_augmentation():
     assert tuple(rotate.limit) == (-180, 180)
 
 
-@pytest.mark.parametrize("strength", ["standard", "strong"])
+@pytest.mark.parametrize("strength", ["standard", "strong", "blur"])
 def test_augmentation_keeps_grayscale_uint8_and_size(strength):
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (200, 200), dtype=np.uint8)
@@ -49,5 +49,5 @@ def test_eval_batch_scales_to_unit_range():
 
 
 def test_unknown_strength_is_refused():
-    with pytest.raises(ValueError, match="standard or strong"):
+    with pytest.raises(ValueError, match="standard, strong or blur"):
         train_augment(64, "extreme")
