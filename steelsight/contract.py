@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     # worker
     checkpoint: str | None = None
     device: str = "auto"
-    backend: str = "auto"  # trunk runtime: auto (ONNX Runtime on CPU, PyTorch on GPU), torch, onnxruntime
+    backend: Literal["auto", "torch", "onnxruntime"] = "auto"  # trunk runtime; auto: ONNX Runtime on CPU, torch on GPU
     batch_size: int = 8
     cam_method: str = "gradcam"
     heartbeat_grace_s: int = 15
