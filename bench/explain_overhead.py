@@ -30,14 +30,17 @@ from steelsight.model.predictor import Predictor, overlay_heatmap
 SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def median_times(fns: list, repeats: int) -> list[float]:
+    """Median seconds per call, the calls interleaved round-robin so machine drift hits all alike."""
+    for fn in fns:
+        fn()  # warm-up
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, bucket in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def plain_explain(predictor: Predictor, plain: GradCAM, images: list[np.ndarray]):
@@ -63,9 +66,9 @@ def main() -> None:
     print("|---:|---:|---:|---:|---:|---:|")
     for batch in args.batch:
         chunk = images[:batch]
-        label = median_time(lambda c=chunk: predictor.predict(c), args.repeats) / batch
-        cheap = median_time(lambda c=chunk: predictor.explain(c), args.repeats) / batch
-        full = median_time(lambda c=chunk: plain_explain(predictor, plain, c), args.repeats) / batch
+        label, cheap, full = (t / batch for t in median_times(
+            [lambda c=chunk: predictor.predict(c), lambda c=chunk: predictor.explain(c),
+             lambda c=chunk: plain_explain(predictor, plain, c)], args.repeats))
         print(f"| {batch} | {1000 * label:.1f} | {1000 * cheap:.1f} | {1000 * full:.1f} | {cheap / label:.2f}x | "
               f"{full / label:.2f}x |")
 

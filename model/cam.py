@@ -43,6 +43,11 @@ class TrunkOnce(nn.Module):
         self.trunk = trunk or net.features
         self.tap = FeatureTap()
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        # grad-cam calls this per batch; only the part after the tap can hold gradients
+        self.net.attention.zero_grad(set_to_none)
+        self.net.head.zero_grad(set_to_none)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             feats = self.trunk(x)

@@ -40,7 +40,8 @@ class MahalanobisScorer(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         diffs = features.float().unsqueeze(1) - self.means.unsqueeze(0)  # (N, C, D)
-        dist = torch.einsum("ncd,de,nce->nc", diffs, self.unit_precision, diffs) / self.feature_var
+        # one (N*C, D) x (D, D) GEMM; the equivalent 3-operand einsum took ~8 ms per image on CPU
+        dist = ((diffs @ self.unit_precision) * diffs).sum(-1) / self.feature_var
         return dist.min(dim=1).values / self.means.shape[1]
 
     def prefixed_state(self) -> dict[str, torch.Tensor]:
