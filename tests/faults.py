@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 from pathlib import Path
 
 from steelsight.devstack import free_port
@@ -27,23 +28,27 @@ class CuttableProxy:
     def start(self) -> CuttableProxy:
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
+        deadline = time.monotonic() + 10
+        while True:  # a connection of the previous listener may take a moment to let go of the port
+            try:
+                listener.bind(("127.0.0.1", self.port))
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
         listener.listen(64)
         self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
         return self
 
     def cut(self) -> None:
-        listener, self._listener = self._listener, None
-        if listener:
-            listener.close()
-        with self._lock:
+        with self._lock:  # _accept registers connections under the same lock, so none escapes
+            listener, self._listener = self._listener, None
+            if listener:
+                listener.close()
             for conn in self._conns:
-                try:
-                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")  # RST on close
-                    conn.close()
-                except OSError:
-                    pass
+                _reset(conn)
             self._conns.clear()
 
     restore = start
@@ -57,9 +62,13 @@ class CuttableProxy:
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
             except OSError:
-                client.close()
+                _reset(client)
                 continue
             with self._lock:
+                if self._listener is not listener:  # cut while this connection was being set up
+                    _reset(client)
+                    _reset(upstream)
+                    return
                 self._conns.update((client, upstream))
             for src, dst in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
@@ -75,8 +84,18 @@ class CuttableProxy:
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
             with self._lock:
-                self._conns.discard(src)
-                self._conns.discard(dst)
+                for s in (src, dst):
+                    self._conns.discard(s)
+                    s.close()
+
+
+def _reset(conn: socket.socket) -> None:
+    """Close with RST, as a vanished host would, leaving no TIME_WAIT on the proxy's port."""
+    try:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        conn.close()
+    except OSError:
+        pass
 
 
 def rss_bytes(pid: int) -> int:

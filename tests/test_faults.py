@@ -8,6 +8,7 @@ import threading
 import time
 import urllib.request
 
+from rq.job import Job
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
@@ -22,8 +23,6 @@ from .helpers import SAMPLES, WorkerProcess, records
 
 def failed_jobs(settings, conn) -> dict[str, str]:
     """Failed-registry job id -> the reason RQ recorded."""
-    from rq.job import Job
-
     registry = FailedJobRegistry(settings.queue_name, connection=conn, serializer=JSONSerializer)
     ids = registry.get_job_ids()
     return {i: (Job.fetch(i, connection=conn, serializer=JSONSerializer).latest_result().exc_string or "") for i in ids}
