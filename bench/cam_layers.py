@@ -1,6 +1,6 @@
 """Grad-CAM localisation per target layer and input size, on the NEU-DET boxes of the val split.
 
-    .venv/bin/python bench/cam_layers.py --data ../shared/data/neu
+    .venv/bin/python bench/cam_layers.py --data PATH/TO/neu
 
 Uses the grad-cam package's plain usage (full backward) so any layer can be the
 target; scores the strict pointing game, the 15 px-tolerant one and the share
@@ -53,7 +53,8 @@ def score(net, items, layers, size: int, cam_class=GradCAM) -> Localisation:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path("../shared/data/neu"))
+    parser.add_argument("--data", type=Path, required=True,
+                        help="NEU folder with images/ and annotations/ (the checkpoint's val split is rebuilt)")
     parser.add_argument("--checkpoint", default=None, help="default: the shipped checkpoint")
     args = parser.parse_args()
     predictor = Predictor.load(args.checkpoint, device="cpu", backend="torch")

@@ -6,7 +6,7 @@ Every candidate runs the trunk (input adapter + ResNet-50, ~99% of the FLOPs);
 attention, pooling and head run in PyTorch afterwards for all of them, as in the
 product. Timings are interleaved round-robin so drift hits every candidate alike.
 Parity: top-1 agreement with eager and the largest probability difference on the
-checkpoint's val split (or the bundled samples without NEU data), at the
+checkpoint's val split of ``--data`` (or the bundled samples without it), at the
 checkpoint's input size. The compute bound is the model's FLOPs over the sgemm
 rate measured in this run.
 """
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from steelsight.model.backends import OnnxRuntimeTrunk, TrunkInput, export_onnx
+from steelsight.model.backends import OnnxRuntimeTrunk, TorchTrunk, TrunkInput, export_onnx
 from steelsight.model.checkpoint import load_checkpoint
 from steelsight.model.data import scan_folders, stratified_split
 from steelsight.model.imageio import read_gray
@@ -33,7 +33,6 @@ from steelsight.model.transforms import eval_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "deploy" / "samples"
-NEU = ROOT.parent / "shared" / "data" / "neu"
 Trunk = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -47,16 +46,9 @@ def eager(net) -> Trunk:
     return run
 
 
-def folded(net) -> torch.nn.Module:
-    """Input adapter + the trunk with every BatchNorm folded into its conv (torch.fx)."""
-    from torch.fx.experimental.optimization import fuse
-
-    return torch.nn.Sequential(net.input_adapter, fuse(net.trunk.eval())).eval()
-
-
 def folded_channels_last(net) -> Trunk:
-    """inference_mode + channels_last + conv-BN folding."""
-    module = folded(net).to(memory_format=torch.channels_last)
+    """inference_mode + the product's PyTorch trunk (BN folded into convs, channels_last)."""
+    module = TorchTrunk(net).module
 
     def run(x):
         with torch.inference_mode():
@@ -65,7 +57,7 @@ def folded_channels_last(net) -> Trunk:
 
 
 def compiled(net) -> Trunk:
-    module = torch.compile(folded(net), dynamic=False)
+    module = torch.compile(TorchTrunk(net).module, dynamic=False)
 
     def run(x):
         with torch.inference_mode():
@@ -114,18 +106,18 @@ def openvino_fp32(net, onnx_path: Path) -> Trunk:
 
 
 # measurement -------------------------------------------------------------------------------------
-def parity_images(ckpt) -> tuple[torch.Tensor, torch.Tensor, str]:
+def parity_images(ckpt, data: Path | None) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(val batch, calibration batch from train, description)."""
     size = int(ckpt.meta.input_size)
     training = ckpt.meta.training
-    if (NEU / "images").is_dir() and "seed" in training:
-        train, val = stratified_split(scan_folders(NEU, ckpt.meta.classes), training["val_fraction"],
+    if data is not None and "seed" in training:
+        train, val = stratified_split(scan_folders(data, ckpt.meta.classes), training["val_fraction"],
                                       training["seed"])
         calib = eval_batch([read_gray(s.path) for s in train[::36]], size)
         return eval_batch([read_gray(s.path) for s in val], size), calib, f"NEU val split ({len(val)} images)"
     samples = scan_folders(SAMPLES, ckpt.meta.classes)
     images = eval_batch([read_gray(s.path) for s in samples], size)
-    return images, images, f"bundled samples ({len(samples)} images; NEU data not found)"
+    return images, images, f"bundled samples ({len(samples)} images; no --data given)"
 
 
 def probabilities(net, trunk: Trunk, images: torch.Tensor, temperature: float) -> np.ndarray:
@@ -193,6 +185,8 @@ def build_candidates(net, onnx_path: Path, calibration: torch.Tensor, skip: set[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=None, help="default: the shipped checkpoint")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="NEU folder for parity on the checkpoint's val split (default: the bundled samples)")
     parser.add_argument("--size", type=int, default=200, help="input side for the timings (default: 200)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=12, help="timed calls per candidate and batch")
@@ -202,7 +196,7 @@ def main() -> None:
     ckpt = load_checkpoint(args.checkpoint)
     net = ckpt.model.eval()
     threads = torch.get_num_threads()
-    val, calibration, described = parity_images(ckpt)
+    val, calibration, described = parity_images(ckpt, args.data)
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = export_onnx(net, Path(tmp) / "trunk.onnx", int(ckpt.meta.input_size))
         print(f"building candidates ({threads} threads)")
