@@ -46,6 +46,10 @@ class CuttableProxy:
         with self._lock:  # _accept registers connections under the same lock, so none escapes
             listener, self._listener = self._listener, None
             if listener:
+                # close() alone does not wake a thread blocked in accept(): the socket would go on
+                # listening, queueing connections that hang, and hold the port against restore()
+                with contextlib.suppress(OSError):
+                    listener.shutdown(socket.SHUT_RDWR)
                 listener.close()
             for conn in self._conns:
                 _reset(conn)
@@ -91,11 +95,13 @@ class CuttableProxy:
 
 def _reset(conn: socket.socket) -> None:
     """Close with RST, as a vanished host would, leaving no TIME_WAIT on the proxy's port."""
-    try:
+    with contextlib.suppress(OSError):
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        # wake the pipe thread blocked in recv() on it: close() alone would leave the
+        # connection open, and a request sent on it later would hang unanswered
+        conn.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
         conn.close()
-    except OSError:
-        pass
 
 
 def rss_bytes(pid: int) -> int:

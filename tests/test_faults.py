@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import signal
+import socket
 import threading
 import time
 import urllib.request
 
+import pytest
 from rq.job import Job
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
@@ -38,6 +41,25 @@ def producer_in_thread(producer: Producer, frames) -> tuple[threading.Thread, di
     thread = threading.Thread(target=lambda: counts.update(run_producer(producer, frames)), daemon=True)
     thread.start()
     return thread, counts
+
+
+def test_cut_proxy_refuses_connections_and_restores_at_once():
+    """The fault tool itself: a cut must refuse (not queue) connections and free its port."""
+    upstream = socket.create_server(("127.0.0.1", 0))
+    proxy = CuttableProxy(upstream.getsockname()[1]).start()
+    try:
+        idle = socket.create_connection(("127.0.0.1", proxy.port), timeout=2)
+        upstream.accept()
+        proxy.cut()
+        with contextlib.suppress(ConnectionResetError):  # closed at once, not left to hang
+            assert idle.recv(1) == b""
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=2)
+        proxy.restore()
+        socket.create_connection(("127.0.0.1", proxy.port), timeout=2).close()
+    finally:
+        proxy.cut()
+        upstream.close()
 
 
 def test_s3_outage_is_ridden_out(services, settings, tmp_path):
