@@ -70,6 +70,7 @@ def main() -> None:
         (f"layer4 x layer3, {size} px", [layer4, layer3], size, GradCAM),
         ("layer4 x layer3, 224 px", [layer4, layer3], 224, GradCAM),
         (f"LayerCAM on layer3, {size} px", [layer3], size, LayerCAM),
+        (f"attention module's output, {size} px", [net.attention], size, GradCAM),
     ]
     print(f"{len(items)} val images with boxes of their own class")
     print("| target layer, input | pointing game | 15 px | energy in box |\n|---|---:|---:|---:|")

@@ -3,8 +3,9 @@
     .venv/bin/python bench/explain_overhead.py --batch 1 8 --repeats 10
 
 Times, on the same images and threads: ``predict`` (label only), the product's
-``explain`` (label + Grad-CAM + overlay, trunk run once without autograd), and
-the package's plain usage (full backward through the trunk) + the same overlay.
+``explain`` (label + Grad-CAM + overlay, trunk run once without autograd) with
+each overlay encoded to PNG as the worker does, and the package's plain usage
+(full backward through the trunk) + the same overlay and PNG.
 Prints medians and the ratios; absolute times on shared machines are noise.
 """
 
@@ -24,7 +25,7 @@ from pytorch_grad_cam import GradCAM
 
 from steelsight.model.checkpoint import load_checkpoint
 from steelsight.model.data import scan_folders
-from steelsight.model.imageio import read_gray
+from steelsight.model.imageio import encode_png, read_gray
 from steelsight.model.predictor import Predictor, overlay_heatmap
 
 SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
@@ -45,8 +46,12 @@ def median_times(fns: list, repeats: int) -> list[float]:
 
 def plain_explain(predictor: Predictor, plain: GradCAM, images: list[np.ndarray]):
     heatmaps = plain(input_tensor=predictor.preprocess(images), targets=None)
-    return [overlay_heatmap(img, cv2.resize(heat, (img.shape[1], img.shape[0])))
+    return [encode_png(overlay_heatmap(img, cv2.resize(heat, (img.shape[1], img.shape[0]))))
             for img, heat in zip(images, heatmaps, strict=True)]
+
+
+def product_explain(predictor: Predictor, images: list[np.ndarray]):
+    return [encode_png(e.overlay) for e in predictor.explain(images)]
 
 
 def main() -> None:
@@ -61,13 +66,13 @@ def main() -> None:
     images = [read_gray(s.path) for s in scan_folders(SAMPLES)]
     print(f"# explain overhead, {predictor.input_size}px input, {platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}")
-    print("| batch | label only (ms/img) | explain (ms/img) | plain grad-cam (ms/img) | explain / label "
+    print("| batch | label only (ms/img) | explain + PNG (ms/img) | plain grad-cam + PNG (ms/img) | explain / label "
           "| plain / label |")
     print("|---:|---:|---:|---:|---:|---:|")
     for batch in args.batch:
         chunk = images[:batch]
         label, cheap, full = (t / batch for t in median_times(
-            [lambda c=chunk: predictor.predict(c), lambda c=chunk: predictor.explain(c),
+            [lambda c=chunk: predictor.predict(c), lambda c=chunk: product_explain(predictor, c),
              lambda c=chunk: plain_explain(predictor, plain, c)], args.repeats))
         print(f"| {batch} | {1000 * label:.1f} | {1000 * cheap:.1f} | {1000 * full:.1f} | {cheap / label:.2f}x | "
               f"{full / label:.2f}x |")

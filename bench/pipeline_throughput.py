@@ -12,6 +12,9 @@
    server and the producer share the same cores, as they would on a single box.
 4. capture-to-result latency p50/p95 with the producer paced at 50% and 90% of the
    end-to-end capacity measured in step 2.
+
+During step 3 it also counts the CPU seconds each process used (/proc), to show
+where the cores went: workers, the S3 server, Redis, or the producer.
 """
 
 from __future__ import annotations
@@ -66,6 +69,19 @@ def model_only(workers: int, frames: int, batch: int, threads: int, checkpoint: 
     return sum(json.loads(p.communicate()[0].strip().splitlines()[-1])["fps"] for p in procs)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_split(pids: dict[str, list[int]], run) -> tuple[object, dict[str, float]]:
+    """Run ``run()``; return its value and each group's CPU seconds spent meanwhile."""
+    before = {name: sum(cpu_seconds(p) for p in group) for name, group in pids.items()}
+    value = run()
+    return value, {name: sum(cpu_seconds(p) for p in group) - before[name] for name, group in pids.items()}
+
+
 def results(settings: Settings, conn) -> list[dict]:
     return [json.loads(conn.get(k)) for k in conn.keys(f"{settings.key_prefix}:result:*")]
 
@@ -116,7 +132,9 @@ def main() -> None:
         wait_until(lambda: len(results(settings, conn)) >= args.frames, 600, "the prefilled frames")
         finished = sorted(datetime.fromisoformat(r["finished_at"]) for r in results(settings, conn))
         workers_fps = (len(finished) - 1) / (finished[-1] - finished[0]).total_seconds()
-        e2e_fps, _ = run_stream(settings, conn, "capacity", args.frames, None)
+        pids = {"workers": [p.pid for p in procs], "S3 server (moto)": [s3.proc.pid], "Redis": [redis.proc.pid],
+                "producer": [os.getpid()]}
+        (e2e_fps, _), cpu = cpu_split(pids, lambda: run_stream(settings, conn, "capacity", args.frames, None))
         latency = {share: run_stream(settings, conn, f"load{int(share * 100)}", max(args.frames // 2, 20),
                                      share * e2e_fps)[1] for share in (0.5, 0.9)}
     finally:
@@ -135,6 +153,9 @@ def main() -> None:
     print(f"| end to end, producer → S3 → Redis → workers → results | {e2e_fps:.2f} frames/s |")
     print(f"| **workers only / model only** | **{workers_fps / model_fps:.2f}** |")
     print(f"| **end to end / model only** | **{e2e_fps / model_fps:.2f}** |")
+    total = sum(cpu.values())
+    print("| CPU share during end to end: " + ", ".join(f"{name} {100 * sec / total:.0f}%" for name, sec in cpu.items())
+          + f" | {total:.1f} CPU-s |")
     for share, values in latency.items():
         p50, p95 = np.percentile(values, [50, 95])
         print(f"| capture-to-result at {share:.0%} of capacity ({share * e2e_fps:.1f} fps), p50 / p95 | "

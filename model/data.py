@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -92,21 +93,40 @@ def stratified_split(
 
 
 class SurfaceDataset(Dataset):
-    """Decodes every image once into memory (NEU: 1,440 x 40 kB), augments per access."""
+    """Decodes every image once into memory (NEU: 1,440 x 40 kB), augments per access.
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable[..., dict] | None, size: int):
+    With ``annotations`` each item also carries the mask of its own class's boxes,
+    moved by the same spatial augmentation as the image, and a flag saying whether
+    the image has such boxes: ``(x, label, mask, has_mask)``.
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable[..., dict] | None, size: int,
+                 annotations: Path | None = None):
         self.samples = list(samples)
-        self.images = [resize_for_model(read_gray(s.path), size) for s in self.samples]
+        originals = [read_gray(s.path) for s in self.samples]
+        self.images = [resize_for_model(image, size) for image in originals]
         self.transform = transform
+        self.masks = None if annotations is None else [
+            own_box_mask(sample, annotations, image.shape, size) for sample, image in zip(self.samples, originals,
+                                                                                          strict=True)]
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self.images[index]
+    def __getitem__(self, index: int):
+        image, label = self.images[index], self.samples[index].label
+        if self.masks is None:
+            if self.transform is not None:
+                image = self.transform(image=image)["image"]
+            return to_tensor(image), label
+        mask = self.masks[index]
+        has_mask = mask is not None
+        if mask is None:
+            mask = np.zeros_like(image)
         if self.transform is not None:
-            image = self.transform(image=image)["image"]
-        return to_tensor(image), self.samples[index].label
+            out = self.transform(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        return to_tensor(image), label, torch.from_numpy(np.ascontiguousarray(mask)).float()[None], float(has_mask)
 
 
 @dataclass(frozen=True)
@@ -148,3 +168,12 @@ def box_mask(boxes: Sequence[Box], class_name: str, shape: tuple[int, int]) -> n
     for b in own:
         mask[max(b.ymin - 1, 0) : b.ymax, max(b.xmin - 1, 0) : b.xmax] = True
     return mask if own else None
+
+
+def own_box_mask(sample: Sample, annotations: Path, shape: tuple[int, int], size: int) -> np.ndarray | None:
+    """uint8 mask (size x size) of the sample's own-class NEU-DET boxes, or None without any."""
+    xml = annotation_for(sample, annotations)
+    mask = box_mask(read_voc_boxes(xml), sample.class_name, shape) if xml else None
+    if mask is None:
+        return None
+    return cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)

@@ -25,7 +25,7 @@ from .corruptions import CORRUPTIONS, corrupt_all
 from .data import SurfaceDataset, limit_per_class, manifest_hash, scan_folders, stratified_split
 from .imageio import read_gray
 from .labels import CLASSES
-from .losses import FocalLoss
+from .losses import FocalLoss, cam_outside_box_loss
 from .metrics import classification_report, expected_calibration_error
 from .network import ArchConfig, AttentionResNet50, load_trunk_weights
 from .ood import MahalanobisScorer
@@ -47,6 +47,7 @@ class TrainConfig:
     trunk_lr_scale: float = 0.1
     weight_decay: float = 1e-4
     freeze_stages: int = 0
+    freeze_bn: bool = False
     val_fraction: float = 0.2
     seed: int = 0
     gamma: float = 2.0
@@ -59,6 +60,8 @@ class TrainConfig:
     finalize_only: bool = False
     augment: str = "standard"
     init_from: str | None = None
+    annotations: str | None = None  # NEU-DET boxes, for the Grad-CAM box loss
+    loc_weight: float = 0.0
 
 
 def build_model(pretrained: str) -> tuple[AttentionResNet50, str]:
@@ -77,10 +80,14 @@ def frozen_modules(model: AttentionResNet50, stages: int) -> list[torch.nn.Modul
     return [trunk[0], trunk[1], *[trunk[3 + i] for i in range(1, min(stages, 4) + 1)]]
 
 
-def set_train_mode(model: AttentionResNet50, frozen: list[torch.nn.Module]) -> None:
+def set_train_mode(model: AttentionResNet50, frozen: list[torch.nn.Module], freeze_bn: bool = False) -> None:
     model.train()
     for module in frozen:
         module.eval()  # frozen stages keep their ImageNet BatchNorm statistics
+    if freeze_bn:  # a fine-tune on shifted inputs (blur) must not drag the running statistics with it
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.eval()
 
 
 @torch.inference_mode()
@@ -108,7 +115,11 @@ class Trainer:
         train_s, val_s = stratified_split(samples, cfg.val_fraction, cfg.seed)
         print(f"data: {len(samples)} images, train {len(train_s)}, val {len(val_s)}, "
               f"manifest sha256 {self.manifest[:12]}…; device {self.device}")
-        self.train_set = SurfaceDataset(train_s, train_augment(cfg.image_size, cfg.augment), cfg.image_size)
+        boxes = Path(cfg.annotations) if cfg.annotations and cfg.loc_weight > 0 else None
+        self.train_set = SurfaceDataset(train_s, train_augment(cfg.image_size, cfg.augment), cfg.image_size, boxes)
+        if boxes is not None:
+            print(f"Grad-CAM box loss x{cfg.loc_weight}: {sum(m is not None for m in self.train_set.masks)} of "
+                  f"{len(train_s)} training images have boxes of their class")
         self.val_set = SurfaceDataset(val_s, None, cfg.image_size)
         self.model, self.init_source = self._initial_model()
         self.model.to(self.device)
@@ -185,13 +196,18 @@ class Trainer:
 
     # epochs -----------------------------------------------------------------------
     def _train_epoch(self, epoch: int) -> float:
-        set_train_mode(self.model, self.frozen)
+        set_train_mode(self.model, self.frozen, self.cfg.freeze_bn)
         total, seen = 0.0, 0
         bar = tqdm(self._loader(self.train_set, True), desc=f"epoch {epoch}/{self.cfg.epochs}", unit="batch",
                    leave=False)
-        for x, y in bar:
-            x, y = x.to(self.device), y.to(self.device)
-            loss = self.criterion(self.model(x), y)
+        for batch in bar:
+            x, y = batch[0].to(self.device), batch[1].to(self.device)
+            feats = self.model.features(x)
+            logits = self.model.classify(feats)
+            loss = self.criterion(logits, y)
+            if len(batch) == 4:  # box masks: keep the Grad-CAM inside the defect
+                masks, has_mask = batch[2].to(self.device), batch[3].to(self.device).float()
+                loss = loss + self.cfg.loc_weight * cam_outside_box_loss(feats, logits, y, masks, has_mask)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()

@@ -44,6 +44,13 @@ def _train_parser(sub) -> None:
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default: 1e-4)")
     p.add_argument("--freeze-stages", type=int, default=0,
                    help="freeze the stem and the first N-1 ResNet stages, 0-5 (default: 0, nothing frozen)")
+    p.add_argument("--annotations", type=Path, default=None,
+                   help="NEU-DET annotations folder, for --loc-weight (e.g. ../shared/data/neu/annotations)")
+    p.add_argument("--loc-weight", type=float, default=0.0,
+                   help="weight of the Grad-CAM box loss: the share of the true class's CAM outside the image's "
+                        "own-class boxes (default: 0, off; needs --annotations)")
+    p.add_argument("--freeze-bn", action="store_true",
+                   help="keep every BatchNorm's running statistics fixed (for fine-tunes with --init-from)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of each class for val (default: 0.2)")
     p.add_argument("--seed", type=int, default=0, help="split and init seed (default: 0)")
     p.add_argument("--workers", type=int, default=1, help="data-loader processes (default: 1)")
@@ -191,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(args) -> int:
     from steelsight.model.train import TrainConfig, train
 
+    if args.loc_weight > 0 and args.annotations is None:
+        raise SystemExit("steelsight train: --loc-weight needs --annotations (the NEU-DET boxes)")
     fields = TrainConfig.__dataclass_fields__
     cfg = TrainConfig(**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k in fields})
     train(cfg)

@@ -16,8 +16,10 @@ def test_help_lists_every_command(capsys):
 def test_train_evaluate_predict_round_trip(tmp_path, neu_dir, capsys):
     run = tmp_path / "run"
     tiny = ["--data", str(neu_dir), "--out", str(run), "--pretrained", "none", "--image-size", "64",
-            "--batch-size", "8", "--limit-per-class", "5", "--workers", "0"]
+            "--batch-size", "8", "--limit-per-class", "5", "--workers", "0",
+            "--annotations", str(neu_dir / "annotations"), "--loc-weight", "0.5"]
     assert main(["train", *tiny, "--epochs", "1"]) == 0
+    assert "training images have boxes of their class" in capsys.readouterr().out
     for name in ("best.safetensors", "model.safetensors", "last_state.pt", "history.json", "training_curves.png"):
         assert (run / name).exists(), name
     history = json.loads((run / "history.json").read_text())
@@ -47,6 +49,11 @@ def test_train_evaluate_predict_round_trip(tmp_path, neu_dir, capsys):
     (row,) = json.loads(capsys.readouterr().out)
     assert set(row) >= {"label", "confidence", "probabilities", "ood_score", "unknown"}
     assert isinstance(row["ood_score"], float)
+
+
+def test_box_loss_without_boxes_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="--annotations"):
+        main(["train", "--data", str(tmp_path), "--loc-weight", "1"])
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):

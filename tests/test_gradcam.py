@@ -58,3 +58,24 @@ def test_explain_can_target_another_class(tiny_predictor):
     image = np.random.default_rng(3).integers(0, 256, (64, 64), dtype=np.uint8)
     out = tiny_predictor.explain([image, image], method="eigencam", targets=[1, 4])
     assert [e.cam_class for e in out] == ["inclusion", "rolled-in_scale"]
+
+
+def test_overlay_matches_the_packages_show_cam_on_image_and_encodes_losslessly():
+    import io
+
+    from PIL import Image
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    from steelsight.model.imageio import encode_png
+    from steelsight.model.predictor import overlay_heatmap
+
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (48, 40), dtype=np.uint8)
+    heat = rng.random((48, 40)).astype(np.float32)
+    expected = show_cam_on_image(np.repeat(gray[..., None], 3, 2) / np.float32(255), heat, use_rgb=True,
+                                 image_weight=0.55)
+    overlay = overlay_heatmap(gray, heat)
+    assert overlay.shape == expected.shape and overlay.dtype == np.uint8
+    assert np.abs(overlay.astype(int) - expected).max() <= 1  # rounding vs truncation
+    for level in (0, 1, 9):
+        assert (np.asarray(Image.open(io.BytesIO(encode_png(overlay, level)))) == overlay).all()

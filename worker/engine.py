@@ -6,18 +6,15 @@ the worker class hand it work.
 
 from __future__ import annotations
 
-import io
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from PIL import Image
-
 from steelsight.clients import PERMANENT, S3_TRANSIENT, MissingObject, ObjectStore
 from steelsight.contract import Frame, FrameResult, Settings, Timings
-from steelsight.model.imageio import DecodeLimits, ImageRejected, decode_gray
+from steelsight.model.imageio import DecodeLimits, ImageRejected, decode_gray, encode_png
 from steelsight.model.predictor import Predictor
 from steelsight.retry import with_backoff
 
@@ -28,12 +25,6 @@ from . import metrics
 class Decoded:
     frame: Frame
     gray: object  # np.ndarray
-
-
-def png_bytes(rgb) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, "PNG", compress_level=3)  # fast level: overlays are transient
-    return buf.getvalue()
 
 
 class FrameEngine:
@@ -63,7 +54,7 @@ class FrameEngine:
         return decode_gray(self._fetch(frame), self.limits)
 
     def _upload_overlay(self, frame: Frame, overlay) -> None:
-        data = png_bytes(overlay)
+        data = encode_png(overlay, self.settings.overlay_png_level)
         self._s3_retry(lambda: self.store.put(self.settings.overlays_bucket, frame.overlay_key, data, "image/png"),
                        f"upload overlay {frame.overlay_key}")
 
