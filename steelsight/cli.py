@@ -45,7 +45,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--freeze-stages", type=int, default=0,
                    help="freeze the stem and the first N-1 ResNet stages, 0-5 (default: 0, nothing frozen)")
     p.add_argument("--annotations", type=Path, default=None,
-                   help="NEU-DET annotations folder, for --loc-weight (e.g. ../shared/data/neu/annotations)")
+                   help="NEU-DET annotations folder (annotations/ next to images/ in the NEU layout), "
+                        "for --loc-weight")
     p.add_argument("--loc-weight", type=float, default=0.0,
                    help="weight of the Grad-CAM box loss: the share of the true class's CAM outside the image's "
                         "own-class boxes (default: 0, off; needs --annotations)")
