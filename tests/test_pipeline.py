@@ -128,3 +128,22 @@ def test_producer_waits_when_the_queue_is_full(settings):
         time.sleep(0.2)
     sender.join()
     assert outcomes == ["enqueued"] * 5
+
+
+def test_result_record_and_stream_entry_are_written_together_once(settings):
+    from types import SimpleNamespace
+
+    from steelsight.worker.jobs import publish
+
+    conn = redis_client(settings)
+    settings = settings.model_copy(update={"stream_maxlen": 5})
+    first = SimpleNamespace(job_id="line__cam__a", model_dump_json=lambda: '{"status": "ok"}')
+    assert publish(first, conn, settings) is True
+    assert publish(SimpleNamespace(job_id="line__cam__a", model_dump_json=lambda: '{"status": "late"}'), conn,
+                   settings) is False  # a re-run of the same job: first write wins, no second entry
+    assert conn.get(settings.result_key("line__cam__a")) == b'{"status": "ok"}'
+    assert 0 < conn.ttl(settings.result_key("line__cam__a")) <= settings.result_ttl_s
+    assert [e[1][b"result"] for e in conn.xrange(settings.results_stream)] == [b'{"status": "ok"}']
+    for i in range(300):
+        publish(SimpleNamespace(job_id=f"line__cam__{i}", model_dump_json=lambda: "{}"), conn, settings)
+    assert conn.xlen(settings.results_stream) < 300  # capped (approximately, as XADD MAXLEN ~ does)

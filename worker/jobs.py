@@ -58,16 +58,24 @@ def engine():
     return _engine
 
 
+# record and stream entry in one atomic step: a worker killed between two separate
+# commands would leave a record whose stream entry no retry ever writes
+PUBLISH_ONCE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'result', ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
 def publish(result: FrameResult, connection, settings: Settings) -> bool:
     """Per-frame record (first write wins) and one stream entry; True when newly written."""
     payload = result.model_dump_json()
 
     def write() -> bool:
-        created = connection.set(settings.result_key(result.job_id), payload, nx=True, ex=settings.result_ttl_s)
-        if created:
-            connection.xadd(settings.results_stream, {"result": payload}, maxlen=settings.stream_maxlen,
-                            approximate=True)
-        return bool(created)
+        return bool(connection.eval(PUBLISH_ONCE, 2, settings.result_key(result.job_id), settings.results_stream,
+                                    payload, settings.result_ttl_s, settings.stream_maxlen))
 
     return with_backoff(write, f"publish result {result.job_id}", REDIS_TRANSIENT, attempts=6)
 
