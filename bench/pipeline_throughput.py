@@ -3,7 +3,8 @@
     .venv/bin/python bench/pipeline_throughput.py --workers 2 --frames 240
 
 1. model only: W processes, each explaining (label + Grad-CAM + overlay RGB) decoded
-   frames in batches, with the threads a worker gets; aggregate frames/s.
+   frames in batches, with the threads a worker gets; aggregate frames/s. Measured
+   before and after steps 2-4; the ratios use the mean of the two.
 2. workers only: frames produced into the queue before the workers start; frames/s
    from the first result to the last (fetch, decode, explain, overlay PNG upload,
    publish), with Redis and the S3 server on the same cores.
@@ -11,10 +12,15 @@
    workers run; frames/s from the first upload to the last result. Redis, the S3
    server and the producer share the same cores, as they would on a single box.
 4. capture-to-result latency p50/p95 with the producer paced at 50% and 90% of the
-   end-to-end capacity measured in step 2.
+   end-to-end capacity measured in step 3.
 
 During step 3 it also counts the CPU seconds each process used (/proc), to show
 where the cores went: workers, the S3 server, Redis, or the producer.
+
+With ``--worker-cores 0 --service-cores 1`` the model-only processes and the workers
+are pinned to the first set of cores and Redis, the S3 server and the producer to
+the second, as when those services run on their own hosts: the ratio then measures
+the pipeline overhead inside the worker alone.
 """
 
 from __future__ import annotations
@@ -60,12 +66,30 @@ def worker_env(settings: Settings, threads: int) -> dict[str, str]:
     return dict(os.environ) | settings.to_env() | {"OMP_NUM_THREADS": str(threads)}
 
 
-def model_only(workers: int, frames: int, batch: int, threads: int, checkpoint: str | None) -> float:
+def pinned(cores: set[int] | None):
+    """preexec_fn that pins a child process to ``cores`` (None: no pinning)."""
+    return None if cores is None else (lambda: os.sched_setaffinity(0, cores))
+
+
+def pin_process(pid: int, cores: set[int] | None) -> None:
+    """Pin every thread of a running process."""
+    if cores is not None:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            os.sched_setaffinity(int(task.name), cores)
+
+
+def parse_cores(text: str | None) -> set[int] | None:
+    return None if text is None else {int(c) for c in text.split(",")}
+
+
+def model_only(workers: int, frames: int, batch: int, threads: int, checkpoint: str | None,
+               cores: set[int] | None = None) -> float:
     env = dict(os.environ) | {"OMP_NUM_THREADS": str(threads)}
     args = [sys.executable, __file__, "--model-only-child", "--frames", str(frames // workers), "--batch", str(batch)]
     if checkpoint:
         args += ["--checkpoint", checkpoint]
-    procs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, text=True) for _ in range(workers)]
+    procs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, text=True, preexec_fn=pinned(cores))
+             for _ in range(workers)]
     return sum(json.loads(p.communicate()[0].strip().splitlines()[-1])["fps"] for p in procs)
 
 
@@ -106,17 +130,24 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=240, help="frames per measurement")
     parser.add_argument("--batch", type=int, default=8, help="worker micro-batch size")
     parser.add_argument("--checkpoint", default=None, help="default: the shipped checkpoint")
+    parser.add_argument("--worker-cores", default=None, metavar="LIST",
+                        help="pin model-only processes and workers to these cores, e.g. 0 (default: no pinning)")
+    parser.add_argument("--service-cores", default=None, metavar="LIST",
+                        help="pin Redis, the S3 server and the producer to these cores, e.g. 1")
     parser.add_argument("--model-only-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.model_only_child:
         return model_only_child(args.frames, args.batch, args.checkpoint)
 
-    cores = os.cpu_count() or 1
+    worker_cores, service_cores = parse_cores(args.worker_cores), parse_cores(args.service_cores)
+    cores = len(worker_cores) if worker_cores else os.cpu_count() or 1
     threads = max(cores // args.workers, 1)
-    model_fps = model_only(args.workers, args.frames, args.batch, threads, args.checkpoint)
+    model_before = model_only(args.workers, args.frames, args.batch, threads, args.checkpoint, worker_cores)
 
     workdir = Path(tempfile.mkdtemp(prefix="steelsight-pipeline-"))
     redis, s3 = redis_server(workdir).start(), s3_server(workdir).start()
+    for pid in (redis.proc.pid, s3.proc.pid, os.getpid()):
+        pin_process(pid, service_cores)
     procs = []
     try:
         settings = Settings(redis_url=f"redis://127.0.0.1:{redis.port}/0", s3_endpoint=f"127.0.0.1:{s3.port}",
@@ -128,7 +159,7 @@ def main() -> None:
             env = worker_env(settings.model_copy(update={"metrics_port": free_port()}), threads)
             procs.append(subprocess.Popen([sys.executable, "-m", "steelsight.cli", "worker", "--name", f"bench{i}"],
                                           env=env, stdout=open(workdir / f"worker{i}.log", "wb"),  # noqa: SIM115
-                                          stderr=subprocess.STDOUT))
+                                          stderr=subprocess.STDOUT, preexec_fn=pinned(worker_cores)))
         wait_until(lambda: len(results(settings, conn)) >= args.frames, 600, "the prefilled frames")
         finished = sorted(datetime.fromisoformat(r["finished_at"]) for r in results(settings, conn))
         workers_fps = (len(finished) - 1) / (finished[-1] - finished[0]).total_seconds()
@@ -143,11 +174,17 @@ def main() -> None:
             p.wait(timeout=30)
         redis.stop()
         s3.stop()
+    # model only again: this machine's speed drifts, and a single baseline moved the ratios by ±0.07
+    model_after = model_only(args.workers, args.frames, args.batch, threads, args.checkpoint, worker_cores)
+    model_fps = (model_before + model_after) / 2
 
-    print(f"# {platform.processor() or platform.machine()}, {cores} cores, {args.workers} workers x {threads} "
-          f"threads, batch {args.batch}, torch {torch.__version__}; logs in {workdir}")
+    placement = (f"workers on cores {args.worker_cores}, services on cores {args.service_cores}"
+                 if worker_cores or service_cores else "all processes on all cores")
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores ({placement}), {args.workers} "
+          f"workers x {threads} threads, batch {args.batch}, torch {torch.__version__}; logs in {workdir}")
     print("| measure | value |\n|---|---:|")
-    print(f"| model only, {args.workers} processes (explain, no I/O) | {model_fps:.2f} frames/s |")
+    print(f"| model only, {args.workers} processes (explain, no I/O), mean of before and after | {model_fps:.2f} "
+          f"frames/s ({model_before:.2f} / {model_after:.2f}) |")
     print(f"| workers only, queue prefilled (fetch → explain → overlay upload → publish) | {workers_fps:.2f} "
           "frames/s |")
     print(f"| end to end, producer → S3 → Redis → workers → results | {e2e_fps:.2f} frames/s |")

@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 import urllib.request
+from datetime import UTC, datetime
 
 from rq import Queue
 from rq.job import Job
@@ -147,3 +148,54 @@ def test_result_record_and_stream_entry_are_written_together_once(settings):
     for i in range(300):
         publish(SimpleNamespace(job_id=f"line__cam__{i}", model_dump_json=lambda: "{}"), conn, settings)
     assert conn.xlen(settings.results_stream) < 300  # capped (approximately, as XADD MAXLEN ~ does)
+
+
+class SlowEngine:
+    """Stand-in engine that logs when each batch is fetched and computed; compute takes 0.3 s."""
+
+    def __init__(self):
+        self.events: list[tuple[str, int, float]] = []
+        self.batch = 0
+
+    def prefetch(self, frames):
+        self.events.append(("fetch", len(frames), time.perf_counter()))
+        return {}
+
+    def process(self, frames, loads=None):
+        from steelsight.contract import FrameResult, Timings
+
+        self.events.append(("compute", len(frames), time.perf_counter()))
+        time.sleep(0.3)
+        self.events.append(("computed", len(frames), time.perf_counter()))
+        return {f.job_id: FrameResult(frame_id=f.frame_id, job_id=f.job_id, line_id=f.line_id, camera_id=f.camera_id,
+                                      captured_at=f.captured_at, status="ok", label="crazing", frame_key=f.object_key,
+                                      timings=Timings(queue_wait_s=0, inference_s=0, total_s=0)) for f in frames}
+
+
+def test_worker_fetches_the_next_batch_while_one_computes_and_keeps_both_alive(settings):
+    from steelsight.worker import jobs
+    from steelsight.worker.service import make_worker
+
+    producer = Producer(settings, "line-p", "cam-1")
+    for i in range(10):
+        producer._enqueue(Frame(frame_id=f"f{i}", line_id="line-p", camera_id="cam-1", captured_at=datetime.now(UTC),
+                                ext="png"))
+    engine = SlowEngine()
+    jobs.install(engine, settings)
+    try:
+        worker = make_worker(settings.model_copy(update={"batch_size": 4}))
+        worker.claimed_heartbeat_s = 0.1
+        beats, beat = [], worker.maintain_heartbeats
+        worker.maintain_heartbeats = lambda job, execution: (beats.append(job.id), beat(job, execution))
+        worker.work(burst=True, with_scheduler=False)
+    finally:
+        jobs.install(None, None)
+    kinds = [(kind, n) for kind, n, _ in engine.events]
+    # batches 4, 4, 2; each next batch is claimed and fetched while the one ahead of it computes
+    assert kinds == [("fetch", 4), ("compute", 4), ("fetch", 4), ("computed", 4), ("compute", 4), ("fetch", 2),
+                     ("computed", 4), ("compute", 2), ("computed", 2)]
+    # jobs waiting on the model, this batch's and the next one's, kept their heartbeats alive
+    assert {"line-p__cam-1__f0", "line-p__cam-1__f4", "line-p__cam-1__f8"} <= set(beats)
+    conn = redis_client(settings)
+    assert len(records(settings, conn)) == 10
+    assert Queue(settings.queue_name, connection=conn).finished_job_registry.count == 10

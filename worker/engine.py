@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -71,14 +71,23 @@ class FrameEngine:
             **fields,
         )
 
-    def process(self, frames: list[Frame]) -> dict[str, FrameResult | Exception]:
+    def prefetch(self, frames: list[Frame]) -> dict[str, Future]:
+        """Start fetching and decoding ``frames`` on the I/O threads; hand the futures to :meth:`process`.
+
+        Concurrent, so a batch's S3 round trips overlap instead of adding up, and the
+        worker can fetch the next batch while this one computes.
+        """
+        return {frame.job_id: self.io.submit(self._load, frame) for frame in frames}
+
+    def process(self, frames: list[Frame], loads: dict[str, Future] | None = None
+                ) -> dict[str, FrameResult | Exception]:
         """One outcome per job id: a result (ok or rejected) or the exception to fail the job with."""
         started, batch_start = time.perf_counter(), datetime.now(UTC)
         outcomes: dict[str, FrameResult | Exception] = {}
         decoded: list[Decoded] = []
-        # fetch and decode the batch concurrently: S3 round trips overlap instead of adding up
-        loads = [(frame, self.io.submit(self._load, frame)) for frame in frames]
-        for frame, load in loads:
+        loads = loads if loads is not None else self.prefetch(frames)
+        for frame in frames:
+            load = loads[frame.job_id]
             metrics.QUEUE_WAIT_SECONDS.observe(max((batch_start - frame.enqueued_at).total_seconds(), 0.0))
             try:
                 decoded.append(Decoded(frame, load.result()))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 
 from rq.worker import SimpleWorker, WorkerStatus
 
@@ -24,38 +26,98 @@ class FrameWorker(SimpleWorker):
         return int(job.timeout or 60) + self.heartbeat_grace_s
 
 
+@dataclass
+class Batch:
+    """Jobs claimed together: (job, queue, execution) each, the frames of the valid ones, their downloads."""
+
+    claimed: list = field(default_factory=list)
+    frames: dict[str, Frame] = field(default_factory=dict)
+    loads: dict = field(default_factory=dict)
+
+
+# one model call at a time per process, across worker generations (a reconnect makes a new worker)
+_COMPUTE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+
+
 class BatchingWorker(FrameWorker):
-    """Takes up to ``max_batch`` waiting jobs and runs them as one model batch."""
+    """Takes up to ``max_batch`` waiting jobs and runs them as one model batch.
+
+    While the queue has work it runs batches back to back in a pipeline: the next
+    batch is claimed and its frames fetched while this one computes, topped up with
+    frames that arrived meanwhile when the model is free, and this batch's jobs are
+    published and booked while the next computes. Redis and S3 round trips overlap
+    the model instead of adding to it.
+    """
 
     max_batch = 8
+    claimed_heartbeat_s = 3.0
 
     def execute_job(self, job, queue):
-        batch = [(job, queue, self.prepare_execution(job))]
-        while len(batch) < self.max_batch:
+        batch = self._claim(queue, Batch(), first=(job, queue))
+        running = self._compute(batch)
+        while True:
+            upcoming = self._claim(queue, Batch())  # fetched while ``batch`` computes
+            outcomes = self._outcomes(batch, running, upcoming)
+            upcoming = self._claim(queue, upcoming)  # top up with frames that arrived meanwhile
+            running = self._compute(upcoming)
+            self._finish(batch, outcomes)
+            if not upcoming.claimed:
+                break
+            batch = upcoming
+            if self.should_run_maintenance_tasks:  # re-queue a dead worker's jobs even while busy
+                self.run_maintenance_tasks()
+        self.set_state(WorkerStatus.IDLE)
+
+    def _claim(self, queue, batch: Batch, first=None) -> Batch:
+        """Add ``first`` and waiting jobs (no blocking) up to ``max_batch``; start fetching their frames."""
+        dequeued = [first] if first else []
+        while len(batch.claimed) + len(dequeued) < self.max_batch and not self._stop_requested:
             more = self.queue_class.dequeue_any([queue], None, connection=self.connection,
                                                 job_class=self.job_class, serializer=self.serializer)
             if more is None:
                 break
-            batch.append((more[0], more[1], self.prepare_execution(more[0])))
+            dequeued.append(more)
+        if not dequeued:
+            return batch
         metrics.QUEUE_DEPTH.set(queue.count)
         frames = {}
-        for batch_job, _, _ in batch:
+        for job, job_queue in dequeued:
+            batch.claimed.append((job, job_queue, self.prepare_execution(job)))
             try:
-                if batch_job.func_name == jobs.JOB_FUNCTION:
-                    frames[batch_job.id] = Frame.model_validate(batch_job.kwargs["frame"])
+                if job.func_name == jobs.JOB_FUNCTION:
+                    frames[job.id] = Frame.model_validate(job.kwargs["frame"])
             except Exception as exc:  # undecodable or invalid payload: perform_job fails that job
-                log.warning("job %s has a bad payload: %s", batch_job.id, exc)
-        if frames:
-            try:
-                outcomes = jobs.engine().process(list(frames.values()))
-            except Exception as exc:  # the whole batch failed: fail (and retry) its jobs, keep the worker
-                log.exception("batch of %d frames failed", len(frames))
-                outcomes = {frame.job_id: exc for frame in frames.values()}
-            jobs.park({job_id: outcomes[frame.job_id] for job_id, frame in frames.items()})
-        try:
-            for batch_job, batch_queue, execution in batch:
-                self.perform_job(batch_job, batch_queue, execution)
-        finally:
-            jobs.discard(frames)
-        self.set_state(WorkerStatus.IDLE)
+                log.warning("job %s has a bad payload: %s", job.id, exc)
+        batch.frames.update(frames)
+        batch.loads.update(jobs.engine().prefetch(list(frames.values())) if frames else {})
+        return batch
 
+    def _compute(self, batch: Batch):
+        """Queue the batch on the model thread; None when it has no valid frame."""
+        if not batch.frames:
+            return None
+        return _COMPUTE.submit(jobs.engine().process, list(batch.frames.values()), batch.loads)
+
+    def _outcomes(self, batch: Batch, running, upcoming: Batch) -> dict:
+        """Wait for the batch's results, keeping every claimed job's heartbeat alive meanwhile."""
+        if running is None:
+            return {}
+        while not wait([running], timeout=self.claimed_heartbeat_s).done:
+            # a claimed job waiting its turn must not look abandoned to other workers
+            for job, _, execution in batch.claimed + upcoming.claimed:
+                self.maintain_heartbeats(job, execution)
+        try:
+            outcomes = running.result()
+        except Exception as exc:  # the whole batch failed: fail (and retry) its jobs, keep the worker
+            log.exception("batch of %d frames failed", len(batch.frames))
+            outcomes = {frame.job_id: exc for frame in batch.frames.values()}
+        return {job_id: outcomes[frame.job_id] for job_id, frame in batch.frames.items()}
+
+    def _finish(self, batch: Batch, outcomes: dict) -> None:
+        """Publish and book each job through RQ as usual (retries, registries, results)."""
+        jobs.park(outcomes)
+        try:
+            for job, queue, execution in batch.claimed:
+                self.perform_job(job, queue, execution)
+        finally:
+            jobs.discard(outcomes)
