@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from steelsight.model.backends import OnnxRuntimeTrunk, TorchTrunk, TrunkInput, export_onnx
 from steelsight.model.checkpoint import load_checkpoint
-from steelsight.model.data import scan_folders, stratified_split
+from steelsight.model.data import scan_folders, training_split
 from steelsight.model.imageio import read_gray
 from steelsight.model.transforms import eval_batch
 
@@ -111,8 +111,7 @@ def parity_images(ckpt, data: Path | None) -> tuple[torch.Tensor, torch.Tensor, 
     size = int(ckpt.meta.input_size)
     training = ckpt.meta.training
     if data is not None and "seed" in training:
-        train, val = stratified_split(scan_folders(data, ckpt.meta.classes), training["val_fraction"],
-                                      training["seed"])
+        train, val = training_split(scan_folders(data, ckpt.meta.classes), training)
         calib = eval_batch([read_gray(s.path) for s in train[::36]], size)
         return eval_batch([read_gray(s.path) for s in val], size), calib, f"NEU val split ({len(val)} images)"
     samples = scan_folders(SAMPLES, ckpt.meta.classes)

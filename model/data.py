@@ -78,19 +78,36 @@ def manifest_hash(samples: Sequence[Sample]) -> str:
 
 
 def stratified_split(
-    samples: Sequence[Sample], val_fraction: float, seed: int
+    samples: Sequence[Sample], val_fraction: float, seed: int, folds: int = 0, fold: int = 0
 ) -> tuple[list[Sample], list[Sample]]:
-    """Per-class seeded shuffle; the same fraction of every class goes to val."""
+    """Per-class seeded shuffle; the same fraction of every class goes to val.
+
+    With ``folds`` > 1 (k-fold cross-validation) each class is dealt into ``folds``
+    parts and part ``fold`` is val, so the folds' val sets cover every image once;
+    ``val_fraction`` is then unused.
+    """
+    if folds > 1 and not 0 <= fold < folds:
+        raise ValueError(f"fold {fold} is not one of 0..{folds - 1}")
     rng = random.Random(seed)
     train, val = [], []
     for label in sorted({s.label for s in samples}):
         group = sorted((s for s in samples if s.label == label), key=lambda s: s.path.name)
         rng.shuffle(group)
+        if folds > 1:
+            val.extend(group[fold::folds])
+            train.extend(s for i, s in enumerate(group) if i % folds != fold)
+            continue
         n_val = round(len(group) * val_fraction)
         val.extend(group[:n_val])
         train.extend(group[n_val:])
     return train, val
 
+
+
+def training_split(samples: Sequence[Sample], training: dict) -> tuple[list[Sample], list[Sample]]:
+    """The (train, val) split a checkpoint was trained on, from its stored training config."""
+    return stratified_split(samples, training["val_fraction"], training["seed"], training.get("folds", 0),
+                            training.get("fold", 0))
 
 class SurfaceDataset(Dataset):
     """Decodes every image once into memory (NEU: 1,440 x 40 kB), augments per access.

@@ -20,7 +20,7 @@ from .data import (
     manifest_hash,
     read_voc_boxes,
     scan_folders,
-    stratified_split,
+    training_split,
 )
 from .imageio import read_gray
 from .metrics import classification_report, expected_calibration_error, wilson_interval
@@ -77,7 +77,7 @@ def select_split(samples: list[Sample], predictor: Predictor, split: str) -> lis
     samples = limit_per_class(samples, training.get("limit_per_class", 0))
     if manifest_hash(samples) != predictor.meta.data_manifest_sha256:
         print("warning: data differ from the training manifest; the split may not match training's")
-    train, val = stratified_split(samples, training["val_fraction"], training["seed"])
+    train, val = training_split(samples, training)
     return val if split == "val" else train
 
 

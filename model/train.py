@@ -50,6 +50,8 @@ class TrainConfig:
     freeze_bn: bool = False
     val_fraction: float = 0.2
     seed: int = 0
+    folds: int = 0  # > 1: k-fold cross-validation, val = part ``fold`` of ``folds``
+    fold: int = 0
     gamma: float = 2.0
     alpha: float = 0.75
     workers: int = 1
@@ -112,7 +114,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         samples = limit_per_class(scan_folders(Path(cfg.data)), cfg.limit_per_class)
         self.manifest = manifest_hash(samples)
-        train_s, val_s = stratified_split(samples, cfg.val_fraction, cfg.seed)
+        train_s, val_s = stratified_split(samples, cfg.val_fraction, cfg.seed, cfg.folds, cfg.fold)
         print(f"data: {len(samples)} images, train {len(train_s)}, val {len(val_s)}, "
               f"manifest sha256 {self.manifest[:12]}…; device {self.device}")
         boxes = Path(cfg.annotations) if cfg.annotations and cfg.loc_weight > 0 else None

@@ -27,8 +27,25 @@ def _train_parser(sub) -> None:
                     "the full augmentation pipeline. Writes best.safetensors, model.safetensors (calibrated, "
                     "with OOD scorer), last_state.pt, history.json and training_curves.png to --out.",
     )
+    _training_options(p)
+    p.set_defaults(func=cmd_train)
+
+
+def _kfold_parser(sub) -> None:
+    p = sub.add_parser(
+        "kfold", help="k-fold cross-validation of a training recipe",
+        description="Train one model per fold with the same options as `train` (val = that fold's part of every "
+                    "class), evaluate each on its own val part, and pool the confusion matrices: every image is "
+                    "scored once by a model that never trained on it. Writes --out/fold<i>/ and --out/kfold.json "
+                    "and prints a table. Resumable: finished folds are only re-evaluated.",
+    )
+    _training_options(p, out_default="runs/kfold", folds_default=5)
+    p.set_defaults(func=cmd_kfold)
+
+
+def _training_options(p, out_default: str = "runs/neu", folds_default: int = 0) -> None:
     p.add_argument("--data", type=Path, required=True, help="folder with one sub-folder per class")
-    p.add_argument("--out", type=Path, default=Path("runs/neu"), help="output folder (default: runs/neu)")
+    p.add_argument("--out", type=Path, default=Path(out_default), help=f"output folder (default: {out_default})")
     p.add_argument("--pretrained", default="keras",
                    help="trunk init: keras (offline ImageNet port, default), torchvision, none, or a file")
     p.add_argument("--init-from", default=None,
@@ -54,6 +71,11 @@ def _train_parser(sub) -> None:
                    help="keep every BatchNorm's running statistics fixed (for fine-tunes with --init-from)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of each class for val (default: 0.2)")
     p.add_argument("--seed", type=int, default=0, help="split and init seed (default: 0)")
+    p.add_argument("--folds", type=int, default=folds_default,
+                   help=f"k-fold cross-validation: deal each class into K parts; --val-fraction is then unused "
+                        f"(default: {folds_default}{', off' if not folds_default else ''})")
+    if not folds_default:
+        p.add_argument("--fold", type=int, default=0, help="with --folds K: which part (0..K-1) is val (default: 0)")
     p.add_argument("--workers", type=int, default=1, help="data-loader processes (default: 1)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     p.add_argument("--limit-per-class", type=int, default=0, help="use only N images per class (smoke runs)")
@@ -61,7 +83,6 @@ def _train_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from --out/last_state.pt")
     p.add_argument("--finalize-only", action="store_true",
                    help="skip training: recalibrate --out/best.safetensors and write model.safetensors")
-    p.set_defaults(func=cmd_train)
 
 
 def _evaluate_parser(sub) -> None:
@@ -186,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _train_parser(sub)
+    _kfold_parser(sub)
     _evaluate_parser(sub)
     _predict_parser(sub)
     _worker_parser(sub)
@@ -196,14 +218,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_train(args) -> int:
-    from steelsight.model.train import TrainConfig, train
+def _train_config(args, command: str):
+    from steelsight.model.train import TrainConfig
 
     if args.loc_weight > 0 and args.annotations is None:
-        raise SystemExit("steelsight train: --loc-weight needs --annotations (the NEU-DET boxes)")
+        raise SystemExit(f"steelsight {command}: --loc-weight needs --annotations (the NEU-DET boxes)")
     fields = TrainConfig.__dataclass_fields__
-    cfg = TrainConfig(**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k in fields})
-    train(cfg)
+    return TrainConfig(**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k in fields})
+
+
+def cmd_train(args) -> int:
+    from steelsight.model.train import train
+
+    train(_train_config(args, "train"))
+    return 0
+
+
+def cmd_kfold(args) -> int:
+    from steelsight.model.kfold import run_kfold, summary_table
+
+    if args.folds < 2:
+        raise SystemExit("steelsight kfold: --folds must be at least 2")
+    summary = run_kfold(_train_config(args, "kfold"), args.folds, args.out)
+    print(summary_table(summary))
+    print(f"wrote {args.out / 'kfold.json'}")
     return 0
 
 

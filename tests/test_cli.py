@@ -9,7 +9,7 @@ def test_help_lists_every_command(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
     out = capsys.readouterr().out
-    for command in ("train", "evaluate", "predict"):
+    for command in ("train", "kfold", "evaluate", "predict"):
         assert command in out
 
 
@@ -59,3 +59,18 @@ def test_box_loss_without_boxes_is_refused(tmp_path):
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert main(["predict", "x.png", "--checkpoint", str(tmp_path / "none.safetensors")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_kfold_scores_every_image_once(tmp_path, neu_dir, capsys):
+    out = tmp_path / "kfold"
+    args = ["kfold", "--data", str(neu_dir), "--out", str(out), "--pretrained", "none", "--image-size", "48",
+            "--batch-size", "8", "--limit-per-class", "4", "--workers", "0", "--epochs", "1", "--folds", "2"]
+    assert main(args) == 0
+    summary = json.loads((out / "kfold.json").read_text())
+    assert summary["n"] == 24 and [f["n"] for f in summary["per_fold"]] == [12, 12]
+    assert sum(map(sum, summary["confusion_matrix"])) == 24
+    assert "| **pooled** | 24 |" in capsys.readouterr().out
+    # resumable: finished folds are evaluated again, not retrained
+    stamp = (out / "fold0" / "model.safetensors").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (out / "fold0" / "model.safetensors").stat().st_mtime_ns == stamp
