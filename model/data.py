@@ -103,11 +103,11 @@ def stratified_split(
     return train, val
 
 
-
 def training_split(samples: Sequence[Sample], training: dict) -> tuple[list[Sample], list[Sample]]:
     """The (train, val) split a checkpoint was trained on, from its stored training config."""
     return stratified_split(samples, training["val_fraction"], training["seed"], training.get("folds", 0),
                             training.get("fold", 0))
+
 
 class SurfaceDataset(Dataset):
     """Decodes every image once into memory (NEU: 1,440 x 40 kB), augments per access.
