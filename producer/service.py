@@ -96,7 +96,7 @@ class Producer:
         s = self.settings
         self.queue.enqueue(
             JOB_FUNCTION, frame=frame.model_dump(mode="json"), job_id=frame.job_id,
-            job_timeout=s.job_timeout_s, result_ttl=s.result_ttl_s, failure_ttl=s.failure_ttl_s,
+            job_timeout=s.job_timeout_s, result_ttl=s.job_result_ttl_s, failure_ttl=s.failure_ttl_s,
             retry=Retry(max=s.job_retries) if s.job_retries > 0 else None, description=f"frame {frame.job_id}",
         )
 

@@ -61,6 +61,9 @@ def test_frames_flow_to_results_overlays_and_metrics(settings, tmp_path):
     assert conn.xlen(settings.results_stream) == 9  # one stream entry per frame, duplicates included
     job = Job.fetch("line-a__cam-1__Cr_1", connection=conn, serializer=JSONSerializer)
     assert job.return_value()["label"] == ok["line-a__cam-1__Cr_1"]["label"]
+    # RQ's copy of the job expires after job_result_ttl_s, the per-frame record after result_ttl_s
+    assert 0 < conn.ttl(job.key) <= settings.job_result_ttl_s < settings.result_ttl_s
+    assert settings.job_result_ttl_s < conn.ttl(settings.result_key(job.id)) <= settings.result_ttl_s
 
     assert 'steelsight_worker_frames_total{label="none",status="rejected"} 2.0' in metrics
     ok_count = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
