@@ -60,7 +60,9 @@ def run_kfold(cfg: TrainConfig, folds: int, out: Path) -> dict:
         predictor = Predictor.load(train_fold(cfg, folds, fold, out), device=cfg.device)
         reports.append(evaluate(predictor, Path(cfg.data), out / f"fold{fold}" / "eval", split="val"))
         classes = predictor.classes
-    summary = pooled(reports, classes) | {"recipe": {k: v for k, v in vars(cfg).items() if k not in ("fold", "out")}}
+    # the recipe, not where this machine keeps the data: kfold.json is meant to be shared
+    recipe = {k: v for k, v in vars(cfg).items() if k not in ("fold", "out", "data", "annotations")}
+    summary = pooled(reports, classes) | {"recipe": recipe | {"data": Path(cfg.data).name}}
     (out / "kfold.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -68,6 +68,7 @@ def test_kfold_scores_every_image_once(tmp_path, neu_dir, capsys):
     assert main(args) == 0
     summary = json.loads((out / "kfold.json").read_text())
     assert summary["n"] == 24 and [f["n"] for f in summary["per_fold"]] == [12, 12]
+    assert summary["recipe"]["data"] == neu_dir.name  # the recipe, not this machine's path
     assert sum(map(sum, summary["confusion_matrix"])) == 24
     assert "| **pooled** | 24 |" in capsys.readouterr().out
     # resumable: finished folds are evaluated again, not retrained
