@@ -1,41 +1,52 @@
-"""Micro-batching sweep: frames/s at batch 1, 8, 32 and 64, label only and explained, on CPU or GPU.
+"""Micro-batching sweep: frames/s at batch 1, 8, 32 and 64, model only, label only and explained, on CPU or GPU.
 
     .venv/bin/python bench/batch_sweep.py                       # CUDA when present, else CPU
-    .venv/bin/python bench/batch_sweep.py --device cuda --batch 1 8 32 64 128
+    .venv/bin/python bench/batch_sweep.py --device cuda --backend torch torch-fp16 --batch 1 8 32 64 128 --parity
 
-Uses the product's Predictor (the same backend choice as the worker) on the bundled
-samples at the checkpoint's input size, and reports where throughput saturates:
-the first batch size whose frames/s is within 10% of the next one's.
+Rows, per trunk backend:
+  model only   a pre-processed batch already on the device -> trunk, attention, pooling, head
+               (what the accelerator does; no decode, resize or post-processing)
+  label only   ``Predictor.predict``: resize on the CPU, copy, forward, softmax, OOD score, quality checks
+  explained    ``Predictor.explain``: the same plus Grad-CAM and the overlay (no PNG encode)
+"Saturates at" is the first batch size whose frames/s is within 10% of the next one's.
+
+``--parity`` compares every backend with float32 eager PyTorch on the CPU on the bundled
+samples and their five moderate corruptions (180 images): top-1 agreement, the largest
+probability and OOD-score differences, and agreement of the ``unknown`` verdict.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from steelsight.model.checkpoint import load_checkpoint
+from steelsight.model.corruptions import CORRUPTIONS, corrupt_all
 from steelsight.model.imageio import read_gray
-from steelsight.model.predictor import Predictor
+from steelsight.model.predictor import Predictor, resolve_device
 
 SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
 
 
-def frames_per_second(fn, images, repeats: int, device: torch.device) -> float:
-    fn(images)  # warm-up: cuDNN autotuning, ONNX Runtime arenas
+def frames_per_second(fn, inputs, repeats: int, device: torch.device) -> float:
+    fn(inputs)  # warm-up: cuDNN algorithm choice, ONNX Runtime arenas
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        fn(images)
+        fn(inputs)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return len(images) / statistics.median(times)
+    return len(inputs) / statistics.median(times)
 
 
 def saturation(batches: list[int], fps: list[float]) -> str:
@@ -45,31 +56,107 @@ def saturation(batches: list[int], fps: list[float]) -> str:
     return f"not within batch {batches[-1]}"
 
 
+def model_only(predictor: Predictor):
+    """Trunk + attention + pooling + head on a batch that is already on the device."""
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            feats = predictor.trunk(batch).to(predictor.device)
+            return predictor.net.head(predictor.net.pooled(feats))
+    return run
+
+
+def sweep(checkpoint, device: str, backend: str, batches: list[int], repeats: int, samples) -> dict[str, list[float]]:
+    rows: dict[str, list[float]] = {"model only": [], "label only": [], "explained": []}
+    for batch in batches:
+        predictor = Predictor(checkpoint, resolve_device(device), batch_size=batch, backend=backend)
+        images = [samples[i % len(samples)] for i in range(batch)]
+        on_device = predictor.preprocess(images)
+        rows["model only"].append(frames_per_second(model_only(predictor), on_device, repeats, predictor.device))
+        rows["label only"].append(frames_per_second(predictor.predict, images, repeats, predictor.device))
+        rows["explained"].append(frames_per_second(predictor.explain, images, repeats, predictor.device))
+    return rows
+
+
+def eager_cpu_predictor(path) -> Predictor:
+    """The reference: the checkpoint's own float32 modules on the CPU, no folding, no other runtime."""
+    checkpoint = load_checkpoint(path)  # a fresh copy, so the swept predictors' device moves do not touch it
+    predictor = Predictor(checkpoint, torch.device("cpu"), batch_size=32, backend="torch")
+    predictor.trunk = checkpoint.model.features
+    return predictor
+
+
+def parity_set(samples: list[np.ndarray]) -> list[np.ndarray]:
+    images = list(samples)
+    for name in CORRUPTIONS:
+        images += corrupt_all(samples, name)
+    return images
+
+
+def parity(checkpoint, device: str, backend: str, images, reference) -> dict[str, float]:
+    predictor = Predictor(checkpoint, resolve_device(device), batch_size=32, backend=backend)
+    preds = predictor.predict(images)
+    prob = np.array([list(p.probabilities.values()) for p in preds])
+    ref_prob = np.array([list(p.probabilities.values()) for p in reference])
+    return {
+        "top1_agreement": float(np.mean(prob.argmax(1) == ref_prob.argmax(1))),
+        "max_prob_diff": float(np.abs(prob - ref_prob).max()),
+        "max_ood_diff": max(abs(p.ood_score - r.ood_score) for p, r in zip(preds, reference, strict=True)),
+        "unknown_agreement": float(np.mean([p.unknown == r.unknown for p, r in zip(preds, reference, strict=True)])),
+    }
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return (f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, "
+                f"cuDNN {torch.backends.cudnn.version()}, cudnn.benchmark={torch.backends.cudnn.benchmark}, "
+                f"TF32 convolutions {'on' if torch.backends.cudnn.allow_tf32 else 'off'}")
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    parser.add_argument("--backend", default="auto", help="trunk backend, as for the worker (default: auto)")
+    parser.add_argument("--backend", nargs="+", default=["auto"],
+                        help="trunk backends to sweep, as for the worker (default: auto)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--checkpoint", default=None, help="default: the shipped checkpoint")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="let cuDNN time its algorithms per batch shape (first call per shape is slower)")
+    parser.add_argument("--parity", action="store_true", help="check each backend against CPU float32 eager")
+    parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = parser.parse_args()
 
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    checkpoint = load_checkpoint(args.checkpoint)
     samples = [read_gray(p) for p in sorted(SAMPLES.rglob("*.bmp"))]
-    rows = {"label only": [], "explained": []}
-    predictor = None
-    for batch in args.batch:
-        predictor = Predictor.load(args.checkpoint, device=args.device, batch_size=batch, backend=args.backend)
-        images = [samples[i % len(samples)] for i in range(batch)]
-        rows["label only"].append(frames_per_second(predictor.predict, images, args.repeats, predictor.device))
-        rows["explained"].append(frames_per_second(predictor.explain, images, args.repeats, predictor.device))
-    device = predictor.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
-    print(f"# {name} ({device}), backend {type(predictor.trunk).__name__}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU threads, {predictor.input_size}px")
-    print("| path | " + " | ".join(f"b{b} frames/s" for b in args.batch) + " | saturates at |")
-    print("|---|" + "---:|" * len(args.batch) + "---|")
-    for path, fps in rows.items():
-        print(f"| {path} | " + " | ".join(f"{f:.1f}" for f in fps) + f" | {saturation(args.batch, fps)} |")
+    device = resolve_device(args.device)
+    results = {"device": describe(device), "torch": torch.__version__, "input_px": int(checkpoint.meta.input_size),
+               "batches": args.batch, "sweep": {}, "parity": {}}
+    for backend in args.backend:
+        results["sweep"][backend] = sweep(checkpoint, args.device, backend, args.batch, args.repeats, samples)
+    if args.parity:
+        images = parity_set(samples)
+        reference = eager_cpu_predictor(args.checkpoint).predict(images)
+        for backend in args.backend:
+            results["parity"][backend] = parity(checkpoint, args.device, backend, images, reference)
+
+    print(f"# {results['device']}; torch {torch.__version__}; {results['input_px']} px, median of {args.repeats}")
+    print("| backend | path | " + " | ".join(f"b{b} frames/s" for b in args.batch) + " | saturates at |")
+    print("|---|---|" + "---:|" * len(args.batch) + "---|")
+    for backend, rows in results["sweep"].items():
+        for path, fps in rows.items():
+            cells = " | ".join(f"{f:.1f}" for f in fps)
+            print(f"| {backend} | {path} | {cells} | {saturation(args.batch, fps)} |")
+    if results["parity"]:
+        print(f"\nparity against float32 eager on the CPU, {len(images)} images (samples + 5 corruptions)")
+        print("| backend | top-1 agreement | max prob diff | max OOD-score diff | unknown agreement |")
+        print("|---|---:|---:|---:|---:|")
+        for backend, p in results["parity"].items():
+            print(f"| {backend} | {100 * p['top1_agreement']:.2f}% | {p['max_prob_diff']:.1e} | "
+                  f"{p['max_ood_diff']:.1e} | {100 * p['unknown_agreement']:.2f}% |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from torch import nn
 
 from .network import AttentionResNet50
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "torch-fp16", "onnxruntime")
 
 
 class TrunkInput(nn.Module):
@@ -36,20 +36,27 @@ class TorchTrunk:
     """PyTorch without autograd: BatchNorm folded into the convs, channels-last activations.
 
     Measured 1.38x eager at batch 8 on CPU with identical labels (bench/README.md).
+    ``dtype=torch.float16`` is the GPU's tensor-core path (``torch-fp16``): weights and
+    activations in half precision, features handed back in float32 so attention, head,
+    Grad-CAM and the OOD score stay in float32.
     """
 
     name = "torch"
 
-    def __init__(self, net: AttentionResNet50):
+    def __init__(self, net: AttentionResNet50, dtype: torch.dtype = torch.float32):
         from torch.fx.experimental.optimization import fuse
 
         # fuse() works on a copy; the adapter stays outside the traced graph (data-dependent branch)
         self.module = nn.Sequential(net.input_adapter, fuse(net.trunk.eval())).eval()
-        self.module = self.module.to(memory_format=torch.channels_last)
+        # folding happens in float32 first, so half precision rounds the folded weights once
+        self.module = self.module.to(dtype=dtype, memory_format=torch.channels_last)
+        self.dtype = dtype
+        self.name = {torch.float32: "torch", torch.float16: "torch-fp16"}.get(dtype, f"torch-{dtype}")
 
     @torch.no_grad()  # not inference_mode: explain() turns the output into an autograd leaf
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x.contiguous(memory_format=torch.channels_last)).contiguous()
+        x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
+        return self.module(x).float().contiguous()
 
 
 def export_onnx(net: AttentionResNet50, path: Path, size: int) -> Path:
@@ -123,12 +130,17 @@ def onnxruntime_available() -> bool:
 
 
 def make_trunk(name: str, net: AttentionResNet50, size: int, cache_key: str):
-    """``auto``: ONNX Runtime on CPU when installed, else PyTorch; PyTorch on GPU."""
+    """``auto``: ONNX Runtime on CPU when installed, else PyTorch; PyTorch on GPU.
+
+    ``torch-fp16`` runs on CPU too (CI checks its parity there) but is only fast on a GPU.
+    """
     on_cpu = next(net.parameters()).device.type == "cpu"
     if name == "auto":
         name = "onnxruntime" if on_cpu and onnxruntime_available() else "torch"
     if name == "torch":
         return TorchTrunk(net)
+    if name == "torch-fp16":
+        return TorchTrunk(net, dtype=torch.float16)
     if name == "onnxruntime":
         if not on_cpu:
             raise ValueError("the onnxruntime backend runs on CPU; use --backend torch with a GPU")

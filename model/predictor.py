@@ -78,10 +78,15 @@ class Predictor:
                  backend: str = "auto"):
         self.device = device
         self.batch_size = batch_size
+        if device.type == "cuda":
+            # PyTorch lets cuDNN run float32 convolutions in TF32: on an H100 that moved probabilities by up
+            # to 5e-2 from the CPU's float32. Full float32 still ran ~4,900 frames/s there, far above what a
+            # worker feeds it; torch-fp16 is the fast path (bench/README.md, micro-batching).
+            torch.backends.cudnn.allow_tf32 = False
         self.checkpoint = checkpoint
         self.meta = checkpoint.meta
         self.net = checkpoint.model.to(device).eval().requires_grad_(False)
-        self.ood = checkpoint.ood
+        self.ood = None if checkpoint.ood is None else checkpoint.ood.to(device)
         self.classes = list(self.meta.classes)
         self.input_size = int(self.meta.input_size)
         self.temperature = float(self.meta.temperature or 1.0)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-import albumentations as A
+from typing import TYPE_CHECKING
+
 import cv2
 import numpy as np
 import torch
+
+if TYPE_CHECKING:  # albumentations takes ~2 s to import; inference never needs it
+    import albumentations as A
 
 REFLECT = cv2.BORDER_REFLECT_101
 
@@ -32,6 +36,8 @@ def train_augment(size: int, strength: str = "standard") -> A.Compose:
 
 def _augment(size: int, photometric_p: float, light: float, noise_std, motion, jpeg_p: float,
              blur_p: float | None = None) -> A.Compose:
+    import albumentations as A
+
     return A.Compose(
         [
             A.Resize(size, size, interpolation=cv2.INTER_AREA),

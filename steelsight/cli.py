@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 EXIT_SOME_REJECTED = 3
+TRUNK_BACKENDS = ["auto", "torch", "torch-fp16", "onnxruntime"]  # model/backends.py; kept here so --help stays light
 
 
 def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
@@ -15,8 +16,9 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
                    help="model .safetensors (default: the checkpoint shipped in the repository)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
-    p.add_argument("--backend", choices=["auto", "torch", "onnxruntime"], default="auto",
-                   help="trunk runtime: auto = ONNX Runtime on CPU (measured faster, see bench/), PyTorch on GPU")
+    p.add_argument("--backend", choices=TRUNK_BACKENDS, default="auto",
+                   help="trunk runtime: auto = ONNX Runtime on CPU (measured faster, see bench/), PyTorch on GPU; "
+                        "torch-fp16 = half precision, for GPUs")
 
 
 def _train_parser(sub) -> None:
@@ -132,8 +134,9 @@ def _worker_parser(sub) -> None:
     p.add_argument("--checkpoint", default=None, help="model .safetensors (default: settings, then the shipped one)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default=None, help="default: settings (auto)")
     p.add_argument("--batch-size", type=int, default=None, help="max frames per micro-batch (default: settings, 8)")
-    p.add_argument("--backend", choices=["auto", "torch", "onnxruntime"], default=None,
-                   help="trunk runtime (default: settings, auto = ONNX Runtime on CPU, PyTorch on GPU)")
+    p.add_argument("--backend", choices=TRUNK_BACKENDS, default=None,
+                   help="trunk runtime (default: settings, auto = ONNX Runtime on CPU, PyTorch on GPU; "
+                        "torch-fp16 = half precision, for GPUs)")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default: settings, 9100)")
     p.add_argument("--name", default=None, help="worker name shown in RQ (default: steelsight-<pid>)")
     p.add_argument("--burst", action="store_true", help="exit when the queue is empty")

@@ -61,7 +61,8 @@ class Settings(BaseSettings):
     # worker
     checkpoint: str | None = None
     device: str = "auto"
-    backend: Literal["auto", "torch", "onnxruntime"] = "auto"  # trunk runtime; auto: ONNX Runtime on CPU, torch on GPU
+    # trunk runtime; auto: ONNX Runtime on CPU, torch on GPU; torch-fp16: half precision (GPU)
+    backend: Literal["auto", "torch", "torch-fp16", "onnxruntime"] = "auto"
     batch_size: int = 8
     cam_method: str = "gradcam"
     # overlay PNG deflate level: 0 stores it (~0.2 ms, ~120 KB at 200 px), 1-9 compress (~2.5 ms, ~75 KB)

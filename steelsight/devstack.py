@@ -59,7 +59,7 @@ class Service:
 def redis_server(workdir: Path, appendonly: bool = False, port: int | None = None) -> Service:
     binary = shutil.which("redis-server")
     if binary is None:
-        raise RuntimeError("redis-server is not installed: run `make system-deps` (apt-get install redis-server)")
+        raise RuntimeError("redis-server is not installed: run ./deploy/install-system-deps.sh")
     port = port or free_port()
     args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir), "--save", "",
             "--appendonly", "yes" if appendonly else "no"]

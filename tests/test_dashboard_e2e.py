@@ -24,7 +24,7 @@ FRAMES = 6
 @pytest.fixture()
 def browser():
     if CHROMIUM is None:
-        pytest.fail("chromium is not installed: run `make system-deps`")
+        pytest.fail("chromium is not installed: run ./deploy/install-system-deps.sh --test")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

@@ -154,45 +154,72 @@ def test_result_record_and_stream_entry_are_written_together_once(settings):
 
 
 class SlowEngine:
-    """Stand-in engine that logs when each batch is fetched and computed; compute takes 0.3 s."""
+    """Stand-in engine that logs when each batch is fetched, computed and uploaded; compute takes 0.3 s.
 
-    def __init__(self):
+    With ``upload_s`` each frame's overlay upload takes that long on an I/O thread, and
+    ``compute`` hands back futures, as the real engine does.
+    """
+
+    def __init__(self, upload_s: float = 0.0):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.events: list[tuple[str, int, float]] = []
-        self.batch = 0
+        self.upload_s = upload_s
+        self.io = ThreadPoolExecutor(max_workers=8)
 
     def prefetch(self, frames):
         self.events.append(("fetch", len(frames), time.perf_counter()))
         return {}
 
-    def process(self, frames, loads=None):
+    def compute(self, frames, loads=None):
         from steelsight.contract import FrameResult, Timings
 
         self.events.append(("compute", len(frames), time.perf_counter()))
         time.sleep(0.3)
         self.events.append(("computed", len(frames), time.perf_counter()))
-        return {f.job_id: FrameResult(frame_id=f.frame_id, job_id=f.job_id, line_id=f.line_id, camera_id=f.camera_id,
-                                      captured_at=f.captured_at, status="ok", label="crazing", frame_key=f.object_key,
-                                      timings=Timings(queue_wait_s=0, inference_s=0, total_s=0)) for f in frames}
+        results = {f.job_id: FrameResult(frame_id=f.frame_id, job_id=f.job_id, line_id=f.line_id,
+                                         camera_id=f.camera_id, captured_at=f.captured_at, status="ok",
+                                         label="crazing", frame_key=f.object_key,
+                                         timings=Timings(queue_wait_s=0, inference_s=0, total_s=0)) for f in frames}
+        if not self.upload_s:
+            return results
+
+        def upload(result):
+            time.sleep(self.upload_s)
+            self.events.append(("uploaded", len(frames), time.perf_counter()))
+            return result
+        return {job_id: self.io.submit(upload, result) for job_id, result in results.items()}
+
+    def process(self, frames, loads=None):
+        from steelsight.worker.engine import settle
+
+        return settle(self.compute(frames, loads))
 
 
-def test_worker_fetches_the_next_batch_while_one_computes_and_keeps_both_alive(settings):
+def run_slow_worker(settings, engine: SlowEngine, frames: int, batch: int, line: str) -> list[str]:
+    """Work ``frames`` queued frames in batches with ``engine``; the job ids whose heartbeats were kept."""
     from steelsight.worker import jobs
     from steelsight.worker.service import make_worker
 
-    producer = Producer(settings, "line-p", "cam-1")
-    for i in range(10):
-        producer._enqueue(Frame(frame_id=f"f{i}", line_id="line-p", camera_id="cam-1", captured_at=datetime.now(UTC),
+    producer = Producer(settings, line, "cam-1")
+    for i in range(frames):
+        producer._enqueue(Frame(frame_id=f"f{i}", line_id=line, camera_id="cam-1", captured_at=datetime.now(UTC),
                                 ext="png"))
-    engine = SlowEngine()
     jobs.install(engine, settings)
     try:
-        worker = make_worker(settings.model_copy(update={"batch_size": 4}))
+        worker = make_worker(settings.model_copy(update={"batch_size": batch}))
         worker.claimed_heartbeat_s = 0.1
         beats, beat = [], worker.maintain_heartbeats
         worker.maintain_heartbeats = lambda job, execution: (beats.append(job.id), beat(job, execution))
         worker.work(burst=True, with_scheduler=False)
     finally:
         jobs.install(None, None)
+    return beats
+
+
+def test_worker_fetches_the_next_batch_while_one_computes_and_keeps_both_alive(settings):
+    engine = SlowEngine()
+    beats = run_slow_worker(settings, engine, frames=10, batch=4, line="line-p")
     kinds = [(kind, n) for kind, n, _ in engine.events]
     # batches 4, 4, 2; each next batch is claimed and fetched while the one ahead of it computes
     assert kinds == [("fetch", 4), ("compute", 4), ("fetch", 4), ("computed", 4), ("compute", 4), ("fetch", 2),
@@ -202,3 +229,14 @@ def test_worker_fetches_the_next_batch_while_one_computes_and_keeps_both_alive(s
     conn = redis_client(settings)
     assert len(records(settings, conn)) == 10
     assert Queue(settings.queue_name, connection=conn).finished_job_registry.count == 10
+
+
+def test_model_starts_the_next_batch_while_this_ones_overlays_upload(settings):
+    engine = SlowEngine(upload_s=0.4)
+    run_slow_worker(settings, engine, frames=8, batch=4, line="line-u")
+    order = [kind for kind, _, _ in engine.events]
+    second_compute = [i for i, kind in enumerate(order) if kind == "compute"][1]
+    assert second_compute < order.index("uploaded")  # the model did not wait for the first batch's uploads
+    assert order.count("uploaded") == 8
+    conn = redis_client(settings)
+    assert len(records(settings, conn)) == 8

@@ -82,8 +82,17 @@ class FrameEngine:
     def process(self, frames: list[Frame], loads: dict[str, Future] | None = None
                 ) -> dict[str, FrameResult | Exception]:
         """One outcome per job id: a result (ok or rejected) or the exception to fail the job with."""
+        return settle(self.compute(frames, loads))
+
+    def compute(self, frames: list[Frame], loads: dict[str, Future] | None = None
+                ) -> dict[str, FrameResult | Exception | Future]:
+        """:meth:`process` without waiting for the overlay uploads: an ok frame's outcome is a future.
+
+        The batching worker settles them on its own thread, so the model starts the next
+        batch while this one's overlays are still on their way to S3.
+        """
         started, batch_start = time.perf_counter(), datetime.now(UTC)
-        outcomes: dict[str, FrameResult | Exception] = {}
+        outcomes: dict[str, FrameResult | Exception | Future] = {}
         decoded: list[Decoded] = []
         loads = loads if loads is not None else self.prefetch(frames)
         for frame in frames:
@@ -103,23 +112,33 @@ class FrameEngine:
         metrics.BATCH_SIZE.observe(len(frames))
         return outcomes
 
-    def _infer(self, decoded: list[Decoded], started: float, batch_start: datetime):
+    def _infer(self, decoded: list[Decoded], started: float, batch_start: datetime) -> dict[str, Future]:
         t0 = time.perf_counter()
         explained = self.predictor.explain([d.gray for d in decoded], self.settings.cam_method)
         inference_s = time.perf_counter() - t0
         metrics.INFERENCE_SECONDS.observe(inference_s)
-        outcomes = {}
-        uploads = [(item.frame, exp, self.io.submit(self._upload_overlay, item.frame, exp.overlay))
-                   for item, exp in zip(decoded, explained, strict=True)]
-        for frame, exp, upload in uploads:
+        share = inference_s / len(decoded)
+        return {item.frame.job_id: self.io.submit(self._upload_and_report, item.frame, exp, started, batch_start, share)
+                for item, exp in zip(decoded, explained, strict=True)}
+
+    def _upload_and_report(self, frame: Frame, exp, started: float, batch_start: datetime,
+                           inference_s: float) -> FrameResult:
+        self._upload_overlay(frame, exp.overlay)
+        return self._result(
+            frame, started, batch_start, inference_s, status="ok", label=exp.label, confidence=exp.confidence,
+            probabilities=exp.probabilities, ood_score=exp.ood_score, unknown=exp.unknown,
+            unknown_reason=exp.unknown_reason, overlay_key=frame.overlay_key,
+        )
+
+
+def settle(outcomes: dict[str, FrameResult | Exception | Future]) -> dict[str, FrameResult | Exception]:
+    """Wait for the futures among ``outcomes``; a failed upload becomes the exception that fails its job."""
+    settled = {}
+    for job_id, outcome in outcomes.items():
+        if isinstance(outcome, Future):
             try:
-                upload.result()
+                outcome = outcome.result()
             except Exception as exc:
-                outcomes[frame.job_id] = exc
-                continue
-            outcomes[frame.job_id] = self._result(
-                frame, started, batch_start, inference_s / len(decoded), status="ok", label=exp.label,
-                confidence=exp.confidence, probabilities=exp.probabilities, ood_score=exp.ood_score,
-                unknown=exp.unknown, unknown_reason=exp.unknown_reason, overlay_key=frame.overlay_key,
-            )
-        return outcomes
+                outcome = exc
+        settled[job_id] = outcome
+    return settled

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from rq.worker import SimpleWorker, WorkerStatus
@@ -11,6 +11,7 @@ from rq.worker import SimpleWorker, WorkerStatus
 from steelsight.contract import Frame
 
 from . import jobs, metrics
+from .engine import settle
 
 log = logging.getLogger("steelsight.worker")
 
@@ -44,9 +45,9 @@ class BatchingWorker(FrameWorker):
 
     While the queue has work it runs batches back to back in a pipeline: the next
     batch is claimed and its frames fetched while this one computes, topped up with
-    frames that arrived meanwhile when the model is free, and this batch's jobs are
-    published and booked while the next computes. Redis and S3 round trips overlap
-    the model instead of adding to it.
+    frames that arrived meanwhile when the model is free, and this batch's overlays are
+    uploaded and its jobs published and booked while the next computes. Redis and S3
+    round trips overlap the model instead of adding to it.
     """
 
     max_batch = 8
@@ -60,7 +61,7 @@ class BatchingWorker(FrameWorker):
             outcomes = self._outcomes(batch, running, upcoming)
             upcoming = self._claim(queue, upcoming)  # top up with frames that arrived meanwhile
             running = self._compute(upcoming)
-            self._finish(batch, outcomes)
+            self._finish(batch, outcomes, upcoming)
             if not upcoming.claimed:
                 break
             batch = upcoming
@@ -96,16 +97,19 @@ class BatchingWorker(FrameWorker):
         """Queue the batch on the model thread; None when it has no valid frame."""
         if not batch.frames:
             return None
-        return _COMPUTE.submit(jobs.engine().process, list(batch.frames.values()), batch.loads)
+        return _COMPUTE.submit(jobs.engine().compute, list(batch.frames.values()), batch.loads)
+
+    def _wait_alive(self, futures: list, claimed: list) -> None:
+        """Wait for ``futures``; a claimed job waiting its turn must not look abandoned to other workers."""
+        while wait(futures, timeout=self.claimed_heartbeat_s).not_done:
+            for job, _, execution in claimed:
+                self.maintain_heartbeats(job, execution)
 
     def _outcomes(self, batch: Batch, running, upcoming: Batch) -> dict:
-        """Wait for the batch's results, keeping every claimed job's heartbeat alive meanwhile."""
+        """The batch's outcomes once the model is done with it (overlay uploads may still run)."""
         if running is None:
             return {}
-        while not wait([running], timeout=self.claimed_heartbeat_s).done:
-            # a claimed job waiting its turn must not look abandoned to other workers
-            for job, _, execution in batch.claimed + upcoming.claimed:
-                self.maintain_heartbeats(job, execution)
+        self._wait_alive([running], batch.claimed + upcoming.claimed)
         try:
             outcomes = running.result()
         except Exception as exc:  # the whole batch failed: fail (and retry) its jobs, keep the worker
@@ -113,8 +117,10 @@ class BatchingWorker(FrameWorker):
             outcomes = {frame.job_id: exc for frame in batch.frames.values()}
         return {job_id: outcomes[frame.job_id] for job_id, frame in batch.frames.items()}
 
-    def _finish(self, batch: Batch, outcomes: dict) -> None:
-        """Publish and book each job through RQ as usual (retries, registries, results)."""
+    def _finish(self, batch: Batch, outcomes: dict, upcoming: Batch) -> None:
+        """Wait for the batch's overlay uploads, then publish and book each job through RQ as usual."""
+        self._wait_alive([o for o in outcomes.values() if isinstance(o, Future)], batch.claimed + upcoming.claimed)
+        outcomes = settle(outcomes)
         jobs.park(outcomes)
         try:
             for job, queue, execution in batch.claimed:
