@@ -131,10 +131,11 @@ def main() -> None:
     checkpoint = load_checkpoint(args.checkpoint)
     samples = [read_gray(p) for p in sorted(SAMPLES.rglob("*.bmp"))]
     device = resolve_device(args.device)
-    results = {"device": describe(device), "torch": torch.__version__, "input_px": int(checkpoint.meta.input_size),
+    results = {"torch": torch.__version__, "input_px": int(checkpoint.meta.input_size),
                "batches": args.batch, "sweep": {}, "parity": {}}
     for backend in args.backend:
         results["sweep"][backend] = sweep(checkpoint, args.device, backend, args.batch, args.repeats, samples)
+    results["device"] = describe(device)  # after the sweep: Predictor sets the CUDA numerics it runs with
     if args.parity:
         images = parity_set(samples)
         reference = eager_cpu_predictor(args.checkpoint).predict(images)

@@ -20,13 +20,17 @@ from .predictor import Predictor
 from .train import TrainConfig, train
 
 
-def train_fold(cfg: TrainConfig, folds: int, fold: int, out: Path) -> Path:
+def train_fold(stages: list[TrainConfig], folds: int, fold: int, out: Path) -> Path:
+    """Train the fold's stages in turn, each from the previous one's best epoch; the last one's model."""
     fold_dir = out / f"fold{fold}"
-    model_path = fold_dir / "model.safetensors"
-    if not model_path.exists():
-        resume = (fold_dir / "last_state.pt").exists()
-        train(replace(cfg, folds=folds, fold=fold, out=str(fold_dir), resume=resume))
-    return model_path
+    init_from = stages[0].init_from
+    for number, stage in enumerate(stages, start=1):
+        stage_dir = fold_dir if number == len(stages) else fold_dir / f"stage{number}"
+        if not (stage_dir / "model.safetensors").exists():
+            resume = (stage_dir / "last_state.pt").exists()
+            train(replace(stage, folds=folds, fold=fold, out=str(stage_dir), resume=resume, init_from=init_from))
+        init_from = str(stage_dir / "best.safetensors")
+    return fold_dir / "model.safetensors"
 
 
 def pooled(reports: list[dict], classes: list[str]) -> dict:
@@ -51,20 +55,28 @@ def pooled(reports: list[dict], classes: list[str]) -> dict:
     }
 
 
-def run_kfold(cfg: TrainConfig, folds: int, out: Path) -> dict:
+def run_kfold(stages: TrainConfig | list[TrainConfig], folds: int, out: Path) -> dict:
+    """Cross-validate a recipe of one or more training stages (see :func:`train_fold`)."""
+    stages = [stages] if isinstance(stages, TrainConfig) else stages
     if folds < 2:
         raise ValueError("k-fold needs --folds of at least 2")
     reports, classes = [], []
     for fold in range(folds):
         print(f"== fold {fold + 1}/{folds}", flush=True)
-        predictor = Predictor.load(train_fold(cfg, folds, fold, out), device=cfg.device)
-        reports.append(evaluate(predictor, Path(cfg.data), out / f"fold{fold}" / "eval", split="val"))
+        predictor = Predictor.load(train_fold(stages, folds, fold, out), device=stages[-1].device)
+        reports.append(evaluate(predictor, Path(stages[-1].data), out / f"fold{fold}" / "eval", split="val"))
         classes = predictor.classes
-    # the recipe, not where this machine keeps the data: kfold.json is meant to be shared
-    recipe = {k: v for k, v in vars(cfg).items() if k not in ("fold", "out", "data", "annotations")}
-    summary = pooled(reports, classes) | {"recipe": recipe | {"data": Path(cfg.data).name}}
+    summary = pooled(reports, classes) | {"recipe": [shareable(cfg, n) for n, cfg in enumerate(stages, 1)]}
     (out / "kfold.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def shareable(cfg: TrainConfig, stage: int) -> dict:
+    """A stage's options without this machine's paths: kfold.json is meant to be shared."""
+    recipe = {k: v for k, v in vars(cfg).items() if k not in ("fold", "out", "data", "annotations", "init_from")}
+    start = "the previous stage's best.safetensors" if stage > 1 else (Path(cfg.init_from).name if cfg.init_from
+                                                                       else None)
+    return recipe | {"data": Path(cfg.data).name, "annotations": cfg.annotations is not None, "init_from": start}
 
 
 def summary_table(summary: dict) -> str:

@@ -42,7 +42,12 @@ def _kfold_parser(sub) -> None:
                     "and prints a table. Resumable: finished folds are only re-evaluated.",
     )
     _training_options(p, out_default="runs/kfold", folds_default=5)
-    p.set_defaults(func=cmd_kfold)
+    p.add_argument("--then", action="append", default=[], metavar="OPTIONS",
+                   help="a further training stage, repeatable: `train` options in one quoted string, e.g. "
+                        "--then '--epochs 2 --lr 1e-4 --loc-weight 0.5'. Each stage starts from the previous "
+                        "stage's best.safetensors and keeps its options except those given here; only the last "
+                        "stage is evaluated (its model in --out/fold<i>/, earlier ones in fold<i>/stage<n>/)")
+    p.set_defaults(func=cmd_kfold, parser=p)
 
 
 def _training_options(p, out_default: str = "runs/neu", folds_default: int = 0) -> None:
@@ -237,12 +242,26 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _stage_args(previous: argparse.Namespace, options: str) -> argparse.Namespace:
+    """The previous stage's options, overridden by those ``options`` sets to other than their defaults."""
+    import shlex
+
+    parser = previous.parser
+    given = vars(parser.parse_args(["--data", str(previous.data), *shlex.split(options)]))
+    changed = {k: v for k, v in given.items() if k not in ("data", "then") and v != parser.get_default(k)}
+    return argparse.Namespace(**(vars(previous) | changed))
+
+
 def cmd_kfold(args) -> int:
     from steelsight.model.kfold import run_kfold, summary_table
 
     if args.folds < 2:
         raise SystemExit("steelsight kfold: --folds must be at least 2")
-    summary = run_kfold(_train_config(args, "kfold"), args.folds, args.out)
+    stages, stage_args = [_train_config(args, "kfold")], args
+    for options in args.then:
+        stage_args = _stage_args(stage_args, options)
+        stages.append(_train_config(stage_args, "kfold --then"))
+    summary = run_kfold(stages, args.folds, args.out)
     print(summary_table(summary))
     print(f"wrote {args.out / 'kfold.json'}")
     return 0

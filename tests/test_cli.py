@@ -68,10 +68,29 @@ def test_kfold_scores_every_image_once(tmp_path, neu_dir, capsys):
     assert main(args) == 0
     summary = json.loads((out / "kfold.json").read_text())
     assert summary["n"] == 24 and [f["n"] for f in summary["per_fold"]] == [12, 12]
-    assert summary["recipe"]["data"] == neu_dir.name  # the recipe, not this machine's path
+    assert summary["recipe"][0]["data"] == neu_dir.name  # the recipe, not this machine's path
     assert sum(map(sum, summary["confusion_matrix"])) == 24
     assert "| **pooled** | 24 |" in capsys.readouterr().out
     # resumable: finished folds are evaluated again, not retrained
     stamp = (out / "fold0" / "model.safetensors").stat().st_mtime_ns
     assert main(args) == 0
     assert (out / "fold0" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_kfold_trains_each_fold_in_stages(tmp_path, neu_dir):
+    from steelsight.model.checkpoint import load_checkpoint
+
+    out = tmp_path / "staged"
+    assert main(["kfold", "--data", str(neu_dir), "--out", str(out), "--pretrained", "none", "--image-size", "48",
+                 "--batch-size", "8", "--limit-per-class", "4", "--workers", "0", "--epochs", "1", "--folds", "2",
+                 "--then", "--lr 1e-4 --trunk-lr-scale 0.3", "--then", "--weight-decay 0.01"]) == 0
+    first, second, third = json.loads((out / "kfold.json").read_text())["recipe"]
+    assert (first["lr"], first["trunk_lr_scale"], second["lr"], second["trunk_lr_scale"]) == (1e-3, 0.1, 1e-4, 0.3)
+    assert second["image_size"] == 48 and second["epochs"] == 1  # the rest carries over from the stage before
+    assert (third["lr"], third["trunk_lr_scale"], third["weight_decay"]) == (1e-4, 0.3, 0.01)
+    assert second["init_from"] == third["init_from"] == "the previous stage's best.safetensors"
+    for fold in ("fold0", "fold1"):
+        last = load_checkpoint(out / fold / "model.safetensors").meta.training
+        assert last["init_from"] == str(out / fold / "stage2" / "best.safetensors")
+        assert last["fold"] == int(fold[-1]) and last["lr"] == 1e-4 and last["weight_decay"] == 0.01
+        assert (out / fold / "stage1" / "model.safetensors").exists()
