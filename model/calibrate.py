@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+T_MIN, T_MAX = 0.05, 20.0
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -13,14 +17,19 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     log_t = torch.zeros(1, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
 
+    def temperature() -> torch.Tensor:
+        # bounded inside the loss too: on a small set that the model separates, the NLL keeps
+        # falling as T -> 0, and unbounded steps overflowed the logits into a NaN temperature
+        return log_t.clamp(math.log(T_MIN), math.log(T_MAX)).exp()
+
     def closure():
         optimizer.zero_grad()
-        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss = F.cross_entropy(logits / temperature(), labels)
         loss.backward()
         return loss
 
     optimizer.step(closure)
-    return float(log_t.detach().exp().clamp(0.05, 20.0))
+    return float(temperature().detach())
 
 
 def ood_threshold(val_scores: np.ndarray, false_unknown_rate: float = 0.005) -> float:

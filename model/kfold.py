@@ -55,18 +55,44 @@ def pooled(reports: list[dict], classes: list[str]) -> dict:
     }
 
 
-def run_kfold(stages: TrainConfig | list[TrainConfig], folds: int, out: Path) -> dict:
-    """Cross-validate a recipe of one or more training stages (see :func:`train_fold`)."""
+def pooled_robustness(reports: list[dict]) -> dict:
+    """Corruption accuracy and Grad-CAM localisation over all folds' val images, when the folds scored them."""
+    extras = {}
+    if all("corruptions" in r for r in reports):
+        n = sum(r["n"] for r in reports)
+        extras["corruptions"] = {}
+        for name, row in reports[0]["corruptions"].items():
+            correct = sum(round(r["corruptions"][name]["accuracy"] * r["n"]) for r in reports)
+            extras["corruptions"][name] = {"severity": row["severity"], "accuracy": correct / n,
+                                           "accuracy_ci95": wilson_interval(correct, n), "n": n}
+    if all("localisation" in r for r in reports):
+        scored = [r["localisation"]["images_scored"] for r in reports]
+        extras["localisation"] = {"images_scored": sum(scored)} | {
+            key: sum(r["localisation"][key] * k for r, k in zip(reports, scored, strict=True)) / max(sum(scored), 1)
+            for key in ("pointing_game", "pointing_game_15px", "energy_in_box")}
+    return extras
+
+
+def run_kfold(stages: TrainConfig | list[TrainConfig], folds: int, out: Path, corruptions: bool = False) -> dict:
+    """Cross-validate a recipe of one or more training stages (see :func:`train_fold`).
+
+    Each fold's model is scored on its val part; with the last stage's ``annotations``
+    also for Grad-CAM localisation, and with ``corruptions`` under the five corruptions.
+    """
     stages = [stages] if isinstance(stages, TrainConfig) else stages
     if folds < 2:
         raise ValueError("k-fold needs --folds of at least 2")
+    last = stages[-1]
+    annotations = Path(last.annotations) if last.annotations else None
     reports, classes = [], []
     for fold in range(folds):
         print(f"== fold {fold + 1}/{folds}", flush=True)
-        predictor = Predictor.load(train_fold(stages, folds, fold, out), device=stages[-1].device)
-        reports.append(evaluate(predictor, Path(stages[-1].data), out / f"fold{fold}" / "eval", split="val"))
+        predictor = Predictor.load(train_fold(stages, folds, fold, out), device=last.device)
+        reports.append(evaluate(predictor, Path(last.data), out / f"fold{fold}" / "eval", annotations, split="val",
+                                corruptions=corruptions))
         classes = predictor.classes
-    summary = pooled(reports, classes) | {"recipe": [shareable(cfg, n) for n, cfg in enumerate(stages, 1)]}
+    summary = pooled(reports, classes) | pooled_robustness(reports)
+    summary["recipe"] = [shareable(cfg, n) for n, cfg in enumerate(stages, 1)]
     (out / "kfold.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -88,4 +114,13 @@ def summary_table(summary: dict) -> str:
     lines.append(f"| **pooled** | {summary['n']} | **{100 * summary['accuracy']:.2f} %** "
                  f"(95 % CI {100 * lo:.2f}–{100 * hi:.2f}; {summary['errors']} errors) | "
                  f"**{summary['macro_f1']:.4f}** | |")
+    for name, row in summary.get("corruptions", {}).items():
+        lo, hi = row["accuracy_ci95"]
+        lines.append(f"{name} ({row['severity']}): {100 * row['accuracy']:.2f} % (95 % CI {100 * lo:.2f}–"
+                     f"{100 * hi:.2f}) of {row['n']}")
+    if "localisation" in summary:
+        loc = summary["localisation"]
+        lines.append(f"Grad-CAM on {loc['images_scored']} images with boxes: pointing game "
+                     f"{100 * loc['pointing_game']:.1f} % (15 px: {100 * loc['pointing_game_15px']:.1f} %), "
+                     f"energy in box {100 * loc['energy_in_box']:.1f} %")
     return "\n".join(lines)

@@ -47,6 +47,9 @@ def _kfold_parser(sub) -> None:
                         "--then '--epochs 2 --lr 1e-4 --loc-weight 0.5'. Each stage starts from the previous "
                         "stage's best.safetensors and keeps its options except those given here; only the last "
                         "stage is evaluated (its model in --out/fold<i>/, earlier ones in fold<i>/stage<n>/)")
+    p.add_argument("--corruptions", action="store_true",
+                   help="also score each fold under the five corruptions of `evaluate --corruptions` and pool "
+                        "them; with --annotations (on the last stage) Grad-CAM localisation is pooled too")
     p.set_defaults(func=cmd_kfold, parser=p)
 
 
@@ -248,7 +251,8 @@ def _stage_args(previous: argparse.Namespace, options: str) -> argparse.Namespac
 
     parser = previous.parser
     given = vars(parser.parse_args(["--data", str(previous.data), *shlex.split(options)]))
-    changed = {k: v for k, v in given.items() if k not in ("data", "then") and v != parser.get_default(k)}
+    changed = {k: v for k, v in given.items()
+               if k not in ("data", "then", "corruptions") and v != parser.get_default(k)}
     return argparse.Namespace(**(vars(previous) | changed))
 
 
@@ -261,7 +265,7 @@ def cmd_kfold(args) -> int:
     for options in args.then:
         stage_args = _stage_args(stage_args, options)
         stages.append(_train_config(stage_args, "kfold --then"))
-    summary = run_kfold(stages, args.folds, args.out)
+    summary = run_kfold(stages, args.folds, args.out, corruptions=args.corruptions)
     print(summary_table(summary))
     print(f"wrote {args.out / 'kfold.json'}")
     return 0

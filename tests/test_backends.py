@@ -66,3 +66,14 @@ def test_half_precision_trunk_agrees_with_float32(predictors, samples):
     assert [p.unknown for p in out] == [p.unknown for p in ref]
     for a, b in zip(predictors["torch"].explain(samples[::10]), half.explain(samples[::10]), strict=True):
         np.testing.assert_allclose(a.heatmap, b.heatmap, atol=3e-2)
+
+
+def test_backend_names_agree_across_cli_settings_and_backends():
+    from typing import get_args
+
+    from steelsight.cli import TRUNK_BACKENDS
+    from steelsight.contract import Settings
+    from steelsight.model.backends import BACKENDS
+
+    assert ["auto", *BACKENDS] == TRUNK_BACKENDS
+    assert list(get_args(Settings.model_fields["backend"].annotation)) == TRUNK_BACKENDS

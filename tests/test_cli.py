@@ -83,8 +83,10 @@ def test_kfold_trains_each_fold_in_stages(tmp_path, neu_dir):
     out = tmp_path / "staged"
     assert main(["kfold", "--data", str(neu_dir), "--out", str(out), "--pretrained", "none", "--image-size", "48",
                  "--batch-size", "8", "--limit-per-class", "4", "--workers", "0", "--epochs", "1", "--folds", "2",
-                 "--then", "--lr 1e-4 --trunk-lr-scale 0.3", "--then", "--weight-decay 0.01"]) == 0
-    first, second, third = json.loads((out / "kfold.json").read_text())["recipe"]
+                 "--then", "--lr 1e-4 --trunk-lr-scale 0.3", "--then", "--weight-decay 0.01", "--corruptions"]) == 0
+    summary = json.loads((out / "kfold.json").read_text())
+    assert summary["corruptions"]["motion_blur"]["n"] == 24  # every image scored once under each corruption
+    first, second, third = summary["recipe"]
     assert (first["lr"], first["trunk_lr_scale"], second["lr"], second["trunk_lr_scale"]) == (1e-3, 0.1, 1e-4, 0.3)
     assert second["image_size"] == 48 and second["epochs"] == 1  # the rest carries over from the stage before
     assert (third["lr"], third["trunk_lr_scale"], third["weight_decay"]) == (1e-4, 0.3, 0.01)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from steelsight.model.data import Sample, stratified_split, training_split
-from steelsight.model.kfold import pooled
+from steelsight.model.kfold import pooled, pooled_robustness
 
 SAMPLES = [Sample(Path(f"c{label}/img{i:03d}.bmp"), label) for label in range(6) for i in range(40)]
 
@@ -46,3 +46,17 @@ def test_pooled_kfold_figures_come_from_the_summed_confusion_matrices():
                                                                                                           ddof=1))
     lo, hi = summary["accuracy_ci95"]
     assert lo < 7 / 8 < hi
+
+
+def test_pooled_robustness_weighs_each_fold_by_its_images():
+    def fold(n, blur_acc, scored, pointing):
+        return {"n": n, "corruptions": {"motion_blur": {"severity": "9 px", "accuracy": blur_acc}},
+                "localisation": {"images_scored": scored, "pointing_game": pointing, "pointing_game_15px": 1.0,
+                                 "energy_in_box": 0.5}}
+
+    extras = pooled_robustness([fold(4, 1.0, 2, 1.0), fold(6, 0.5, 6, 0.5)])
+    assert extras["corruptions"]["motion_blur"]["accuracy"] == (4 + 3) / 10
+    assert extras["corruptions"]["motion_blur"]["n"] == 10
+    assert extras["localisation"] == {"images_scored": 8, "pointing_game": (2 + 3) / 8, "pointing_game_15px": 1.0,
+                                      "energy_in_box": 0.5}
+    assert pooled_robustness([{"n": 3}]) == {}  # folds scored without corruptions or boxes add nothing
