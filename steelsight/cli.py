@@ -60,8 +60,9 @@ def _training_options(p, out_default: str = "runs/neu", folds_default: int = 0) 
                    help="trunk init: keras (offline ImageNet port, default), torchvision, none, or a file")
     p.add_argument("--init-from", default=None,
                    help="start from every weight of an earlier steelsight checkpoint instead of --pretrained")
-    p.add_argument("--augment", choices=["standard", "strong", "blur"], default="standard",
-                   help="augmentation preset; strong = harder photometric faults, blur = more and longer blur "
+    p.add_argument("--augment", choices=["standard", "strong", "blur", "motion"], default="standard",
+                   help="augmentation preset; strong = harder photometric faults, blur = more and longer blur, "
+                        "motion = standard plus motion streaks on a further quarter of the images "
                         "(default: standard)")
     p.add_argument("--image-size", type=int, default=160, help="square input side in pixels (default: 160)")
     p.add_argument("--epochs", type=int, default=6, help="default: 6")

@@ -21,7 +21,7 @@ def test_pipeline_holds_every_named_augmentation():
     assert tuple(rotate.limit) == (-180, 180)
 
 
-@pytest.mark.parametrize("strength", ["standard", "strong", "blur"])
+@pytest.mark.parametrize("strength", ["standard", "strong", "blur", "motion"])
 def test_augmentation_keeps_grayscale_uint8_and_size(strength):
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (200, 200), dtype=np.uint8)
@@ -49,5 +49,12 @@ def test_eval_batch_scales_to_unit_range():
 
 
 def test_unknown_strength_is_refused():
-    with pytest.raises(ValueError, match="standard, strong or blur"):
+    with pytest.raises(ValueError, match="standard, strong, blur, motion"):
         train_augment(64, "extreme")
+
+
+def test_motion_preset_adds_a_streak_on_top_of_the_standard_faults():
+    standard, motion = train_augment(64).transforms, train_augment(64, "motion").transforms
+    assert len(motion) == len(standard) + 1
+    streak = [t for t in motion if isinstance(t, A.MotionBlur)]
+    assert len(streak) == 1 and streak[0].p == 0.25 and tuple(streak[0].blur_limit) == (5, 11)
