@@ -196,8 +196,8 @@ class SlowEngine:
         return settle(self.compute(frames, loads))
 
 
-def run_slow_worker(settings, engine: SlowEngine, frames: int, batch: int, line: str) -> list[str]:
-    """Work ``frames`` queued frames in batches with ``engine``; the job ids whose heartbeats were kept."""
+def run_slow_worker(settings, engine: SlowEngine, frames: int, batch: int, line: str) -> list[tuple[str, float]]:
+    """Work ``frames`` queued frames in batches with ``engine``; (job id, time) of each heartbeat kept."""
     from steelsight.worker import jobs
     from steelsight.worker.service import make_worker
 
@@ -210,7 +210,8 @@ def run_slow_worker(settings, engine: SlowEngine, frames: int, batch: int, line:
         worker = make_worker(settings.model_copy(update={"batch_size": batch}))
         worker.claimed_heartbeat_s = 0.1
         beats, beat = [], worker.maintain_heartbeats
-        worker.maintain_heartbeats = lambda job, execution: (beats.append(job.id), beat(job, execution))
+        worker.maintain_heartbeats = lambda job, execution: (beats.append((job.id, time.perf_counter())),
+                                                             beat(job, execution))
         worker.work(burst=True, with_scheduler=False)
     finally:
         jobs.install(None, None)
@@ -225,18 +226,21 @@ def test_worker_fetches_the_next_batch_while_one_computes_and_keeps_both_alive(s
     assert kinds == [("fetch", 4), ("compute", 4), ("fetch", 4), ("computed", 4), ("compute", 4), ("fetch", 2),
                      ("computed", 4), ("compute", 2), ("computed", 2)]
     # jobs waiting on the model, this batch's and the next one's, kept their heartbeats alive
-    assert {"line-p__cam-1__f0", "line-p__cam-1__f4", "line-p__cam-1__f8"} <= set(beats)
+    assert {"line-p__cam-1__f0", "line-p__cam-1__f4", "line-p__cam-1__f8"} <= {job_id for job_id, _ in beats}
     conn = redis_client(settings)
     assert len(records(settings, conn)) == 10
     assert Queue(settings.queue_name, connection=conn).finished_job_registry.count == 10
 
 
 def test_model_starts_the_next_batch_while_this_ones_overlays_upload(settings):
-    engine = SlowEngine(upload_s=0.4)
-    run_slow_worker(settings, engine, frames=8, batch=4, line="line-u")
+    engine = SlowEngine(upload_s=0.8)
+    beats = run_slow_worker(settings, engine, frames=8, batch=4, line="line-u")
     order = [kind for kind, _, _ in engine.events]
     second_compute = [i for i, kind in enumerate(order) if kind == "compute"][1]
     assert second_compute < order.index("uploaded")  # the model did not wait for the first batch's uploads
+    # the first batch's jobs kept their heartbeats while only their uploads were left
+    second_computed = [t for kind, _, t in engine.events if kind == "computed"][1]
+    assert any(job_id == "line-u__cam-1__f0" and t > second_computed for job_id, t in beats)
     assert order.count("uploaded") == 8
     conn = redis_client(settings)
     assert len(records(settings, conn)) == 8
