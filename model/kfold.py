@@ -73,7 +73,8 @@ def pooled_robustness(reports: list[dict]) -> dict:
     return extras
 
 
-def run_kfold(stages: TrainConfig | list[TrainConfig], folds: int, out: Path, corruptions: bool = False) -> dict:
+def run_kfold(stages: TrainConfig | list[TrainConfig], folds: int, out: Path, corruptions: bool = False,
+              only: list[int] | None = None) -> dict:
     """Cross-validate a recipe of one or more training stages (see :func:`train_fold`).
 
     Each fold's model is scored on its val part; with the last stage's ``annotations``
@@ -85,13 +86,13 @@ def run_kfold(stages: TrainConfig | list[TrainConfig], folds: int, out: Path, co
     last = stages[-1]
     annotations = Path(last.annotations) if last.annotations else None
     reports, classes = [], []
-    for fold in range(folds):
-        print(f"== fold {fold + 1}/{folds}", flush=True)
+    for fold in only if only is not None else range(folds):
+        print(f"== fold {fold} (of 0..{folds - 1})", flush=True)
         predictor = Predictor.load(train_fold(stages, folds, fold, out), device=last.device)
         reports.append(evaluate(predictor, Path(last.data), out / f"fold{fold}" / "eval", annotations, split="val",
                                 corruptions=corruptions))
         classes = predictor.classes
-    summary = pooled(reports, classes) | pooled_robustness(reports)
+    summary = pooled(reports, classes) | pooled_robustness(reports) | {"folds_scored": list(only or range(folds))}
     summary["recipe"] = [shareable(cfg, n) for n, cfg in enumerate(stages, 1)]
     (out / "kfold.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -108,8 +109,9 @@ def shareable(cfg: TrainConfig, stage: int) -> dict:
 def summary_table(summary: dict) -> str:
     lo, hi = summary["accuracy_ci95"]
     lines = ["| fold | val images | accuracy | macro-F1 | ECE after temperature |", "|---:|---:|---:|---:|---:|"]
-    for i, row in enumerate(summary["per_fold"]):
-        lines.append(f"| {i} | {row['n']} | {100 * row['accuracy']:.2f} % | {row['macro_f1']:.4f} | "
+    folds = summary.get("folds_scored", range(len(summary["per_fold"])))
+    for fold, row in zip(folds, summary["per_fold"], strict=True):
+        lines.append(f"| {fold} | {row['n']} | {100 * row['accuracy']:.2f} % | {row['macro_f1']:.4f} | "
                      f"{100 * row['ece']:.2f} % |")
     lines.append(f"| **pooled** | {summary['n']} | **{100 * summary['accuracy']:.2f} %** "
                  f"(95 % CI {100 * lo:.2f}–{100 * hi:.2f}; {summary['errors']} errors) | "

@@ -47,6 +47,9 @@ def _kfold_parser(sub) -> None:
                         "--then '--epochs 2 --lr 1e-4 --loc-weight 0.5'. Each stage starts from the previous "
                         "stage's best.safetensors and keeps its options except those given here; only the last "
                         "stage is evaluated (its model in --out/fold<i>/, earlier ones in fold<i>/stage<n>/)")
+    p.add_argument("--only", type=int, nargs="+", default=None, metavar="FOLD",
+                   help="train and score only these folds, e.g. to split the folds across machines "
+                        "(default: all; kfold.json then pools only these)")
     p.add_argument("--corruptions", action="store_true",
                    help="also score each fold under the five corruptions of `evaluate --corruptions` and pool "
                         "them; with --annotations (on the last stage) Grad-CAM localisation is pooled too")
@@ -253,7 +256,7 @@ def _stage_args(previous: argparse.Namespace, options: str) -> argparse.Namespac
     parser = previous.parser
     given = vars(parser.parse_args(["--data", str(previous.data), *shlex.split(options)]))
     changed = {k: v for k, v in given.items()
-               if k not in ("data", "then", "corruptions") and v != parser.get_default(k)}
+               if k not in ("data", "then", "corruptions", "only") and v != parser.get_default(k)}
     return argparse.Namespace(**(vars(previous) | changed))
 
 
@@ -266,7 +269,9 @@ def cmd_kfold(args) -> int:
     for options in args.then:
         stage_args = _stage_args(stage_args, options)
         stages.append(_train_config(stage_args, "kfold --then"))
-    summary = run_kfold(stages, args.folds, args.out, corruptions=args.corruptions)
+    if args.only and not all(0 <= f < args.folds for f in args.only):
+        raise SystemExit(f"steelsight kfold: --only takes folds 0..{args.folds - 1}")
+    summary = run_kfold(stages, args.folds, args.out, corruptions=args.corruptions, only=args.only)
     print(summary_table(summary))
     print(f"wrote {args.out / 'kfold.json'}")
     return 0

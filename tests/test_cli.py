@@ -75,6 +75,12 @@ def test_kfold_scores_every_image_once(tmp_path, neu_dir, capsys):
     stamp = (out / "fold0" / "model.safetensors").stat().st_mtime_ns
     assert main(args) == 0
     assert (out / "fold0" / "model.safetensors").stat().st_mtime_ns == stamp
+    # --only scores a subset (folds split across machines); nothing else is trained
+    part = tmp_path / "part"
+    assert main([*args[:4], str(part), *args[5:], "--only", "1"]) == 0
+    summary = json.loads((part / "kfold.json").read_text())
+    assert summary["folds_scored"] == [1] and summary["n"] == 12 and not (part / "fold0").exists()
+    assert "| 1 | 12 |" in capsys.readouterr().out
 
 
 def test_kfold_trains_each_fold_in_stages(tmp_path, neu_dir):
