@@ -114,7 +114,7 @@ def ood_report(predictor: Predictor, images: list, preds: list, out: Path) -> di
     sets = ood_sets(images[0].shape[0], images)
     report = {"in_distribution": {"n": len(preds), "false_unknown_rate": float(np.mean([p.unknown for p in preds]))},
               "threshold": predictor.ood_threshold, "sets": {}}
-    scores_by_set, far_scores, far_msp = {}, [], []
+    scores_by_set, far_scores, far_msp, far_unknown = {}, [], [], []
     for name, ood_images in sets.items():
         ood_preds = predict_all(predictor, ood_images, desc=f"ood {name}")
         scores = np.array([p.ood_score for p in ood_preds])
@@ -126,9 +126,12 @@ def ood_report(predictor: Predictor, images: list, preds: list, out: Path) -> di
         if name in FAR_OOD:
             far_scores.append(scores)
             far_msp.append(msp)
+            far_unknown += [p.unknown for p in ood_preds]
     far, msp_far = np.concatenate(far_scores), np.concatenate(far_msp)
+    # the verdict (score past the threshold or the input-quality gate), and the score's share alone
     report["far_ood"] = {"n": len(far), "auroc": auroc(in_scores, far), "auroc_max_softmax": auroc(in_msp, msp_far),
-                         "unknown_rate": float(np.mean(far > predictor.ood_threshold))}
+                         "unknown_rate": float(np.mean(far_unknown)),
+                         "score_above_threshold_rate": float(np.mean(far > predictor.ood_threshold))}
     ood_histogram(in_scores, scores_by_set, predictor.ood_threshold, out / "ood_scores.png")
     return report
 

@@ -65,3 +65,18 @@ def test_explanations_concentrate_on_the_defect(shipped, neu_dir):
         gains.append(float(exp.heatmap[mask].sum() / exp.heatmap.sum() - mask.mean()))
     assert float(np.mean(gains)) > 0.03  # measured 0.069 on the shipped checkpoint
     assert hits > chance  # measured 18 hits of 30 against 13.1 expected by chance
+
+
+def test_far_ood_report_counts_the_verdict_not_only_the_score(shipped, tmp_path):
+    from steelsight.model.corruptions import FAR_OOD
+    from steelsight.model.evaluate import ood_report
+
+    images = [read_gray(s.path) for s in scan_folders(SAMPLES)]
+    report = ood_report(shipped, images, shipped.predict(images), tmp_path)
+    far = report["far_ood"]
+    sets = [report["sets"][name] for name in FAR_OOD]
+    assert far["n"] == sum(s["n"] for s in sets)
+    # blank and noise frames are caught by the quality gate whatever their score
+    assert far["unknown_rate"] == pytest.approx(sum(s["unknown_rate"] * s["n"] for s in sets) / far["n"])
+    assert far["unknown_rate"] >= far["score_above_threshold_rate"]
+    assert (tmp_path / "ood_scores.png").exists()
