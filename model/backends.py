@@ -51,7 +51,6 @@ class TorchTrunk:
         # folding happens in float32 first, so half precision rounds the folded weights once
         self.module = self.module.to(dtype=dtype, memory_format=torch.channels_last)
         self.dtype = dtype
-        self.name = {torch.float32: "torch", torch.float16: "torch-fp16"}.get(dtype, f"torch-{dtype}")
 
     @torch.no_grad()  # not inference_mode: explain() turns the output into an autograd leaf
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """k-fold cross-validation of a training recipe.
 
-Trains one model per fold (val = that fold's part of every class), evaluates each
+Trains one model per fold, in one or more stages (val = that fold's part of every class), evaluates each
 on its own val part, and pools the folds' confusion matrices: every image is
 scored once by a model that never trained on it. Resumable: a fold whose
 model.safetensors exists is only re-evaluated, one with last_state.pt resumes.
@@ -73,14 +73,13 @@ def pooled_robustness(reports: list[dict]) -> dict:
     return extras
 
 
-def run_kfold(stages: TrainConfig | list[TrainConfig], folds: int, out: Path, corruptions: bool = False,
+def run_kfold(stages: list[TrainConfig], folds: int, out: Path, corruptions: bool = False,
               only: list[int] | None = None) -> dict:
     """Cross-validate a recipe of one or more training stages (see :func:`train_fold`).
 
     Each fold's model is scored on its val part; with the last stage's ``annotations``
     also for Grad-CAM localisation, and with ``corruptions`` under the five corruptions.
     """
-    stages = [stages] if isinstance(stages, TrainConfig) else stages
     if folds < 2:
         raise ValueError("k-fold needs --folds of at least 2")
     last = stages[-1]

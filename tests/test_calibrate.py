@@ -10,12 +10,21 @@ import torch
 from steelsight.model.calibrate import T_MAX, T_MIN, fit_temperature
 
 
-def test_temperature_stays_finite_when_the_set_is_separable():
-    # a small set the model gets all right with small margins: the NLL keeps falling as T -> 0;
-    # the unbounded fit overflowed the logits and returned NaN (seen in a 2-fold smoke run)
-    g = torch.Generator().manual_seed(43)
-    logits = torch.randn(18, 6, generator=g) * 0.096
-    t = fit_temperature(logits, logits.argmax(1))
+def separable_case(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A small set with small-scale logits that the model gets all right, drawn as the random search
+    that found the bug drew them (set size, logit scale, logits, then labels = the argmax)."""
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(2, 40, (1,), generator=g))
+    scale = float(10 ** torch.empty(1).uniform_(-2, 3, generator=g))
+    logits = torch.randn(n, 6, generator=g) * scale
+    return logits, logits.argmax(1)
+
+
+@pytest.mark.parametrize("seed", [35, 43, 290])
+def test_temperature_stays_finite_when_the_set_is_separable(seed):
+    # the NLL keeps falling as T -> 0; the unbounded fit overflowed the logits and returned NaN
+    # for exactly these three sets (and in a 2-fold smoke run of kfold)
+    t = fit_temperature(*separable_case(seed))
     assert math.isfinite(t) and t == pytest.approx(T_MIN, rel=1e-5)
 
 
