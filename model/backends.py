@@ -1,5 +1,8 @@
 """Trunk backends: the same ResNet-50 trunk run by PyTorch or by ONNX Runtime.
 
+Every backend returns the trunk's feature map and layer3's texture statistics
+(the OOD score's second part, ood.py).
+
 The trunk is ~99% of the compute. Attention, pooling, head and the Grad-CAM
 backward stay in PyTorch (see cam.py: the trunk runs once without autograd),
 so any backend that turns a gray batch into the trunk's feature map serves
@@ -17,19 +20,21 @@ import torch
 from torch import nn
 
 from .network import AttentionResNet50
+from .ood import TEXTURE_LAYER, texture_statistics
 
 BACKENDS = ("torch", "torch-fp16", "onnxruntime")
+ONNX_LAYOUT = 2  # bump when the exported graph's outputs change: v2 added layer3 texture statistics
 
 
 class TrunkInput(nn.Module):
-    """Gray batch -> trunk feature map: the part a backend runs."""
+    """Gray batch -> trunk feature map and layer3 texture statistics: the part a backend runs."""
 
     def __init__(self, net: AttentionResNet50):
         super().__init__()
-        self.input_adapter, self.trunk = net.input_adapter, net.trunk
+        self.net = net
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.trunk(self.input_adapter(x))
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net.trunk_outputs(x)
 
 
 class TorchTrunk:
@@ -46,16 +51,22 @@ class TorchTrunk:
     def __init__(self, net: AttentionResNet50, dtype: torch.dtype = torch.float32):
         from torch.fx.experimental.optimization import fuse
 
-        # fuse() works on a copy; the adapter stays outside the traced graph (data-dependent branch)
-        self.module = nn.Sequential(net.input_adapter, fuse(net.trunk.eval())).eval()
+        # fuse() works on a copy; the adapter stays outside the traced graph (data-dependent branch),
+        # and the trunk is fused in two parts so that layer3's output can be tapped for the OOD score
+        trunk = net.trunk.eval()
+        self.to_layer3 = nn.Sequential(net.input_adapter, fuse(trunk[: TEXTURE_LAYER + 1])).eval()
+        self.layer4 = fuse(trunk[TEXTURE_LAYER + 1 :]).eval()
         # folding happens in float32 first, so half precision rounds the folded weights once
-        self.module = self.module.to(dtype=dtype, memory_format=torch.channels_last)
+        for part in (self.to_layer3, self.layer4):
+            part.to(dtype=dtype, memory_format=torch.channels_last)
         self.dtype = dtype
 
     @torch.no_grad()  # not inference_mode: explain() turns the output into an autograd leaf
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
-        return self.module(x).float().contiguous()
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feature map and layer3 texture statistics, both float32."""
+        layer3 = self.to_layer3(x.to(self.dtype).contiguous(memory_format=torch.channels_last))
+        feats = self.layer4(layer3)
+        return feats.float().contiguous(), texture_statistics(layer3.float())
 
 
 def export_onnx(net: AttentionResNet50, path: Path, size: int) -> Path:
@@ -64,8 +75,10 @@ def export_onnx(net: AttentionResNet50, path: Path, size: int) -> Path:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the gray-input branch is traced as taken
         torch.onnx.export(
-            TrunkInput(net).eval(), (example,), str(path), input_names=["gray"], output_names=["features"],
-            dynamic_axes={"gray": {0: "batch", 2: "height", 3: "width"}, "features": {0: "batch", 2: "h", 3: "w"}},
+            TrunkInput(net).eval(), (example,), str(path), input_names=["gray"],
+            output_names=["features", "texture"],
+            dynamic_axes={"gray": {0: "batch", 2: "height", 3: "width"}, "features": {0: "batch", 2: "h", 3: "w"},
+                          "texture": {0: "batch"}},
             opset_version=17, dynamo=False,
         )
     return path
@@ -87,7 +100,7 @@ def _cache_dir() -> Path:
 
 def cached_onnx(net: AttentionResNet50, size: int, cache_key: str) -> Path:
     """The trunk exported once per checkpoint into the cache folder."""
-    path = _cache_dir() / f"trunk-{cache_key[:16]}-{size}.onnx"
+    path = _cache_dir() / f"trunk-v{ONNX_LAYOUT}-{cache_key[:16]}-{size}.onnx"
     if not path.exists():
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".onnx", delete=False) as tmp:
             tmp_path = Path(tmp.name)
@@ -115,9 +128,9 @@ class OnnxRuntimeTrunk:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.path = path
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        (features,) = self.session.run(None, {"gray": x.detach().cpu().numpy()})
-        return torch.from_numpy(features)
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features, texture = self.session.run(None, {"gray": x.detach().cpu().numpy()})
+        return torch.from_numpy(features), torch.from_numpy(texture)
 
 
 def onnxruntime_available() -> bool:

@@ -30,18 +30,27 @@ CAM_METHODS = {
 }
 
 
+# gray batch -> (feature map, layer3 texture statistics), e.g. a backends.py trunk
+Trunk = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 class FeatureTap(nn.Identity):
     """Grad-CAM's target layer: the trunk's output, as a leaf that requires grad."""
 
 
 class TrunkOnce(nn.Module):
-    """Forward = trunk without autograd, then attention + head with autograd."""
+    """Forward = trunk without autograd, then attention + head with autograd.
 
-    def __init__(self, net: AttentionResNet50, trunk: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    The trunk's second output (layer3 texture statistics, for the OOD score) is kept
+    in ``texture`` until the next forward.
+    """
+
+    def __init__(self, net: AttentionResNet50, trunk: Trunk | None = None):
         super().__init__()
         self.net = net
-        self.trunk = trunk or net.features
+        self.trunk = trunk or net.trunk_outputs
         self.tap = FeatureTap()
+        self.texture: torch.Tensor | None = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         # grad-cam calls this per batch; only the part after the tap can hold gradients
@@ -50,7 +59,7 @@ class TrunkOnce(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            feats = self.trunk(x)
+            feats, self.texture = self.trunk(x)
         feats = feats.to(x.device).detach().requires_grad_(True)
         with torch.enable_grad():
             return self.net.classify(self.tap(feats))
@@ -59,7 +68,7 @@ class TrunkOnce(nn.Module):
 class CheapCam:
     """One grad-cam object per method, all sharing the trunk-once wrapper."""
 
-    def __init__(self, net: AttentionResNet50, trunk: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(self, net: AttentionResNet50, trunk: Trunk | None = None):
         self.net = net
         self.wrapper = TrunkOnce(net, trunk)
         self._cams: dict[str, object] = {}
@@ -72,7 +81,7 @@ class CheapCam:
         return self._cams[method]
 
     def __call__(self, batch: torch.Tensor, targets: list[int] | None = None, method: str = "gradcam"):
-        """Return heatmaps (N, H, W) in [0, 1] at the batch's size, logits (N, C) and trunk features."""
+        """Heatmaps (N, H, W) in [0, 1] at the batch's size, logits (N, C), trunk features, texture statistics."""
         cam = self._cam(method)
         cam_targets = None if targets is None else [ClassifierOutputTarget(int(t)) for t in targets]
         heatmaps = cam(input_tensor=batch, targets=cam_targets)
@@ -80,4 +89,5 @@ class CheapCam:
         feats = cam.activations_and_grads.activations[0].clone()
         cam.activations_and_grads.clear()  # drop references to this batch's graph
         cam.outputs = None
-        return heatmaps, logits, feats
+        texture, self.wrapper.texture = self.wrapper.texture, None
+        return heatmaps, logits, feats, texture

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from .labels import CLASSES
 from .network import ArchConfig, AttentionResNet50
-from .ood import OOD_PREFIX, MahalanobisScorer
+from .ood import OOD_PREFIX, OodScorer
 
 FORMAT_VERSION = 1
 METADATA_KEY = "steelsight"
@@ -61,7 +61,7 @@ class CheckpointMeta:
 class LoadedCheckpoint:
     model: AttentionResNet50
     meta: CheckpointMeta
-    ood: MahalanobisScorer | None
+    ood: OodScorer | None
     path: Path
     sha256: str
 
@@ -71,7 +71,7 @@ def save_checkpoint(
     meta: CheckpointMeta,
     path: Path,
     half: bool = False,
-    ood: MahalanobisScorer | None = None,
+    ood: OodScorer | None = None,
 ) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,7 +112,7 @@ def load_checkpoint(path: Path | str | None = None, device: str | torch.device =
                 state[key] = f.get_tensor(key).float()
     except (OSError, ValueError, SafetensorError) as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
-    ood = MahalanobisScorer.from_prefixed_state(state)
+    ood = OodScorer.from_prefixed_state(state)
     model.load_state_dict({k: v for k, v in state.items() if not k.startswith(OOD_PREFIX)})
     if ood is not None:
         ood = ood.to(device)

@@ -131,20 +131,88 @@ def _heavy(images: list[np.ndarray]) -> list[np.ndarray]:
     return heavy
 
 
+# --- a second far-OOD set, assembled after the OOD score was chosen on the first ----------
+
+
+def _noise_variants(size: int, n: int = 12) -> list[np.ndarray]:
+    """Gaussian sensor noise at random levels, a third of it blurred (correlated), a third salt and pepper."""
+    rng = np.random.default_rng(2026)
+    out = []
+    for i in range(n):
+        frame = rng.normal(rng.uniform(60, 190), rng.uniform(10, 60), (size, size))
+        if i % 3 == 1:
+            frame = cv2.GaussianBlur(frame, (0, 0), rng.uniform(0.7, 2.5))
+        if i % 3 == 2:
+            frame = np.full((size, size), rng.uniform(80, 170))
+            dots = rng.random((size, size))
+            frame[dots < 0.15], frame[dots > 0.85] = 0, 255
+        out.append(np.clip(frame, 0, 255).astype(np.uint8))
+    return out
+
+
+def _photo_crops(size: int) -> list[np.ndarray]:
+    """Two native-resolution crops of each scikit-image photo: part of an object, as a camera sees it."""
+    rng = np.random.default_rng(2027)
+    out = []
+    try:
+        import skimage.data as sk
+    except ImportError:
+        return out
+    for name in ("camera", "astronaut", "coffee", "chelsea", "rocket", "page", "text", "brick", "grass", "gravel",
+                 "coins", "moon", "horse", "clock"):
+        try:
+            img = np.asarray(getattr(sk, name)())
+        except Exception:  # some datasets need a download; skip those
+            continue
+        img = img.astype(np.uint8) * 255 if img.dtype == bool else img
+        img = cv2.cvtColor(img[..., :3], cv2.COLOR_RGB2GRAY) if img.ndim == 3 else img
+        for _ in range(2):
+            if min(img.shape) <= size:
+                out.append(cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA))
+                continue
+            y, x = rng.integers(0, img.shape[0] - size), rng.integers(0, img.shape[1] - size)
+            out.append(np.ascontiguousarray(img[y : y + size, x : x + size]))
+    return out
+
+
+def _drawings(size: int, n: int = 10) -> list[np.ndarray]:
+    """Lines, rings and stencilled text on a flat gray: markings, labels, fixtures in view."""
+    rng = np.random.default_rng(2028)
+    out = []
+    for _ in range(n):
+        canvas = np.full((size, size), int(rng.uniform(40, 220)), np.uint8)
+        for _ in range(int(rng.integers(3, 12))):
+            gray, kind = int(rng.integers(0, 256)), int(rng.integers(0, 3))
+            p1, p2 = (tuple(int(v) for v in rng.integers(0, size, 2)) for _ in range(2))
+            if kind == 0:
+                cv2.line(canvas, p1, p2, gray, int(rng.integers(1, 6)))
+            elif kind == 1:
+                cv2.circle(canvas, p1, int(rng.integers(5, 60)), gray, int(rng.integers(-1, 4)))
+            else:
+                cv2.putText(canvas, "STEEL 42", p1, cv2.FONT_HERSHEY_SIMPLEX, float(rng.uniform(0.5, 2)), gray, 2)
+        out.append(canvas)
+    return out
+
+
 def ood_sets(size: int, val_images: list[np.ndarray]) -> dict[str, list[np.ndarray]]:
-    """Far OOD (blanks, noise, patterns, photos/textures) and near OOD built from val images."""
+    """Far OOD (blanks, noise, patterns, photos/textures), the held-out far set, and near OOD from val images."""
     subset = val_images[:: max(len(val_images) // 24, 1)][:24]
     return {
         "blank_or_saturated": _blank_frames(size),
         "noise": _noise_frames(size),
         "synthetic_patterns": _synthetic_patterns(size),
         "photos_and_textures": _package_photos(size),
+        "noise_variants": _noise_variants(size),
+        "photo_crops": _photo_crops(size),
+        "drawings": _drawings(size),
         "lens_dirt": _lens_dirt(subset),
         "heavy_corruption": _heavy(subset),
     }
 
 
 FAR_OOD = ("blank_or_saturated", "noise", "synthetic_patterns", "photos_and_textures")
+# built after the two-part score (ood.py) was chosen on FAR_OOD, to check that choice on images it never saw
+FAR_OOD_HELD_OUT = ("noise_variants", "photo_crops", "drawings")
 
 
 def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:

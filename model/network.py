@@ -15,6 +15,7 @@ from torch import nn
 from torchvision.models import resnet50
 
 from .labels import CLASSES
+from .ood import TEXTURE_LAYER, texture_statistics
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -111,6 +112,11 @@ class AttentionResNet50(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Trunk feature map (N, 2048, H/32, W/32)."""
         return self.trunk(self.input_adapter(x))
+
+    def trunk_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Trunk feature map and layer3's texture statistics (N, 1024), for the OOD score."""
+        layer3 = self.trunk[: TEXTURE_LAYER + 1](self.input_adapter(x))
+        return self.trunk[TEXTURE_LAYER + 1 :](layer3), texture_statistics(layer3)
 
     def pooled(self, feats: torch.Tensor) -> torch.Tensor:
         """Attention-weighted, globally pooled features (N, 2048)."""

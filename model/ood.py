@@ -1,10 +1,19 @@
-"""Out-of-distribution score: Mahalanobis distance on the pooled features.
+"""Out-of-distribution score: Mahalanobis distances at two depths of the trunk.
 
-Class means and one shared (tied) covariance are fitted on the training
-images' attention-pooled 2048-d features; the score is the squared distance to
-the nearest class mean, divided by the feature dimension so that in-distribution
-images sit near 1. Shrinkage towards a scaled identity keeps the covariance
-invertible with far fewer images than dimensions.
+Each part fits class means and one shared (tied) covariance on the training
+images' features and scores the squared distance to the nearest class mean,
+divided by the feature dimension. Shrinkage towards a scaled identity keeps the
+covariance invertible with far fewer images than dimensions.
+
+* ``pooled``: the attention-pooled 2048-d features the head classifies.
+* ``texture``: the spatial standard deviation of each of layer3's 1024 channels,
+  a texture statistic that separates noise, drawings and photo crops from steel
+  far better than the pooled features, while moderate blur, noise or JPEG moves
+  it little more (bench: docs/model_card, "unknown verdict").
+
+The score is the sum of the two parts, each divided by its median on val images,
+so both weigh alike and in-distribution images sit near 2. Checkpoints without a
+texture part score with the pooled part alone.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import torch
 from torch import nn
 
 OOD_PREFIX = "ood."
+TEXTURE_LAYER = 6  # index of layer3 in the trunk (stem 0-3, layer1..layer4 = 4..7)
 
 
 class MahalanobisScorer(nn.Module):
@@ -57,17 +67,86 @@ class MahalanobisScorer(nn.Module):
         dist = (white.unsqueeze(1) - self.white_means.unsqueeze(0)).square().sum(-1) / self.feature_var  # (N, C)
         return dist.min(dim=1).values / self.means.shape[1]
 
-    def prefixed_state(self) -> dict[str, torch.Tensor]:
-        state = dict(self.state_dict())
-        state["unit_precision"] = state["unit_precision"].half()
-        return {OOD_PREFIX + k: v.contiguous() for k, v in state.items()}
+    def stored_state(self) -> dict[str, torch.Tensor]:
+        """The symmetric precision as its upper triangle in fp16: half the bytes of the full matrix."""
+        state = {k: v for k, v in self.state_dict().items() if k != "unit_precision"}
+        rows, cols = torch.triu_indices(*self.unit_precision.shape)
+        state["unit_precision_triu"] = self.unit_precision[rows, cols].half()
+        return state
 
     @classmethod
-    def from_prefixed_state(cls, state: dict[str, torch.Tensor]) -> MahalanobisScorer | None:
-        own = {k[len(OOD_PREFIX):]: v.float() for k, v in state.items() if k.startswith(OOD_PREFIX)}
-        if not own:
-            return None
+    def from_stored_state(cls, own: dict[str, torch.Tensor]) -> MahalanobisScorer:
+        own = {k: v.float() for k, v in own.items()}
         scorer = cls(*own["means"].shape)
+        if "unit_precision_triu" in own:  # else an older checkpoint's full matrix
+            dim = own["means"].shape[1]
+            rows, cols = torch.triu_indices(dim, dim)
+            full = torch.zeros(dim, dim)
+            full[rows, cols] = own.pop("unit_precision_triu")
+            own["unit_precision"] = full + full.triu(1).T
         scorer.load_state_dict(own)
         scorer.refresh_whitening()
         return scorer
+
+
+def texture_statistics(layer3: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C): each channel's spatial standard deviation."""
+    centred = layer3 - layer3.mean(dim=(2, 3), keepdim=True)
+    return centred.square().mean(dim=(2, 3)).sqrt()
+
+
+class OodScorer(nn.Module):
+    """Sum of the pooled and texture Mahalanobis scores, each over its val median."""
+
+    def __init__(self, pooled: MahalanobisScorer, texture: MahalanobisScorer | None = None,
+                 scales: tuple[float, float] = (1.0, 1.0)):
+        super().__init__()
+        self.pooled, self.texture = pooled, texture
+        self.register_buffer("scales", torch.tensor(scales, dtype=torch.float32))
+
+    @property
+    def method(self) -> str:
+        return "mahalanobis_pooled2048" + ("+layer3_std1024" if self.texture is not None else "")
+
+    @classmethod
+    def fit(cls, train: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor,
+            val: tuple[torch.Tensor, torch.Tensor]) -> OodScorer:
+        """``train``/``val``: (pooled, texture) features; the scales are the parts' val medians."""
+        pooled = MahalanobisScorer.fit(train[0], labels)
+        texture = MahalanobisScorer.fit(train[1], labels)
+        scales = (float(pooled(val[0]).median()), float(texture(val[1]).median()))
+        return cls(pooled, texture, scales)
+
+    def parts(self, pooled: torch.Tensor, texture: torch.Tensor | None) -> torch.Tensor:
+        """(N, parts) scaled part scores."""
+        scores = [self.pooled(pooled) / self.scales[0]]
+        if self.texture is not None:
+            if texture is None:
+                raise ValueError("this OOD scorer needs layer3 texture statistics from the trunk")
+            scores.append(self.texture(texture) / self.scales[1])
+        return torch.stack(scores, dim=1)
+
+    def forward(self, pooled: torch.Tensor, texture: torch.Tensor | None = None) -> torch.Tensor:
+        return self.parts(pooled, texture).sum(dim=1)
+
+    def prefixed_state(self) -> dict[str, torch.Tensor]:
+        state = {f"{OOD_PREFIX}scales": self.scales.clone()}
+        for name in ("pooled", "texture"):
+            part = getattr(self, name)
+            if part is not None:
+                state.update({f"{OOD_PREFIX}{name}.{k}": v.contiguous() for k, v in part.stored_state().items()})
+        return state
+
+    @classmethod
+    def from_prefixed_state(cls, state: dict[str, torch.Tensor]) -> OodScorer | None:
+        own = {k[len(OOD_PREFIX):]: v for k, v in state.items() if k.startswith(OOD_PREFIX)}
+        if not own:
+            return None
+        if "means" in own:  # older checkpoints: one pooled scorer, unprefixed
+            return cls(MahalanobisScorer.from_stored_state(own))
+
+        def part(name: str) -> MahalanobisScorer | None:
+            sub = {k[len(name) + 1:]: v for k, v in own.items() if k.startswith(name + ".")}
+            return MahalanobisScorer.from_stored_state(sub) if sub else None
+
+        return cls(part("pooled"), part("texture"), tuple(own["scales"].tolist()))

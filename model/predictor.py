@@ -105,10 +105,10 @@ class Predictor:
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         return eval_batch([as_gray(img) for img in images], self.input_size).to(self.device)
 
-    def _ood_scores(self, pooled: torch.Tensor) -> list[float | None]:
+    def _ood_scores(self, pooled: torch.Tensor, texture: torch.Tensor) -> list[float | None]:
         if self.ood is None:
             return [None] * len(pooled)
-        return self.ood(pooled.to(self.device)).cpu().tolist()
+        return self.ood(pooled.to(self.device), texture.to(self.device)).cpu().tolist()
 
     def _unknown_reason(self, image: np.ndarray, score: float | None) -> str | None:
         issue = quality_issue(as_gray(image))
@@ -118,10 +118,11 @@ class Predictor:
             return "ood_score"
         return None
 
-    def _postprocess(self, images, logits: torch.Tensor, pooled: torch.Tensor) -> list[Prediction]:
+    def _postprocess(self, images, logits: torch.Tensor, pooled: torch.Tensor, texture: torch.Tensor
+                     ) -> list[Prediction]:
         probs = torch.softmax(logits.float() / self.temperature, dim=1).cpu()
         preds = []
-        for image, row, score in zip(images, probs, self._ood_scores(pooled), strict=True):
+        for image, row, score in zip(images, probs, self._ood_scores(pooled, texture), strict=True):
             index = int(row.argmax())
             reason = self._unknown_reason(image, score)
             preds.append(
@@ -146,8 +147,9 @@ class Predictor:
         """Label, confidence, all probabilities and the OOD verdict for each image."""
         results: list[Prediction] = []
         for chunk in self._chunks(images):
-            pooled = self.net.pooled(self.trunk(self.preprocess(chunk)).to(self.device))
-            results.extend(self._postprocess(chunk, self.net.head(pooled), pooled))
+            feats, texture = self.trunk(self.preprocess(chunk))
+            pooled = self.net.pooled(feats.to(self.device))
+            results.extend(self._postprocess(chunk, self.net.head(pooled), pooled, texture))
         return results
 
     def explain(
@@ -168,10 +170,10 @@ class Predictor:
 
     def _explain_batch(self, images, method, targets) -> list[Explanation]:
         batch = self.preprocess(images)
-        heatmaps, logits, feats = self.cam(batch, targets, method)
+        heatmaps, logits, feats, texture = self.cam(batch, targets, method)
         feats = feats.to(self.device)
         with torch.inference_mode():
-            preds = self._postprocess(images, logits, self.net.pooled(feats))
+            preds = self._postprocess(images, logits, self.net.pooled(feats), texture)
         out = []
         for i, (image, pred, heat) in enumerate(zip(images, preds, heatmaps, strict=True)):
             gray = as_gray(image)

@@ -22,13 +22,13 @@ from tqdm import tqdm
 from .calibrate import fit_temperature, ood_threshold
 from .checkpoint import CheckpointMeta, save_checkpoint
 from .corruptions import CORRUPTIONS, corrupt_all
-from .data import SurfaceDataset, limit_per_class, manifest_hash, scan_folders, stratified_split
+from .data import SurfaceDataset, limit_per_class, manifest_hash, scan_folders, stratified_split, training_split
 from .imageio import read_gray
 from .labels import CLASSES
 from .losses import FocalLoss, cam_outside_box_loss
 from .metrics import classification_report, expected_calibration_error
 from .network import ArchConfig, AttentionResNet50, load_trunk_weights
-from .ood import MahalanobisScorer
+from .ood import OodScorer
 from .plots import training_curves
 from .predictor import resolve_device
 from .pretrained import resolve_pretrained
@@ -92,17 +92,40 @@ def set_train_mode(model: AttentionResNet50, frozen: list[torch.nn.Module], free
                 module.eval()
 
 
+@dataclass
+class Inferred:
+    """One pass over a loader: logits, labels, pooled features and layer3 texture statistics."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    pooled: torch.Tensor
+    texture: torch.Tensor
+
+
 @torch.inference_mode()
-def infer(model: AttentionResNet50, loader: DataLoader, device: torch.device):
-    """Logits, labels and pooled features over a loader (eval mode)."""
+def infer(model: AttentionResNet50, loader: DataLoader, device: torch.device) -> Inferred:
     model.eval()
-    logits, labels, pooled = [], [], []
+    columns: list[list[torch.Tensor]] = [[], [], [], []]
     for x, y in loader:
-        feats = model.pooled(model.features(x.to(device)))
-        pooled.append(feats.cpu())
-        logits.append(model.head(feats).cpu())
-        labels.append(y)
-    return torch.cat(logits), torch.cat(labels), torch.cat(pooled)
+        feats, texture = model.trunk_outputs(x.to(device))
+        pooled = model.pooled(feats)
+        for column, value in zip(columns, (model.head(pooled), y, pooled, texture), strict=True):
+            column.append(value.cpu())
+    return Inferred(*(torch.cat(column) for column in columns))
+
+
+def fit_ood(train: Inferred, val: Inferred) -> tuple[OodScorer, dict]:
+    """OOD scorer on the training images' features; threshold and scales on val's."""
+    scorer = OodScorer.fit((train.pooled, train.texture), train.labels, (val.pooled, val.texture))
+    val_scores = scorer(val.pooled, val.texture).numpy()
+    threshold = ood_threshold(val_scores)
+    return scorer, {
+        "method": scorer.method,
+        "threshold": threshold,
+        "part_scales": scorer.scales.tolist(),
+        "val_false_unknown_rate": float((val_scores > threshold).mean()),
+        "val_score_median": float(np.median(val_scores)),
+    }
 
 
 class Trainer:
@@ -220,7 +243,8 @@ class Trainer:
         return total / max(seen, 1)
 
     def _validate(self) -> dict:
-        logits, labels, _ = infer(self.model, self._loader(self.val_set, False), self.device)
+        val = infer(self.model, self._loader(self.val_set, False), self.device)
+        logits, labels = val.logits, val.labels
         report = classification_report(torch.softmax(logits, 1).numpy(), labels.numpy(), list(CLASSES))
         report["focal_loss"] = float(self.criterion(logits, labels))
         return report
@@ -282,30 +306,22 @@ class Trainer:
 
         best = load_checkpoint(self.out / "best.safetensors", device=self.device)
         self.model = best.model
-        val_logits, val_labels, val_pooled = infer(self.model, self._loader(self.val_set, False), self.device)
+        val = infer(self.model, self._loader(self.val_set, False), self.device)
         plain_train = SurfaceDataset(self.train_set.samples, None, self.cfg.image_size)
-        _, train_labels, train_pooled = infer(self.model, self._loader(plain_train, False), self.device)
+        train = infer(self.model, self._loader(plain_train, False), self.device)
         shifted_logits, shifted_labels = self._shifted_val()
         meta = best.meta
-        meta.temperature = fit_temperature(torch.cat([val_logits, shifted_logits]),
-                                           torch.cat([val_labels, shifted_labels]))
-        scorer = MahalanobisScorer.fit(train_pooled, train_labels)
-        val_scores = scorer(val_pooled).numpy()
-        threshold = ood_threshold(val_scores)
-        meta.ood = {
-            "method": "mahalanobis_tied_pooled2048",
-            "threshold": threshold,
-            "val_false_unknown_rate": float((val_scores > threshold).mean()),
-            "val_score_median": float(np.median(val_scores)),
-        }
+        meta.temperature = fit_temperature(torch.cat([val.logits, shifted_logits]),
+                                           torch.cat([val.labels, shifted_labels]))
+        scorer, meta.ood = fit_ood(train, val)
         meta.val_metrics["calibration"] = {
             "temperature_fitted_on": "val + val under the 5 moderate corruptions",
-            **_ece_pair("val", val_logits, val_labels, meta.temperature),
+            **_ece_pair("val", val.logits, val.labels, meta.temperature),
             **_ece_pair("val_corrupted", shifted_logits, shifted_labels, meta.temperature),
         }
         path = save_checkpoint(self.model, meta, self.out / "model.safetensors", half=self.cfg.half, ood=scorer)
         print(f"temperature {meta.temperature:.3f}; calibration {meta.val_metrics['calibration']}; "
-              f"OOD threshold {threshold:.3f}; wrote {path}")
+              f"OOD threshold {meta.ood['threshold']:.3f}; wrote {path}")
         return path
 
 
@@ -324,3 +340,26 @@ def _summary(report: dict) -> dict:
 def train(cfg: TrainConfig) -> Path:
     trainer = Trainer(cfg)
     return trainer.finalize() if cfg.finalize_only else trainer.fit()
+
+
+def refit_ood(checkpoint: Path, data: Path, out: Path, device: str = "auto", batch_size: int = 32) -> Path:
+    """Fit a checkpoint's OOD scorer anew on its own split; weights and temperature stay as they are."""
+    from .checkpoint import load_checkpoint
+
+    dev = resolve_device(device)
+    loaded = load_checkpoint(checkpoint, device=dev)
+    meta = loaded.meta
+    samples = limit_per_class(scan_folders(Path(data)), meta.training.get("limit_per_class", 0))
+    if manifest_hash(samples) != meta.data_manifest_sha256:
+        raise ValueError(f"{data} is not the data {checkpoint} was trained on (manifest sha256 differs)")
+    train_s, val_s = training_split(samples, meta.training)
+    size = int(meta.input_size)
+
+    def features(split) -> Inferred:
+        return infer(loaded.model, DataLoader(SurfaceDataset(split, None, size), batch_size=batch_size), dev)
+
+    scorer, meta.ood = fit_ood(features(train_s), features(val_s))
+    path = save_checkpoint(loaded.model, meta, Path(out), half=bool(meta.training.get("half")), ood=scorer)
+    print(f"OOD {meta.ood['method']}: threshold {meta.ood['threshold']:.3f}, val false unknowns "
+          f"{meta.ood['val_false_unknown_rate']:.2%}; wrote {path}")
+    return path

@@ -99,6 +99,23 @@ def _training_options(p, out_default: str = "runs/neu", folds_default: int = 0) 
                    help="skip training: recalibrate --out/best.safetensors and write model.safetensors")
 
 
+def _refit_ood_parser(sub) -> None:
+    p = sub.add_parser(
+        "refit-ood", help="fit a trained checkpoint's OOD scorer anew (weights and temperature unchanged)",
+        description="Re-extracts features of the checkpoint's own train/val split (from the seed and fraction "
+                    "stored in it), fits the current OOD scorer (model/ood.py) and its val threshold, and "
+                    "writes a copy of the checkpoint with them to --out. For a checkpoint trained before the "
+                    "OOD method changed; `train` does the same at its end.",
+    )
+    p.add_argument("--data", type=Path, required=True, help="the data the checkpoint was trained on")
+    p.add_argument("--out", type=Path, required=True, help="where to write the refitted .safetensors")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="model .safetensors (default: the checkpoint shipped in the repository)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    p.set_defaults(func=cmd_refit_ood)
+
+
 def _evaluate_parser(sub) -> None:
     p = sub.add_parser(
         "evaluate", help="accuracy, macro-F1, calibration, latency and Grad-CAM localisation",
@@ -223,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _train_parser(sub)
     _kfold_parser(sub)
+    _refit_ood_parser(sub)
     _evaluate_parser(sub)
     _predict_parser(sub)
     _worker_parser(sub)
@@ -283,6 +301,14 @@ def _load_predictor(args):
     return Predictor.load(args.checkpoint, device=args.device, batch_size=args.batch_size, backend=args.backend)
 
 
+def cmd_refit_ood(args) -> int:
+    from steelsight.model.checkpoint import resolve_checkpoint
+    from steelsight.model.train import refit_ood
+
+    refit_ood(resolve_checkpoint(args.checkpoint), args.data, args.out, args.device, args.batch_size)
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from steelsight.model.evaluate import evaluate
 
@@ -297,10 +323,11 @@ def cmd_evaluate(args) -> int:
         print(f"Grad-CAM pointing game {loc['pointing_game']:.3f}, energy in box {loc['energy_in_box']:.3f} "
               f"over {loc['images_scored']} images")
     for name, row in report.get("corruptions", {}).items():
-        print(f"  {name:20s} ({row['severity']}): accuracy {row['accuracy']:.4f}")
+        print(f"  {name:20s} ({row['severity']}): accuracy {row['accuracy']:.4f}, unknown {row['unknown_rate']:.4f}")
     if "ood" in report:
-        far = report["ood"]["far_ood"]
+        far, held_out = report["ood"]["far_ood"], report["ood"]["far_ood_held_out"]
         print(f"OOD: far AUROC {far['auroc']:.4f} (max-softmax {far['auroc_max_softmax']:.4f}), "
+              f"held-out far AUROC {held_out['auroc']:.4f}, "
               f"false-unknown rate {report['ood']['in_distribution']['false_unknown_rate']:.4f}")
     print(f"wrote {args.out / 'report.json'}")
     return 0

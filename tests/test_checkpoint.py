@@ -5,14 +5,14 @@ import torch
 
 from steelsight.model.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint, save_checkpoint
 from steelsight.model.network import ArchConfig, AttentionResNet50
-from steelsight.model.ood import MahalanobisScorer
+from steelsight.model.ood import OodScorer
 
 
 def test_round_trip_keeps_weights_metadata_and_ood(tmp_path):
     torch.manual_seed(0)
     net = AttentionResNet50(ArchConfig(stride_in_1x1=True, mean=(0.1, 0.2, 0.3), std=(1.0, 2.0, 3.0))).eval()
-    feats, labels = torch.randn(60, 2048), torch.arange(60) % 6
-    ood = MahalanobisScorer.fit(feats, labels)
+    feats, texture, labels = torch.randn(60, 2048), torch.rand(60, 1024), torch.arange(60) % 6
+    ood = OodScorer.fit((feats, texture), labels, (feats, texture))
     meta = CheckpointMeta(input_size=96, training={"epochs": 3}, val_metrics={"accuracy": 0.5},
                           data_manifest_sha256="abc", temperature=1.7, ood={"threshold": 2.0})
     path = save_checkpoint(net, meta, tmp_path / "m.safetensors", ood=ood)
@@ -23,7 +23,7 @@ def test_round_trip_keeps_weights_metadata_and_ood(tmp_path):
     assert loaded.meta.classes == meta.classes and loaded.meta.input_size == 96
     assert loaded.meta.temperature == 1.7 and loaded.meta.data_manifest_sha256 == "abc"
     assert loaded.meta.normalisation["mean"] == [0.1, 0.2, 0.3]
-    assert torch.allclose(loaded.ood(feats[:5]), ood(feats[:5]), rtol=1e-2)
+    assert torch.allclose(loaded.ood(feats[:5], texture[:5]), ood(feats[:5], texture[:5]), rtol=1e-2)
     x = torch.rand(1, 1, 64, 64)
     with torch.no_grad():
         assert torch.equal(net(x), loaded.model(x))

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from steelsight.cli import build_parser, main
 
@@ -49,6 +50,25 @@ def test_train_evaluate_predict_round_trip(tmp_path, neu_dir, capsys):
     (row,) = json.loads(capsys.readouterr().out)
     assert set(row) >= {"label", "confidence", "probabilities", "ood_score", "unknown"}
     assert isinstance(row["ood_score"], float)
+
+    # refit-ood rebuilds the checkpoint's own split and fits what train's finalize fitted
+    from steelsight.model.checkpoint import load_checkpoint
+
+    refit = tmp_path / "refit.safetensors"
+    assert main(["refit-ood", "--data", str(neu_dir), "--checkpoint", ckpt, "--out", str(refit)]) == 0
+    before, after = load_checkpoint(ckpt), load_checkpoint(refit)
+    assert after.meta.ood["method"] == "mahalanobis_pooled2048+layer3_std1024"
+    assert after.meta.ood["threshold"] == pytest.approx(before.meta.ood["threshold"], rel=1e-4)
+    assert after.meta.temperature == before.meta.temperature
+    for key, value in before.model.state_dict().items():
+        assert torch.equal(value, after.model.state_dict()[key]), key
+    capsys.readouterr()
+    other = tmp_path / "other"
+    for name in ("crazing", "scratches"):  # not the data it was trained on
+        (other / name).mkdir(parents=True)
+        (other / name / "a.png").write_bytes(image.read_bytes())
+    assert main(["refit-ood", "--data", str(other), "--checkpoint", ckpt, "--out", str(tmp_path / "x")]) == 2
+    assert "not the data" in capsys.readouterr().err
 
 
 def test_box_loss_without_boxes_is_refused(tmp_path):

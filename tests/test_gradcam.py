@@ -26,7 +26,7 @@ def test_cheap_path_equals_plain_full_backward(trained_like_net, name, cls):
     expected = plain(input_tensor=x, targets=[ClassifierOutputTarget(t) for t in targets])
     expected_logits = plain.outputs.detach()
     plain.activations_and_grads.release()
-    heatmaps, logits, _ = CheapCam(trained_like_net)(x, targets, name)
+    heatmaps, logits, _, _ = CheapCam(trained_like_net)(x, targets, name)
     assert heatmaps.shape == (3, 64, 64)
     np.testing.assert_allclose(heatmaps, expected, atol=1e-5)
     torch.testing.assert_close(logits, expected_logits)

@@ -2,7 +2,7 @@
 
 import torch
 
-from steelsight.model.ood import MahalanobisScorer
+from steelsight.model.ood import OOD_PREFIX, MahalanobisScorer, OodScorer, texture_statistics
 
 
 def test_score_matches_the_formula_and_ranks_outliers_higher():
@@ -28,7 +28,9 @@ def test_stored_scorer_scores_like_the_formula_after_fp16_round_trip():
     torch.manual_seed(1)
     labels = torch.arange(4).repeat_interleave(30)
     features = torch.randn(120, 64) * 3 + torch.nn.functional.one_hot(labels, 64).float() * 6
-    loaded = MahalanobisScorer.from_prefixed_state(MahalanobisScorer.fit(features, labels).prefixed_state())
+    fitted = MahalanobisScorer.fit(features, labels)
+    loaded = MahalanobisScorer.from_stored_state(fitted.stored_state())
+    torch.testing.assert_close(loaded.unit_precision, fitted.unit_precision.half().float())  # symmetric again
     queries = torch.cat([features[::10], torch.randn(6, 64) * 8])
     torch.testing.assert_close(loaded(queries).double(), _formula(loaded, queries), rtol=1e-4, atol=1e-5)
 
@@ -40,3 +42,43 @@ def test_whitening_falls_back_when_rounding_breaks_positive_definiteness():
     scorer.refresh_whitening()
     queries = torch.tensor([[1.0, 2.0, 0.0], [4.0, 4.0, 4.0]])
     torch.testing.assert_close(scorer(queries).double(), _formula(scorer, queries), rtol=1e-4, atol=1e-5)
+
+
+def _two_part_data(seed: int):
+    torch.manual_seed(seed)
+    labels = torch.arange(3).repeat_interleave(40)
+    pooled = torch.randn(120, 12) + 4 * torch.nn.functional.one_hot(labels, 12).float()
+    texture = torch.randn(120, 8).abs() + labels[:, None].float()
+    return labels, pooled, texture
+
+
+def test_two_part_score_is_the_sum_of_parts_over_their_val_medians():
+    labels, pooled, texture = _two_part_data(2)
+    scorer = OodScorer.fit((pooled[:90], texture[:90]), labels[:90], (pooled[90:], texture[90:]))
+    val_parts = scorer.parts(pooled[90:], texture[90:])
+    torch.testing.assert_close(val_parts.median(dim=0).values, torch.ones(2))  # both parts weigh alike on val
+    expected = scorer.pooled(pooled) / scorer.scales[0] + scorer.texture(texture) / scorer.scales[1]
+    torch.testing.assert_close(scorer(pooled, texture), expected)
+    # a frame whose texture statistics are off scores higher even when its pooled features look normal
+    odd = texture[:5] * 6
+    assert (scorer(pooled[:5], odd) > scorer(pooled[:5], texture[:5])).all()
+
+
+def test_two_part_scorer_round_trips_and_reads_older_single_part_checkpoints():
+    labels, pooled, texture = _two_part_data(3)
+    scorer = OodScorer.fit((pooled, texture), labels, (pooled, texture))
+    loaded = OodScorer.from_prefixed_state(scorer.prefixed_state())
+    torch.testing.assert_close(loaded(pooled, texture), scorer(pooled, texture), rtol=2e-3, atol=1e-4)
+    assert loaded.method == "mahalanobis_pooled2048+layer3_std1024"
+    # before the texture part, checkpoints stored one unprefixed pooled scorer with its full fp16 precision
+    old = MahalanobisScorer.fit(pooled, labels)
+    legacy = {OOD_PREFIX + k: v for k, v in old.state_dict().items()}
+    legacy[OOD_PREFIX + "unit_precision"] = legacy[OOD_PREFIX + "unit_precision"].half()
+    single = OodScorer.from_prefixed_state(legacy)
+    assert single.texture is None and single.method == "mahalanobis_pooled2048"
+    torch.testing.assert_close(single(pooled), old(pooled), rtol=2e-3, atol=1e-4)
+
+
+def test_texture_statistics_are_each_channels_spatial_std():
+    x = torch.randn(2, 3, 5, 7)
+    torch.testing.assert_close(texture_statistics(x), x.flatten(2).std(dim=2, unbiased=False))

@@ -48,6 +48,23 @@ def test_blank_and_noise_frames_are_unknown(shipped):
     assert all(p.unknown for p in shipped.predict(frames))
 
 
+def test_drawn_frames_that_pass_the_quality_gate_are_unknown_by_their_score(shipped):
+    """Text, lines and rings on gray: structured enough for the input gate, nothing like steel. The pooled
+    features alone (the previous scorer) left 5 of these 6 under the threshold; layer3's texture part flags
+    all 6, at about twice the threshold."""
+    import cv2
+
+    frames = []
+    for i in range(6):
+        canvas = np.full((200, 200), 90 + 25 * i, np.uint8)
+        cv2.putText(canvas, "COIL 4711", (10, 60), cv2.FONT_HERSHEY_SIMPLEX, 1.2, 20, 3)
+        cv2.line(canvas, (0, 150), (199, 120 + 10 * i), 240, 4)
+        cv2.circle(canvas, (140, 100), 30 + 4 * i, 200, 3)
+        frames.append(canvas)
+    assert shipped.ood.texture is not None
+    assert [p.unknown_reason for p in shipped.predict(frames)] == ["ood_score"] * 6
+
+
 def test_explanations_concentrate_on_the_defect(shipped, neu_dir):
     """Grad-CAM puts more of its energy inside the NEU-DET boxes than a uniform map would, and its peak
     lands in a box more often than chance (a uniform random point lands with probability = box area)."""
