@@ -60,7 +60,8 @@ def model_only(predictor: Predictor):
     """Trunk + attention + pooling + head on a batch that is already on the device."""
     def run(batch: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            feats = predictor.trunk(batch).to(predictor.device)
+            feats, _ = predictor.trunk(batch)
+            feats = feats.to(predictor.device)
             return predictor.net.head(predictor.net.pooled(feats))
     return run
 
@@ -81,7 +82,7 @@ def eager_cpu_predictor(path) -> Predictor:
     """The reference: the checkpoint's own float32 modules on the CPU, no folding, no other runtime."""
     checkpoint = load_checkpoint(path)  # a fresh copy, so the swept predictors' device moves do not touch it
     predictor = Predictor(checkpoint, torch.device("cpu"), batch_size=32, backend="torch")
-    predictor.trunk = checkpoint.model.features
+    predictor.trunk = checkpoint.model.trunk_outputs
     return predictor
 
 

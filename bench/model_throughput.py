@@ -33,10 +33,10 @@ from steelsight.model.transforms import eval_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "deploy" / "samples"
-Trunk = Callable[[torch.Tensor], torch.Tensor]
+Trunk = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-# candidates: each returns a callable gray batch -> trunk features -------------------------------
+# candidates: each returns a callable gray batch -> (trunk features, layer3 texture statistics) ---
 def eager(net) -> Trunk:
     module = TrunkInput(net).eval()
 
@@ -48,20 +48,22 @@ def eager(net) -> Trunk:
 
 def folded_channels_last(net) -> Trunk:
     """inference_mode + the product's PyTorch trunk (BN folded into convs, channels_last)."""
-    module = TorchTrunk(net).module
+    trunk = TorchTrunk(net)
 
     def run(x):
         with torch.inference_mode():
-            return module(x.contiguous(memory_format=torch.channels_last))
+            return trunk(x)
     return run
 
 
 def compiled(net) -> Trunk:
-    module = torch.compile(TorchTrunk(net).module, dynamic=False)
+    trunk = TorchTrunk(net)
+    trunk.to_layer3 = torch.compile(trunk.to_layer3, dynamic=False)
+    trunk.layer4 = torch.compile(trunk.layer4, dynamic=False)
 
     def run(x):
         with torch.inference_mode():
-            return module(x)
+            return trunk(x)
     return run
 
 
@@ -101,7 +103,8 @@ def openvino_fp32(net, onnx_path: Path) -> Trunk:
             model.reshape({"gray": list(key)})
             compiled_models[key] = core.compile_model(model, "CPU", {
                 "INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY"})
-        return torch.from_numpy(compiled_models[key]({"gray": x.numpy()})[0])
+        outputs = compiled_models[key]({"gray": x.numpy()})
+        return torch.from_numpy(outputs[0]), torch.from_numpy(outputs[1])
     return run
 
 
@@ -123,7 +126,8 @@ def probabilities(net, trunk: Trunk, images: torch.Tensor, temperature: float) -
     out = []
     with torch.no_grad():
         for i in range(0, len(images), 16):
-            logits = net.classify(trunk(images[i : i + 16]).float())
+            features, _ = trunk(images[i : i + 16])
+            logits = net.classify(features.float())
             out.append(torch.softmax(logits / temperature, dim=1).numpy())
     return np.concatenate(out)
 
