@@ -37,7 +37,7 @@ def ood_threshold(val_scores: np.ndarray, false_unknown_rate: float = 0.005) -> 
     return float(np.quantile(val_scores, 1.0 - false_unknown_rate))
 
 
-def held_out_false_unknown_rate(val_scores: np.ndarray) -> float:
+def leave_one_out_false_unknown_rate(val_scores: np.ndarray) -> float:
     """Leave one out: the share of val images above the threshold set on all the others.
 
     The rate measured on val itself is in-sample (each image helped set the threshold);

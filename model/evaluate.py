@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .calibrate import held_out_false_unknown_rate
+from .calibrate import leave_one_out_false_unknown_rate
 from .corruptions import CORRUPTIONS, FAR_OOD, FAR_OOD_HELD_OUT, auroc, corrupt_all, ood_sets
 from .data import (
     Sample,
@@ -115,9 +115,9 @@ def ood_report(predictor: Predictor, images: list, preds: list, out: Path) -> di
     in_scores = np.array([p.ood_score for p in preds])
     in_msp = np.array([1 - p.confidence for p in preds])
     sets = ood_sets(images[0].shape[0], images)
-    report = {"in_distribution": {"n": len(preds), "false_unknown_rate": float(np.mean([p.unknown for p in preds])),
-                                  "score_false_unknown_rate_leave_one_out": held_out_false_unknown_rate(in_scores)},
-              "threshold": predictor.ood_threshold, "sets": {}}
+    in_distribution = {"n": len(preds), "false_unknown_rate": float(np.mean([p.unknown for p in preds])),
+                       "score_false_unknown_rate_leave_one_out": leave_one_out_false_unknown_rate(in_scores)}
+    report = {"in_distribution": in_distribution, "threshold": predictor.ood_threshold, "sets": {}}
     scores_by_set, preds_by_set = {}, {}
     for name, ood_images in sets.items():
         preds_by_set[name] = predict_all(predictor, ood_images, desc=f"ood {name}")

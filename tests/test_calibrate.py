@@ -39,15 +39,15 @@ def test_temperature_scales_with_the_logits():
     assert fit_temperature(5.0 * logits, labels) == pytest.approx(5.0 * base, rel=1e-2)
 
 
-def test_held_out_false_unknown_rate_leaves_each_image_out_of_its_threshold():
+def test_leave_one_out_false_unknown_rate_leaves_each_image_out_of_its_threshold():
     import numpy as np
 
-    from steelsight.model.calibrate import held_out_false_unknown_rate, ood_threshold
+    from steelsight.model.calibrate import leave_one_out_false_unknown_rate, ood_threshold
 
     scores = np.random.default_rng(0).normal(size=400)
     in_sample = float(np.mean(scores > ood_threshold(scores)))
-    held_out = held_out_false_unknown_rate(scores)
+    held_out = leave_one_out_false_unknown_rate(scores)
     assert in_sample <= 0.005 + 1e-9
     assert 0.005 <= held_out < 0.01
     # left out, the one image far above the rest is flagged, and no other is
-    assert held_out_false_unknown_rate(np.array([0.0, 0.1, 0.2, 0.3, 5.0])) == 0.2
+    assert leave_one_out_false_unknown_rate(np.array([0.0, 0.1, 0.2, 0.3, 5.0])) == 0.2

@@ -85,7 +85,7 @@ def test_explanations_concentrate_on_the_defect(shipped, neu_dir):
 
 
 def test_far_ood_report_counts_the_verdict_not_only_the_score(shipped, tmp_path):
-    from steelsight.model.corruptions import FAR_OOD
+    from steelsight.model.corruptions import FAR_OOD, FAR_OOD_HELD_OUT
     from steelsight.model.evaluate import ood_report
 
     images = [read_gray(s.path) for s in scan_folders(SAMPLES)]
@@ -96,4 +96,7 @@ def test_far_ood_report_counts_the_verdict_not_only_the_score(shipped, tmp_path)
     # blank and noise frames are caught by the quality gate whatever their score
     assert far["unknown_rate"] == pytest.approx(sum(s["unknown_rate"] * s["n"] for s in sets) / far["n"])
     assert far["unknown_rate"] >= far["score_above_threshold_rate"]
+    held_out = report["far_ood_held_out"]
+    assert held_out["n"] == sum(report["sets"][name]["n"] for name in FAR_OOD_HELD_OUT) >= 40
+    assert 0 <= report["in_distribution"]["score_false_unknown_rate_leave_one_out"] <= 1
     assert (tmp_path / "ood_scores.png").exists()
