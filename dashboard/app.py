@@ -59,11 +59,13 @@ def _counts_markdown(counts) -> str:
     return f"<span id='class-counts'>{cells}</span>"
 
 
-def _bars_html(name: str, pred, error: str | None = None) -> str:
+def _bars_html(name: str, pred, error: str | None = None, threshold: float | None = None) -> str:
     title = f"<h4>{html.escape(name)}</h4>"
     if error:
         return title + f"<p class='upload-error'>Rejected: {html.escape(error)}</p>"
     score = f"OOD score {pred.ood_score:.2f}" if pred.ood_score is not None else "no OOD scorer"
+    if pred.ood_score is not None and threshold is not None:
+        score += f" against a threshold of {threshold:.2f}"  # the score alone means nothing to an operator
     banner = ("<p class='unknown-banner'>UNKNOWN — this surface does not look like the training data "
               f"({pred.unknown_reason}, {score})</p>") if pred.unknown else ""
     rows = "".join(
@@ -131,7 +133,7 @@ class Dashboard:
         for name, exp in zip(names, self.predictor.explain(images, method) if images else [], strict=True):
             metrics.UPLOADS.labels(outcome="unknown" if exp.unknown else "ok").inc()
             gallery.append((exp.overlay, f"{name}: {UNKNOWN + ' · ' if exp.unknown else ''}{exp.label}"))
-            blocks.append(_bars_html(name, exp))
+            blocks.append(_bars_html(name, exp, threshold=self.predictor.ood_threshold))
         return gallery, "".join(blocks)
 
     # metrics tab -----------------------------------------------------------------

@@ -119,3 +119,14 @@ def test_login_when_enabled(settings, tmp_path):
         assert denied.value.code == 401
     finally:
         dashboard.kill(signal.SIGTERM)
+
+
+def test_unknown_banner_gives_the_score_against_its_threshold():
+    from steelsight.dashboard.app import _bars_html
+    from steelsight.model.predictor import Prediction
+
+    pred = Prediction(label="crazing", confidence=0.4, probabilities={"crazing": 0.4, "patches": 0.6},
+                      ood_score=22.86, unknown=True, unknown_reason="ood_score")
+    banner = _bars_html("drawing.png", pred, threshold=10.98)
+    assert "UNKNOWN" in banner and "OOD score 22.86 against a threshold of 10.98" in banner
+    assert "UNKNOWN" not in _bars_html("steel.png", Prediction("crazing", 1.0, {"crazing": 1.0}, 1.2), threshold=10.98)
