@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from .calibrate import fit_temperature, ood_threshold
@@ -342,8 +342,14 @@ def train(cfg: TrainConfig) -> Path:
     return trainer.finalize() if cfg.finalize_only else trainer.fit()
 
 
-def refit_ood(checkpoint: Path, data: Path, out: Path, device: str = "auto", batch_size: int = 32) -> Path:
-    """Fit a checkpoint's OOD scorer anew on its own split; weights and temperature stay as they are."""
+def refit_ood(checkpoint: Path, data: Path, out: Path, device: str = "auto", batch_size: int = 32,
+              with_corruptions: bool = False) -> Path:
+    """Fit a checkpoint's OOD scorer anew on its own split; weights and temperature stay as they are.
+
+    ``with_corruptions`` also fits on the training images under the five moderate
+    corruptions, so that blurred or noisy steel stops looking foreign: far fewer false
+    unknowns on degraded frames, for a lower far-OOD AUROC (measured in the model card).
+    """
     from .checkpoint import load_checkpoint
 
     dev = resolve_device(device)
@@ -358,8 +364,28 @@ def refit_ood(checkpoint: Path, data: Path, out: Path, device: str = "auto", bat
     def features(split) -> Inferred:
         return infer(loaded.model, DataLoader(SurfaceDataset(split, None, size), batch_size=batch_size), dev)
 
-    scorer, meta.ood = fit_ood(features(train_s), features(val_s))
+    train = features(train_s)
+    if with_corruptions:
+        train = _concat([train, *_corrupted_copies(loaded.model, train_s, size, dev, batch_size)])
+    scorer, meta.ood = fit_ood(train, features(val_s))
+    meta.ood["fitted_on"] = "train + train under the 5 moderate corruptions" if with_corruptions else "train"
     path = save_checkpoint(loaded.model, meta, Path(out), half=bool(meta.training.get("half")), ood=scorer)
-    print(f"OOD {meta.ood['method']}: threshold {meta.ood['threshold']:.3f}, val false unknowns "
-          f"{meta.ood['val_false_unknown_rate']:.2%}; wrote {path}")
+    print(f"OOD {meta.ood['method']} fitted on {meta.ood['fitted_on']}: threshold {meta.ood['threshold']:.3f}, "
+          f"val false unknowns {meta.ood['val_false_unknown_rate']:.2%}; wrote {path}")
     return path
+
+
+def _corrupted_copies(model: AttentionResNet50, samples, size: int, device: torch.device, batch_size: int
+                      ) -> list[Inferred]:
+    """The samples under each moderate corruption, applied at full resolution as ``evaluate`` applies them."""
+    originals = [read_gray(s.path) for s in samples]
+    labels = torch.tensor([s.label for s in samples])
+    copies = []
+    for name in tqdm(CORRUPTIONS, desc="corrupted copies", unit="corruption", leave=False):
+        batch = eval_batch(corrupt_all(originals, name), size)
+        copies.append(infer(model, DataLoader(TensorDataset(batch, labels), batch_size=batch_size), device))
+    return copies
+
+
+def _concat(parts: list[Inferred]) -> Inferred:
+    return Inferred(*(torch.cat([getattr(p, f) for p in parts]) for f in ("logits", "labels", "pooled", "texture")))

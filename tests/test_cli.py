@@ -62,6 +62,13 @@ def test_train_evaluate_predict_round_trip(tmp_path, neu_dir, capsys):
     assert after.meta.temperature == before.meta.temperature
     for key, value in before.model.state_dict().items():
         assert torch.equal(value, after.model.state_dict()[key]), key
+    assert after.meta.ood["fitted_on"] == "train"
+    widened = tmp_path / "widened.safetensors"
+    assert main(["refit-ood", "--data", str(neu_dir), "--checkpoint", ckpt, "--out", str(widened),
+                 "--with-corruptions"]) == 0
+    wide = load_checkpoint(widened)
+    assert wide.meta.ood["fitted_on"] == "train + train under the 5 moderate corruptions"
+    assert not torch.equal(wide.ood.pooled.means, after.ood.pooled.means)  # six times the images, other means
     capsys.readouterr()
     other = tmp_path / "other"
     for name in ("crazing", "scratches"):  # not the data it was trained on
