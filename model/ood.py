@@ -7,9 +7,10 @@ covariance invertible with far fewer images than dimensions.
 
 * ``pooled``: the attention-pooled 2048-d features the head classifies.
 * ``texture``: the spatial standard deviation of each of layer3's 1024 channels,
-  a texture statistic that separates noise, drawings and photo crops from steel
-  far better than the pooled features, while moderate blur, noise or JPEG moves
-  it little more (bench: docs/model_card, "unknown verdict").
+  a texture statistic that separates drawings, photo crops and heavy corruption
+  from steel better than the pooled features. Earlier layers separate even more,
+  but flag mildly blurred or noisy steel too (MODEL_CARD.md, Unknown verdict;
+  bench/ood_variants.py).
 
 The score is the sum of the two parts, each divided by its median on val images,
 so both weigh alike and in-distribution images sit near 2. Checkpoints without a
