@@ -109,6 +109,9 @@ def cached_onnx(net: AttentionResNet50, size: int, cache_key: str) -> Path:
             os.replace(tmp_path, path)  # atomic: concurrent workers never read a half-written model
         finally:
             tmp_path.unlink(missing_ok=True)
+        # the same checkpoint's export in the layout before versioned names (~90 MB each); a worker
+        # still running it keeps its open file, since unlinking does not close it
+        (path.parent / f"trunk-{cache_key[:16]}-{size}.onnx").unlink(missing_ok=True)
     return path
 
 

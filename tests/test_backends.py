@@ -80,3 +80,19 @@ def test_backend_names_agree_across_cli_settings_and_backends():
 
     assert ["auto", *BACKENDS] == TRUNK_BACKENDS
     assert list(get_args(Settings.model_fields["backend"].annotation)) == TRUNK_BACKENDS
+
+
+def test_export_replaces_the_same_checkpoints_unversioned_file(tmp_path, monkeypatch):
+    from steelsight.model.backends import ONNX_LAYOUT, cached_onnx
+    from steelsight.model.network import AttentionResNet50
+
+    monkeypatch.setenv("STEELSIGHT_CACHE", str(tmp_path))
+    net = AttentionResNet50().eval()
+    cache = tmp_path / "onnx"
+    cache.mkdir()
+    stale, other = cache / "trunk-0123456789abcdef-32.onnx", cache / "trunk-fedcba9876543210-32.onnx"
+    stale.write_bytes(b"old layout")
+    other.write_bytes(b"another checkpoint's")
+    path = cached_onnx(net, 32, "0123456789abcdef" + "0" * 48)
+    assert path.name == f"trunk-v{ONNX_LAYOUT}-0123456789abcdef-32.onnx" and path.stat().st_size > 1000
+    assert not stale.exists() and other.exists()
