@@ -1,7 +1,9 @@
 """OOD score variants side by side on one checkpoint: what each part buys and what it costs.
 
-    .venv/bin/python bench/ood_variants.py --data ../shared/data/neu                 # the shipped checkpoint
-    .venv/bin/python bench/ood_variants.py --data ../shared/data/neu --checkpoint runs/.../model.safetensors
+    .venv/bin/python bench/ood_variants.py --data DATA                                  # the shipped checkpoint
+    .venv/bin/python bench/ood_variants.py --data DATA --checkpoint runs/.../model.safetensors
+
+DATA is the NEU folder the checkpoint was trained on (its manifest must match).
 
 For the checkpoint's own train/val split, the scorer is refitted four ways: the pooled
 part alone or pooled + texture (model/ood.py), each fitted on the training images or on
@@ -23,54 +25,39 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from steelsight.model.calibrate import ood_threshold
-from steelsight.model.corruptions import CORRUPTIONS, FAR_OOD, FAR_OOD_HELD_OUT, auroc, corrupt_all, ood_sets
+from steelsight.model.corruptions import CORRUPTIONS, FAR_OOD, FAR_OOD_HELD_OUT, auroc, ood_sets
 from steelsight.model.data import scan_folders
 from steelsight.model.evaluate import select_split
 from steelsight.model.imageio import read_gray
 from steelsight.model.ood import MahalanobisScorer, OodScorer
 from steelsight.model.predictor import Predictor
+from steelsight.model.train import Inferred, concat_inferred, corrupted_copies, infer
 from steelsight.model.transforms import eval_batch
 
 NEAR_OOD = ("lens_dirt", "heavy_corruption")
 
 
-class Features:
-    """Pooled features, texture statistics and predicted labels of a list of images."""
-
-    def __init__(self, predictor: Predictor, images: list[np.ndarray], batch: int = 64):
-        net, pooled, texture, labels = predictor.net, [], [], []
-        with torch.inference_mode():
-            for start in range(0, len(images), batch):
-                feats, tex = net.trunk_outputs(eval_batch(images[start : start + batch], predictor.input_size))
-                pool = net.pooled(feats)
-                pooled.append(pool)
-                texture.append(tex)
-                labels.append(net.head(pool).argmax(1))
-        self.pooled, self.texture, self.predicted = torch.cat(pooled), torch.cat(texture), torch.cat(labels)
-
-    @staticmethod
-    def concat(parts: list[Features]) -> Features:
-        joined = object.__new__(Features)
-        for name in ("pooled", "texture", "predicted"):
-            setattr(joined, name, torch.cat([getattr(p, name) for p in parts]))
-        return joined
+def features(predictor: Predictor, images: list[np.ndarray], labels: torch.Tensor) -> Inferred:
+    batch = eval_batch(images, predictor.input_size)
+    return infer(predictor.net, DataLoader(TensorDataset(batch, labels), batch_size=64), predictor.device)
 
 
-def fit(kind: str, train: Features, labels: torch.Tensor, val: Features) -> OodScorer:
+def fit(kind: str, train: Inferred, val: Inferred) -> OodScorer:
     if kind == "pooled":
-        return OodScorer(MahalanobisScorer.fit(train.pooled, labels))
-    return OodScorer.fit((train.pooled, train.texture), labels, (val.pooled, val.texture))
+        return OodScorer(MahalanobisScorer.fit(train.pooled, train.labels))
+    return OodScorer.fit((train.pooled, train.texture), train.labels, (val.pooled, val.texture))
 
 
-def score(scorer: OodScorer, feats: Features) -> np.ndarray:
+def score(scorer: OodScorer, feats: Inferred) -> np.ndarray:
     return scorer(feats.pooled, feats.texture).numpy()
 
 
-def row(name: str, scorer: OodScorer, val: Features, sets: dict[str, Features], corrupted: dict[str, Features],
-        truth: torch.Tensor) -> str:
+def row(name: str, scorer: OodScorer, val: Inferred, sets: dict[str, Inferred], corrupted: dict[str, Inferred]
+        ) -> str:
     in_scores = score(scorer, val)
     threshold = ood_threshold(in_scores)
     cells = [name]
@@ -79,7 +66,7 @@ def row(name: str, scorer: OodScorer, val: Features, sets: dict[str, Features], 
         cells.append(f"{auroc(in_scores, out):.3f} ({np.mean(out > threshold):.0%})")
     for feats in corrupted.values():
         flagged = score(scorer, feats) > threshold
-        wrong = (feats.predicted != truth).numpy()
+        wrong = (feats.logits.argmax(1) != feats.labels).numpy()
         cells.append(f"{flagged.mean():.1%} ({int((flagged & wrong).sum())}/{int(wrong.sum())})")
     return "| " + " | ".join(cells) + " |"
 
@@ -93,23 +80,15 @@ def main() -> None:
     predictor = Predictor.load(args.checkpoint, device="cpu", backend="torch")
     samples = scan_folders(args.data, predictor.classes)
     train_s, val_s = select_split(samples, predictor, "train"), select_split(samples, predictor, "val")
-    train_images = [read_gray(s.path) for s in tqdm(train_s, desc="decode", leave=False)]
+    size, device = predictor.input_size, predictor.device
     val_images = [read_gray(s.path) for s in val_s]
-    labels, truth = torch.tensor([s.label for s in train_s]), torch.tensor([s.label for s in val_s])
-
-    steps = tqdm(total=3 + 2 * len(CORRUPTIONS), desc="features", unit="set", leave=False)
-
-    def features(images):
-        steps.update()
-        return Features(predictor, images)
-
-    train, val = features(train_images), features(val_images)
-    widened = Features.concat([train, *(features(corrupt_all(train_images, n)) for n in CORRUPTIONS)])
-    corrupted = {n: features(corrupt_all(val_images, n)) for n in CORRUPTIONS}
-    sets = {n: Features(predictor, images) for n, images in ood_sets(val_images[0].shape[0], val_images).items()}
-    steps.update()
-    steps.close()
-    widened_labels = labels.repeat(1 + len(CORRUPTIONS))
+    train = features(predictor, [read_gray(s.path) for s in train_s], torch.tensor([s.label for s in train_s]))
+    val = features(predictor, val_images, torch.tensor([s.label for s in val_s]))
+    widened = concat_inferred([train, *corrupted_copies(predictor.net, train_s, size, device, 64)])
+    corrupted = dict(zip(CORRUPTIONS, corrupted_copies(predictor.net, val_s, size, device, 64), strict=True))
+    sets = {name: features(predictor, images, torch.zeros(len(images), dtype=torch.long))  # no labels
+            for name, images in tqdm(ood_sets(val_images[0].shape[0], val_images).items(), desc="OOD sets",
+                                     leave=False)}
 
     print(f"# {platform.machine()}, torch {torch.__version__}, checkpoint "
           f"{predictor.checkpoint.path.name} ({predictor.checkpoint.sha256[:12]}…), "
@@ -118,8 +97,8 @@ def main() -> None:
     header = ["scorer, fitted on", "far OOD", "held-out far OOD", *NEAR_OOD, *CORRUPTIONS]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for kind in ("pooled", "pooled+texture"):
-        print(row(f"{kind}, train", fit(kind, train, labels, val), val, sets, corrupted, truth))
-        print(row(f"{kind}, train + corrupted", fit(kind, widened, widened_labels, val), val, sets, corrupted, truth))
+        print(row(f"{kind}, train", fit(kind, train, val), val, sets, corrupted))
+        print(row(f"{kind}, train + corrupted", fit(kind, widened, val), val, sets, corrupted))
 
 
 if __name__ == "__main__":

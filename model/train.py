@@ -281,20 +281,6 @@ class Trainer:
             training_curves(self.history, self.out / "training_curves.png")
         return self.finalize()
 
-    def _shifted_val(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits of the val images under every moderate corruption of :mod:`.corruptions`."""
-        originals = [read_gray(s.path) for s in self.val_set.samples]
-        labels = torch.tensor([s.label for s in self.val_set.samples])
-        logits = []
-        self.model.eval()
-        with torch.inference_mode():
-            for name in CORRUPTIONS:
-                shifted = corrupt_all(originals, name)
-                for start in range(0, len(shifted), self.cfg.batch_size):
-                    batch = eval_batch(shifted[start : start + self.cfg.batch_size], self.cfg.image_size)
-                    logits.append(self.model(batch.to(self.device)).cpu())
-        return torch.cat(logits), labels.repeat(len(CORRUPTIONS))
-
     def finalize(self) -> Path:
         """Best weights + temperature + OOD scorer (train features) -> model.safetensors.
 
@@ -309,15 +295,16 @@ class Trainer:
         val = infer(self.model, self._loader(self.val_set, False), self.device)
         plain_train = SurfaceDataset(self.train_set.samples, None, self.cfg.image_size)
         train = infer(self.model, self._loader(plain_train, False), self.device)
-        shifted_logits, shifted_labels = self._shifted_val()
+        shifted = concat_inferred(corrupted_copies(self.model, self.val_set.samples, self.cfg.image_size,
+                                                   self.device, self.cfg.batch_size))
         meta = best.meta
-        meta.temperature = fit_temperature(torch.cat([val.logits, shifted_logits]),
-                                           torch.cat([val.labels, shifted_labels]))
+        meta.temperature = fit_temperature(torch.cat([val.logits, shifted.logits]),
+                                           torch.cat([val.labels, shifted.labels]))
         scorer, meta.ood = fit_ood(train, val)
         meta.val_metrics["calibration"] = {
             "temperature_fitted_on": "val + val under the 5 moderate corruptions",
             **_ece_pair("val", val.logits, val.labels, meta.temperature),
-            **_ece_pair("val_corrupted", shifted_logits, shifted_labels, meta.temperature),
+            **_ece_pair("val_corrupted", shifted.logits, shifted.labels, meta.temperature),
         }
         path = save_checkpoint(self.model, meta, self.out / "model.safetensors", half=self.cfg.half, ood=scorer)
         print(f"temperature {meta.temperature:.3f}; calibration {meta.val_metrics['calibration']}; "
@@ -366,7 +353,7 @@ def refit_ood(checkpoint: Path, data: Path, out: Path, device: str = "auto", bat
 
     train = features(train_s)
     if with_corruptions:
-        train = _concat([train, *_corrupted_copies(loaded.model, train_s, size, dev, batch_size)])
+        train = concat_inferred([train, *corrupted_copies(loaded.model, train_s, size, dev, batch_size)])
     scorer, meta.ood = fit_ood(train, features(val_s))
     meta.ood["fitted_on"] = "train + train under the 5 moderate corruptions" if with_corruptions else "train"
     path = save_checkpoint(loaded.model, meta, Path(out), half=bool(meta.training.get("half")), ood=scorer)
@@ -375,8 +362,8 @@ def refit_ood(checkpoint: Path, data: Path, out: Path, device: str = "auto", bat
     return path
 
 
-def _corrupted_copies(model: AttentionResNet50, samples, size: int, device: torch.device, batch_size: int
-                      ) -> list[Inferred]:
+def corrupted_copies(model: AttentionResNet50, samples, size: int, device: torch.device, batch_size: int
+                     ) -> list[Inferred]:
     """The samples under each moderate corruption, applied at full resolution as ``evaluate`` applies them."""
     originals = [read_gray(s.path) for s in samples]
     labels = torch.tensor([s.label for s in samples])
@@ -387,5 +374,5 @@ def _corrupted_copies(model: AttentionResNet50, samples, size: int, device: torc
     return copies
 
 
-def _concat(parts: list[Inferred]) -> Inferred:
+def concat_inferred(parts: list[Inferred]) -> Inferred:
     return Inferred(*(torch.cat([getattr(p, f) for p in parts]) for f in ("logits", "labels", "pooled", "texture")))

@@ -11,11 +11,14 @@ EXIT_SOME_REJECTED = 3
 TRUNK_BACKENDS = ["auto", "torch", "torch-fp16", "onnxruntime"]  # model/backends.py; kept here so --help stays light
 
 
-def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+def _add_checkpoint_args(p: argparse.ArgumentParser, batch_size: int = 16, backend: bool = True) -> None:
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="model .safetensors (default: the checkpoint shipped in the repository)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
+    p.add_argument("--batch-size", type=int, default=batch_size,
+                   help=f"images per forward pass (default: {batch_size})")
+    if not backend:
+        return
     p.add_argument("--backend", choices=TRUNK_BACKENDS, default="auto",
                    help="trunk runtime: auto = ONNX Runtime on CPU (measured faster, see bench/), PyTorch on GPU; "
                         "torch-fp16 = half precision, for GPUs")
@@ -109,10 +112,7 @@ def _refit_ood_parser(sub) -> None:
     )
     p.add_argument("--data", type=Path, required=True, help="the data the checkpoint was trained on")
     p.add_argument("--out", type=Path, required=True, help="where to write the refitted .safetensors")
-    p.add_argument("--checkpoint", type=Path, default=None,
-                   help="model .safetensors (default: the checkpoint shipped in the repository)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    _add_checkpoint_args(p, batch_size=32, backend=False)  # refitting runs the network itself, in PyTorch
     p.add_argument("--with-corruptions", action="store_true",
                    help="also fit on the training images under the five moderate corruptions: far fewer unknowns "
                         "on blurred or noisy steel, for a lower far-OOD AUROC (see the model card)")
