@@ -67,7 +67,26 @@ def redis_server(workdir: Path, appendonly: bool = False, port: int | None = Non
 
 
 def s3_server(workdir: Path, port: int | None = None) -> Service:
-    """moto's S3 server: S3-compatible and in memory, a stand-in for MinIO that keeps nothing."""
+    """moto's S3, in memory, served with keep-alive connections: a stand-in for MinIO that keeps nothing.
+
+    moto's own server (werkzeug's) closes every connection after one request, so each
+    S3 call reconnected, costing the client's core 0.15 ms that MinIO does not
+    (bench/README.md); waitress keeps connections open as MinIO does.
+    """
     port = port or free_port()
-    args = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    args = [sys.executable, "-m", "steelsight.devstack", "s3", str(port)]
     return Service(args, port, workdir / f"moto-{port}.log")
+
+
+def serve_s3(port: int) -> None:
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+    from waitress import serve
+
+    os.environ.setdefault("MOTO_PORT", str(port))  # as moto's own server does
+    serve(DomainDispatcherApplication(create_backend_app), host="127.0.0.1", port=port, threads=8, _quiet=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["s3"] or len(sys.argv) != 3:
+        sys.exit("usage: python -m steelsight.devstack s3 PORT")
+    serve_s3(int(sys.argv[2]))

@@ -7,9 +7,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
-from steelsight.contract import Settings
+from steelsight.contract import Frame, Settings
+from steelsight.producer.service import Producer
 
 SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
 ARTIFACTS = Path(os.environ.get("STEELSIGHT_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "artifacts"))
@@ -43,3 +46,77 @@ class WorkerProcess(ChildProcess):
 def records(settings: Settings, conn) -> dict[str, dict]:
     keys = conn.keys(f"{settings.key_prefix}:result:*")
     return {k.decode().rsplit(":", 1)[1]: json.loads(conn.get(k)) for k in keys}
+
+
+class SlowEngine:
+    """Stand-in engine that logs when each batch is fetched, computed and uploaded; compute takes ``compute_s``.
+
+    With ``upload_s`` each frame's overlay upload takes that long on an I/O thread, and
+    ``compute`` hands back futures, as the real engine does.
+    """
+
+    def __init__(self, upload_s: float = 0.0, compute_s: float = 0.3):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.events: list[tuple[str, int, float]] = []
+        self.upload_s, self.compute_s = upload_s, compute_s
+        self.io = ThreadPoolExecutor(max_workers=8)
+
+    def prefetch(self, frames):
+        self.events.append(("fetch", len(frames), time.perf_counter()))
+        return {}
+
+    def compute(self, frames, loads=None):
+        from steelsight.contract import FrameResult, Timings
+
+        self.events.append(("compute", len(frames), time.perf_counter()))
+        time.sleep(self.compute_s)
+        self.events.append(("computed", len(frames), time.perf_counter()))
+        results = {f.job_id: FrameResult(frame_id=f.frame_id, job_id=f.job_id, line_id=f.line_id,
+                                         camera_id=f.camera_id, captured_at=f.captured_at, status="ok",
+                                         label="crazing", frame_key=f.object_key,
+                                         timings=Timings(queue_wait_s=0, inference_s=0, total_s=0)) for f in frames}
+        if not self.upload_s:
+            return results
+
+        def upload(result):
+            time.sleep(self.upload_s)
+            self.events.append(("uploaded", len(frames), time.perf_counter()))
+            return result
+        return {job_id: self.io.submit(upload, result) for job_id, result in results.items()}
+
+    def process(self, frames, loads=None):
+        from steelsight.worker.engine import settle
+
+        return settle(self.compute(frames, loads))
+
+
+def enqueue_frames(settings: Settings, line: str, frames: int) -> None:
+    producer = Producer(settings, line, "cam-1")
+    for i in range(frames):
+        producer._enqueue(Frame(frame_id=f"f{i}", line_id=line, camera_id="cam-1", captured_at=datetime.now(UTC),
+                                ext="png"))
+
+
+def work_queue(settings: Settings, engine: SlowEngine, batch: int) -> list[tuple[str, float]]:
+    """Work the queue in batches with ``engine`` until it is empty; (job id, time) of each heartbeat kept."""
+    from steelsight.worker import jobs
+    from steelsight.worker.service import make_worker
+
+    jobs.install(engine, settings)
+    try:
+        worker = make_worker(settings.model_copy(update={"batch_size": batch}))
+        worker.claimed_heartbeat_s = 0.1
+        beats, beat = [], worker.maintain_heartbeats
+        worker.maintain_heartbeats = lambda job, execution: (beats.append((job.id, time.perf_counter())),
+                                                             beat(job, execution))
+        worker.work(burst=True, with_scheduler=False)
+    finally:
+        jobs.install(None, None)
+    return beats
+
+
+def run_slow_worker(settings, engine: SlowEngine, frames: int, batch: int, line: str) -> list[tuple[str, float]]:
+    """Queue ``frames`` frames of ``line`` and work them; (job id, time) of each heartbeat kept."""
+    enqueue_frames(settings, line, frames)
+    return work_queue(settings, engine, batch)

@@ -8,7 +8,6 @@ import signal
 import threading
 import time
 import urllib.request
-from datetime import UTC, datetime
 
 from rq import Queue
 from rq.job import Job
@@ -20,7 +19,7 @@ from steelsight.contract import Frame
 from steelsight.devstack import wait_until
 from steelsight.producer.service import Producer, replay
 
-from .helpers import SAMPLES, WorkerProcess, records
+from .helpers import SAMPLES, SlowEngine, WorkerProcess, records, run_slow_worker
 
 
 def test_frames_flow_to_results_overlays_and_metrics(settings, tmp_path):
@@ -151,71 +150,6 @@ def test_result_record_and_stream_entry_are_written_together_once(settings):
     for i in range(300):
         publish(SimpleNamespace(job_id=f"line__cam__{i}", model_dump_json=lambda: "{}"), conn, settings)
     assert conn.xlen(settings.results_stream) < 300  # capped (approximately, as XADD MAXLEN ~ does)
-
-
-class SlowEngine:
-    """Stand-in engine that logs when each batch is fetched, computed and uploaded; compute takes 0.3 s.
-
-    With ``upload_s`` each frame's overlay upload takes that long on an I/O thread, and
-    ``compute`` hands back futures, as the real engine does.
-    """
-
-    def __init__(self, upload_s: float = 0.0):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.events: list[tuple[str, int, float]] = []
-        self.upload_s = upload_s
-        self.io = ThreadPoolExecutor(max_workers=8)
-
-    def prefetch(self, frames):
-        self.events.append(("fetch", len(frames), time.perf_counter()))
-        return {}
-
-    def compute(self, frames, loads=None):
-        from steelsight.contract import FrameResult, Timings
-
-        self.events.append(("compute", len(frames), time.perf_counter()))
-        time.sleep(0.3)
-        self.events.append(("computed", len(frames), time.perf_counter()))
-        results = {f.job_id: FrameResult(frame_id=f.frame_id, job_id=f.job_id, line_id=f.line_id,
-                                         camera_id=f.camera_id, captured_at=f.captured_at, status="ok",
-                                         label="crazing", frame_key=f.object_key,
-                                         timings=Timings(queue_wait_s=0, inference_s=0, total_s=0)) for f in frames}
-        if not self.upload_s:
-            return results
-
-        def upload(result):
-            time.sleep(self.upload_s)
-            self.events.append(("uploaded", len(frames), time.perf_counter()))
-            return result
-        return {job_id: self.io.submit(upload, result) for job_id, result in results.items()}
-
-    def process(self, frames, loads=None):
-        from steelsight.worker.engine import settle
-
-        return settle(self.compute(frames, loads))
-
-
-def run_slow_worker(settings, engine: SlowEngine, frames: int, batch: int, line: str) -> list[tuple[str, float]]:
-    """Work ``frames`` queued frames in batches with ``engine``; (job id, time) of each heartbeat kept."""
-    from steelsight.worker import jobs
-    from steelsight.worker.service import make_worker
-
-    producer = Producer(settings, line, "cam-1")
-    for i in range(frames):
-        producer._enqueue(Frame(frame_id=f"f{i}", line_id=line, camera_id="cam-1", captured_at=datetime.now(UTC),
-                                ext="png"))
-    jobs.install(engine, settings)
-    try:
-        worker = make_worker(settings.model_copy(update={"batch_size": batch}))
-        worker.claimed_heartbeat_s = 0.1
-        beats, beat = [], worker.maintain_heartbeats
-        worker.maintain_heartbeats = lambda job, execution: (beats.append((job.id, time.perf_counter())),
-                                                             beat(job, execution))
-        worker.work(burst=True, with_scheduler=False)
-    finally:
-        jobs.install(None, None)
-    return beats
 
 
 def test_worker_fetches_the_next_batch_while_one_computes_and_keeps_both_alive(settings):

@@ -1,8 +1,9 @@
 """The RQ job function and the per-process handoff from the batching worker.
 
-``BatchingWorker`` runs a whole micro-batch through the engine, parks each
-outcome here under its job id, then lets RQ perform each job as usual, so
-retries, registries and results behave exactly as for any RQ job.
+``BatchingWorker`` runs a whole micro-batch through the engine and books its plain
+successes itself (:mod:`worker.booking`). Every other outcome it parks here under
+its job id and lets RQ perform that job as usual, so failures, retries and
+callbacks behave exactly as for any RQ job.
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ def discard(job_ids) -> None:
         _precomputed.pop(job_id, None)
 
 
+def settings() -> Settings:
+    return _settings or get_settings()
+
+
 def engine():
     if _engine is None:  # run by a plain `rq worker`: build the engine once, lazily
         from .service import build_engine
@@ -71,13 +76,34 @@ return 0
 
 def publish(result: FrameResult, connection, settings: Settings) -> bool:
     """Per-frame record (first write wins) and one stream entry; True when newly written."""
-    payload = result.model_dump_json()
+    return publish_many([result], connection, settings)[0]
 
-    def write() -> bool:
-        return bool(connection.eval(PUBLISH_ONCE, 2, settings.result_key(result.job_id), settings.results_stream,
-                                    payload, settings.result_ttl_s, settings.stream_maxlen))
 
-    return with_backoff(write, f"publish result {result.job_id}", REDIS_TRANSIENT, attempts=6)
+def publish_many(results: list[FrameResult], connection, settings: Settings) -> list[bool]:
+    """:func:`publish` for a batch in one round trip; safe to repeat, as each write happens once."""
+    payloads = [(settings.result_key(r.job_id), r.model_dump_json()) for r in results]
+
+    def write() -> list[bool]:
+        with connection.pipeline(transaction=False) as pipe:
+            for key, payload in payloads:
+                pipe.eval(PUBLISH_ONCE, 2, key, settings.results_stream, payload, settings.result_ttl_s,
+                          settings.stream_maxlen)
+            return [bool(written) for written in pipe.execute()]
+
+    what = f"publish result {results[0].job_id}" + (f" and {len(results) - 1} more" if len(results) > 1 else "")
+    return with_backoff(write, what, REDIS_TRANSIENT, attempts=6)
+
+
+def publish_and_count(results: list[FrameResult], connection, settings: Settings) -> None:
+    """Publish, and count each newly written result in the worker's metrics."""
+    for result, new in zip(results, publish_many(results, connection, settings), strict=True):
+        if new:
+            _count(result)
+
+
+def _count(result: FrameResult) -> None:
+    metrics.FRAMES.labels(status=result.status, label=result.label or "none").inc()
+    metrics.END_TO_END_SECONDS.observe((datetime.now(UTC) - result.captured_at).total_seconds())
 
 
 def process_frame(frame: dict) -> dict:
@@ -90,8 +116,5 @@ def process_frame(frame: dict) -> dict:
     if isinstance(outcome, Exception):
         metrics.FAILURES.labels(reason=type(outcome).__name__).inc()
         raise outcome
-    settings = _settings or get_settings()
-    if publish(outcome, job.connection, settings):
-        metrics.FRAMES.labels(status=outcome.status, label=outcome.label or "none").inc()
-        metrics.END_TO_END_SECONDS.observe((datetime.now(UTC) - outcome.captured_at).total_seconds())
+    publish_and_count([outcome], job.connection, settings())
     return outcome.model_dump(mode="json")

@@ -10,7 +10,7 @@ from rq.worker import SimpleWorker, WorkerStatus
 
 from steelsight.contract import Frame
 
-from . import jobs, metrics
+from . import booking, jobs, metrics
 from .engine import settle
 
 log = logging.getLogger("steelsight.worker")
@@ -82,8 +82,9 @@ class BatchingWorker(FrameWorker):
             return batch
         metrics.QUEUE_DEPTH.set(queue.count)
         frames = {}
-        for job, job_queue in dequeued:
-            batch.claimed.append((job, job_queue, self.prepare_execution(job)))
+        executions = booking.start(self, [job for job, _ in dequeued])
+        for (job, job_queue), execution in zip(dequeued, executions, strict=True):
+            batch.claimed.append((job, job_queue, execution))
             try:
                 if job.func_name == jobs.JOB_FUNCTION:
                     frames[job.id] = Frame.model_validate(job.kwargs["frame"])
@@ -118,12 +119,23 @@ class BatchingWorker(FrameWorker):
         return {job_id: outcomes[frame.job_id] for job_id, frame in batch.frames.items()}
 
     def _finish(self, batch: Batch, outcomes: dict, upcoming: Batch) -> None:
-        """Wait for the batch's overlay uploads, then publish and book each job through RQ as usual."""
+        """Wait for the batch's overlay uploads, publish its results and book its jobs.
+
+        Plain successes are booked together (:mod:`worker.booking`); the rest (failures,
+        bad payloads, jobs RQ must do more for) go through RQ's ``perform_job`` one by one.
+        """
         self._wait_alive([o for o in outcomes.values() if isinstance(o, Future)], batch.claimed + upcoming.claimed)
         outcomes = settle(outcomes)
+        done = [(job, execution, outcomes[job.id]) for job, _, execution in batch.claimed
+                if booking.plain(job, outcomes.get(job.id))]
+        if done:
+            jobs.publish_and_count([result for _, _, result in done], self.connection, jobs.settings())
+            if booking.finish(self, done):
+                outcomes = {job_id: o for job_id, o in outcomes.items() if job_id not in {j.id for j, _, _ in done}}
         jobs.park(outcomes)
         try:
             for job, queue, execution in batch.claimed:
-                self.perform_job(job, queue, execution)
+                if job.id in outcomes or job.id not in batch.frames:
+                    self.perform_job(job, queue, execution)
         finally:
             jobs.discard(outcomes)
