@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from datetime import datetime
 from pathlib import Path
 
@@ -106,22 +107,42 @@ def cpu_split(pids: dict[str, list[int]], run) -> tuple[object, dict[str, float]
     return value, {name: sum(cpu_seconds(p) for p in group) - before[name] for name, group in pids.items()}
 
 
+def batch_totals(ports: list[int]) -> tuple[float, float]:
+    """Frames and micro-batches the workers have run so far, from their Prometheus endpoints."""
+    frames = batches = 0.0
+    for port in ports:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        for line in text.splitlines():
+            if line.startswith("steelsight_worker_batch_size_sum"):
+                frames += float(line.split()[-1])
+            elif line.startswith("steelsight_worker_batch_size_count"):
+                batches += float(line.split()[-1])
+    return frames, batches
+
+
+def mean_batch(before: tuple[float, float], after: tuple[float, float]) -> float:
+    return (after[0] - before[0]) / max(after[1] - before[1], 1)
+
+
 def results(settings: Settings, conn) -> list[dict]:
     return [json.loads(conn.get(k)) for k in conn.keys(f"{settings.key_prefix}:result:*")]
 
 
-def run_stream(settings: Settings, conn, line: str, frames: int, fps: float | None) -> tuple[float, list[float]]:
-    """Produce ``frames``; return (frames/s from first upload to last result, capture-to-result seconds)."""
+def run_stream(settings: Settings, conn, line: str, frames: int, fps: float | None
+               ) -> tuple[float, float, list[float]]:
+    """Produce ``frames``; return frames/s from first upload to last result and from first result to last
+    (the steady rate, without the pipeline's fill time), and capture-to-result seconds."""
     producer = Producer(settings, line, "cam-1")
     started = datetime.now().astimezone()
     run_producer(producer, replay(SAMPLES, loop=True, limit=frames), fps)
     wait_until(lambda: sum(1 for k in conn.scan_iter(f"{settings.key_prefix}:result:{line}__*")) >= frames, 600,
                f"{frames} results")
     done = [r for r in results(settings, conn) if r["line_id"] == line]
-    finished = max(datetime.fromisoformat(r["finished_at"]) for r in done)
+    finished = sorted(datetime.fromisoformat(r["finished_at"]) for r in done)
     latency = [(datetime.fromisoformat(r["finished_at"]) - datetime.fromisoformat(r["captured_at"])).total_seconds()
                for r in done]
-    return frames / (finished - started).total_seconds(), latency
+    steady = (len(finished) - 1) / (finished[-1] - finished[0]).total_seconds()
+    return frames / (finished[-1] - started).total_seconds(), steady, latency
 
 
 def main() -> None:
@@ -148,7 +169,7 @@ def main() -> None:
     redis, s3 = redis_server(workdir).start(), s3_server(workdir).start()
     for pid in (redis.proc.pid, s3.proc.pid, os.getpid()):
         pin_process(pid, service_cores)
-    procs = []
+    procs, ports = [], []
     try:
         settings = Settings(redis_url=f"redis://127.0.0.1:{redis.port}/0", s3_endpoint=f"127.0.0.1:{s3.port}",
                             s3_access_key="bench", s3_secret_key="bench", device="cpu", batch_size=args.batch,
@@ -156,18 +177,22 @@ def main() -> None:
         conn = redis_client(settings)
         run_producer(Producer(settings, "prefill", "cam-1"), replay(SAMPLES, loop=True, limit=args.frames))
         for i in range(args.workers):
-            env = worker_env(settings.model_copy(update={"metrics_port": free_port()}), threads)
+            ports.append(free_port())
+            env = worker_env(settings.model_copy(update={"metrics_port": ports[-1]}), threads)
             procs.append(subprocess.Popen([sys.executable, "-m", "steelsight.cli", "worker", "--name", f"bench{i}"],
                                           env=env, stdout=open(workdir / f"worker{i}.log", "wb"),  # noqa: SIM115
                                           stderr=subprocess.STDOUT, preexec_fn=pinned(worker_cores)))
         wait_until(lambda: len(results(settings, conn)) >= args.frames, 600, "the prefilled frames")
+        prefilled = batch_totals(ports)
         finished = sorted(datetime.fromisoformat(r["finished_at"]) for r in results(settings, conn))
         workers_fps = (len(finished) - 1) / (finished[-1] - finished[0]).total_seconds()
         pids = {"workers": [p.pid for p in procs], "S3 server (moto)": [s3.proc.pid], "Redis": [redis.proc.pid],
                 "producer": [os.getpid()]}
-        (e2e_fps, _), cpu = cpu_split(pids, lambda: run_stream(settings, conn, "capacity", args.frames, None))
+        (e2e_fps, steady_fps, _), cpu = cpu_split(pids, lambda: run_stream(settings, conn, "capacity", args.frames,
+                                                                            None))
+        streamed = batch_totals(ports)
         latency = {share: run_stream(settings, conn, f"load{int(share * 100)}", max(args.frames // 2, 20),
-                                     share * e2e_fps)[1] for share in (0.5, 0.9)}
+                                     share * e2e_fps)[2] for share in (0.5, 0.9)}
     finally:
         for p in procs:
             p.terminate()
@@ -190,6 +215,10 @@ def main() -> None:
     print(f"| end to end, producer → S3 → Redis → workers → results | {e2e_fps:.2f} frames/s |")
     print(f"| **workers only / model only** | **{workers_fps / model_fps:.2f}** |")
     print(f"| **end to end / model only** | **{e2e_fps / model_fps:.2f}** |")
+    print(f"| end to end, first result to last (no fill time: {steady_fps:.2f} frames/s) / model only | "
+          f"{steady_fps / model_fps:.2f} |")
+    print(f"| mean micro-batch: workers only / end to end | {mean_batch((0, 0), prefilled):.1f} / "
+          f"{mean_batch(prefilled, streamed):.1f} frames |")
     total = sum(cpu.values())
     print("| CPU share during end to end: " + ", ".join(f"{name} {100 * sec / total:.0f}%" for name, sec in cpu.items())
           + f" | {total:.1f} CPU-s |")

@@ -1,4 +1,4 @@
-"""Trunk backends: the same ResNet-50 trunk run by PyTorch or by ONNX Runtime.
+"""Trunk backends: the same ResNet-50 trunk run by PyTorch, ONNX Runtime or OpenVINO.
 
 Every backend returns the trunk's feature map and layer3's texture statistics
 (the OOD score's second part, ood.py).
@@ -11,8 +11,13 @@ both ``predict`` and ``explain``. ``tests/test_backends.py`` proves they agree.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import platform
+import statistics
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -22,7 +27,8 @@ from torch import nn
 from .network import AttentionResNet50
 from .ood import TEXTURE_LAYER, texture_statistics
 
-BACKENDS = ("torch", "torch-fp16", "onnxruntime")
+BACKENDS = ("torch", "torch-fp16", "onnxruntime", "openvino")
+CPU_RUNTIMES = ("onnxruntime", "openvino")  # ``auto`` on CPU times those installed and keeps the faster
 ONNX_LAYOUT = 2  # bump when the exported graph's outputs change: v2 added layer3 texture statistics
 
 
@@ -136,31 +142,100 @@ class OnnxRuntimeTrunk:
         return torch.from_numpy(features), torch.from_numpy(texture)
 
 
-def onnxruntime_available() -> bool:
+class OpenVinoTrunk:
+    """The exported trunk compiled by OpenVINO's CPU plugin, in float32.
+
+    The plugin would run bfloat16 on CPUs with AVX512-BF16 or AMX (probabilities off by
+    up to 0.14 in bench/model_throughput.py), hence the precision hint; it would also pin
+    its threads to cores, which two workers on one machine must not both do.
+    """
+
+    name = "openvino"
+
+    def __init__(self, path: Path, size: int, threads: int | None = None, precision: str = "f32"):
+        import openvino as ov
+
+        core = ov.Core()
+        model = core.read_model(str(path))
+        model.reshape({"gray": [-1, 1, size, size]})  # batch stays dynamic; the side is the checkpoint's
+        self.model = core.compile_model(model, "CPU", {
+            "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": precision, "ENABLE_CPU_PINNING": False})
+        self.path = path
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = self.model({"gray": x.detach().cpu().numpy()})
+        return torch.from_numpy(outputs[0]), torch.from_numpy(outputs[1])
+
+
+def installed(runtime: str) -> bool:
     try:
-        import onnxruntime  # noqa: F401
+        __import__(runtime)
     except ImportError:
         return False
     return True
 
 
+def onnxruntime_available() -> bool:
+    return installed("onnxruntime")
+
+
+def _cpu_runtime(name: str, net: AttentionResNet50, size: int, cache_key: str):
+    path = cached_onnx(net, size, cache_key)
+    return OnnxRuntimeTrunk(path) if name == "onnxruntime" else OpenVinoTrunk(path, size)
+
+
+def _fastest_cpu_runtime(net: AttentionResNet50, size: int, cache_key: str):
+    """The faster of the installed CPU runtimes on this machine, timed once and remembered.
+
+    Which wins depends on the CPU (bench/README.md: ONNX Runtime on an AVX2 Xeon,
+    OpenVINO on an AVX-512 EPYC), so it is measured: a batch of 8 at the checkpoint's
+    size, median of 5 interleaved calls each, about 2 s once per machine and checkpoint.
+    """
+    runtimes = [r for r in CPU_RUNTIMES if installed(r)]
+    if len(runtimes) < 2:
+        return _cpu_runtime(runtimes[0], net, size, cache_key) if runtimes else TorchTrunk(net)
+    record = _cache_dir() / "fastest-runtime.json"
+    key = f"{platform.processor() or platform.machine()}|{os.cpu_count()}|{torch.get_num_threads()}|{size}|" \
+          f"{cache_key[:16]}"
+    try:
+        known = json.loads(record.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if known.get(key) in runtimes:
+        return _cpu_runtime(known[key], net, size, cache_key)
+    trunks = {r: _cpu_runtime(r, net, size, cache_key) for r in runtimes}
+    x = torch.rand(8, 1, size, size)
+    times: dict[str, list[float]] = {r: [] for r in runtimes}
+    for _ in range(6):
+        for runtime, trunk in trunks.items():
+            start = time.perf_counter()
+            trunk(x)
+            times[runtime].append(time.perf_counter() - start)
+    best = min(runtimes, key=lambda r: statistics.median(times[r][1:]))  # the first call warms up
+    known[key] = best
+    with contextlib.suppress(OSError):  # a read-only cache: measured again next time
+        record.write_text(json.dumps(known, indent=1))
+    return trunks[best]
+
+
 def make_trunk(name: str, net: AttentionResNet50, size: int, cache_key: str):
-    """``auto``: ONNX Runtime on CPU when installed, else PyTorch; PyTorch on GPU.
+    """``auto``: the faster of ONNX Runtime and OpenVINO on CPU (measured once per machine); PyTorch on GPU.
 
     ``torch-fp16`` runs on CPU too (CI checks its parity there) but is only fast on a GPU.
     """
     on_cpu = next(net.parameters()).device.type == "cpu"
     if name == "auto":
-        name = "onnxruntime" if on_cpu and onnxruntime_available() else "torch"
+        return _fastest_cpu_runtime(net, size, cache_key) if on_cpu else TorchTrunk(net)
     if name == "torch":
         return TorchTrunk(net)
     if name == "torch-fp16":
         return TorchTrunk(net, dtype=torch.float16)
-    if name == "onnxruntime":
+    if name in CPU_RUNTIMES:
         if not on_cpu:
-            raise ValueError("the onnxruntime backend runs on CPU; use --backend torch with a GPU")
-        if not onnxruntime_available():
-            raise ValueError("onnxruntime is not installed: pip install onnxruntime, or use --backend torch")
-        return OnnxRuntimeTrunk(cached_onnx(net, size, cache_key))
+            raise ValueError(f"the {name} backend runs on CPU; use --backend torch with a GPU")
+        if not installed(name):
+            raise ValueError(f"{name} is not installed: pip install {name}, or use --backend torch")
+        return _cpu_runtime(name, net, size, cache_key)
     raise ValueError(f"unknown backend {name!r}; choose auto, {', '.join(BACKENDS)}")
 

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 EXIT_SOME_REJECTED = 3
-TRUNK_BACKENDS = ["auto", "torch", "torch-fp16", "onnxruntime"]  # model/backends.py; kept here so --help stays light
+# model/backends.py's names, kept here so --help stays light
+TRUNK_BACKENDS = ["auto", "torch", "torch-fp16", "onnxruntime", "openvino"]
 
 
 def _add_checkpoint_args(p: argparse.ArgumentParser, batch_size: int = 16, backend: bool = True) -> None:
@@ -20,8 +21,8 @@ def _add_checkpoint_args(p: argparse.ArgumentParser, batch_size: int = 16, backe
     if not backend:
         return
     p.add_argument("--backend", choices=TRUNK_BACKENDS, default="auto",
-                   help="trunk runtime: auto = ONNX Runtime on CPU (measured faster, see bench/), PyTorch on GPU; "
-                        "torch-fp16 = half precision, for GPUs")
+                   help="trunk runtime: auto = on CPU the faster of ONNX Runtime and OpenVINO, timed once per "
+                        "machine (see bench/); PyTorch on GPU; torch-fp16 = half precision, for GPUs")
 
 
 def _train_parser(sub) -> None:
@@ -167,8 +168,8 @@ def _worker_parser(sub) -> None:
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default=None, help="default: settings (auto)")
     p.add_argument("--batch-size", type=int, default=None, help="max frames per micro-batch (default: settings, 8)")
     p.add_argument("--backend", choices=TRUNK_BACKENDS, default=None,
-                   help="trunk runtime (default: settings, auto = ONNX Runtime on CPU, PyTorch on GPU; "
-                        "torch-fp16 = half precision, for GPUs)")
+                   help="trunk runtime (default: settings, auto = on CPU the faster of ONNX Runtime and OpenVINO, "
+                        "timed once per machine; PyTorch on GPU; torch-fp16 = half precision, for GPUs)")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default: settings, 9100)")
     p.add_argument("--name", default=None, help="worker name shown in RQ (default: steelsight-<pid>)")
     p.add_argument("--burst", action="store_true", help="exit when the queue is empty")

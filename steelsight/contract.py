@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     checkpoint: str | None = None
     device: str = "auto"
     # trunk runtime; auto: ONNX Runtime on CPU, torch on GPU; torch-fp16: half precision (GPU)
-    backend: Literal["auto", "torch", "torch-fp16", "onnxruntime"] = "auto"
+    backend: Literal["auto", "torch", "torch-fp16", "onnxruntime", "openvino"] = "auto"
     batch_size: int = 8
     cam_method: str = "gradcam"
     # overlay PNG deflate level: 0 stores it (~0.2 ms, ~120 KB at 200 px), 1-9 compress (~2.5 ms, ~75 KB)

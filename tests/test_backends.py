@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from steelsight.model.backends import OnnxRuntimeTrunk, TorchTrunk, make_trunk
+from steelsight.model.backends import CPU_RUNTIMES, OnnxRuntimeTrunk, OpenVinoTrunk, TorchTrunk, make_trunk
 from steelsight.model.checkpoint import load_checkpoint
 from steelsight.model.imageio import read_gray
 from steelsight.model.predictor import Predictor
@@ -18,7 +20,7 @@ from .helpers import SAMPLES
 def predictors():
     ckpt = load_checkpoint(None)
     return {name: Predictor(ckpt, torch.device("cpu"), batch_size=8, backend=name)
-            for name in ("torch", "onnxruntime")}
+            for name in ("torch", *CPU_RUNTIMES)}
 
 
 @pytest.fixture(scope="module")
@@ -26,29 +28,40 @@ def samples():
     return [read_gray(p) for p in sorted(SAMPLES.rglob("*.bmp"))]
 
 
-def test_auto_picks_onnxruntime_on_cpu(tiny_checkpoint):
+def test_auto_times_the_cpu_runtimes_once_and_keeps_the_faster(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("STEELSIGHT_CACHE", str(tmp_path))
     net = load_checkpoint(tiny_checkpoint).model
-    assert isinstance(make_trunk("auto", net, 64, "tiny"), OnnxRuntimeTrunk)
+    chosen = make_trunk("auto", net, 64, "tiny")
+    assert isinstance(chosen, OnnxRuntimeTrunk | OpenVinoTrunk)
+    record = tmp_path / "onnx" / "fastest-runtime.json"
+    (key, name), = json.loads(record.read_text()).items()
+    assert name == chosen.name and key.endswith("|64|tiny")
+    # the next start reads the choice instead of timing again
+    other = next(r for r in CPU_RUNTIMES if r != name)
+    record.write_text(json.dumps({key: other}))
+    assert make_trunk("auto", net, 64, "tiny").name == other
     assert isinstance(make_trunk("torch", net, 64, "tiny"), TorchTrunk)
     assert make_trunk("torch-fp16", net, 64, "tiny").dtype == torch.float16
     with pytest.raises(ValueError, match="unknown backend"):
         make_trunk("tensorrt", net, 64, "tiny")
 
 
-def test_backends_agree_on_predictions(predictors, samples):
-    ref, ort = (predictors[n].predict(samples) for n in ("torch", "onnxruntime"))
+@pytest.mark.parametrize("runtime", CPU_RUNTIMES)
+def test_backends_agree_on_predictions(predictors, samples, runtime):
+    ref, out = (predictors[n].predict(samples) for n in ("torch", runtime))
     assert len(samples) == 30
-    assert [p.label for p in ort] == [p.label for p in ref]  # top-1 agreement 100%
-    diff = max(abs(a.probabilities[c] - b.probabilities[c]) for a, b in zip(ref, ort, strict=True)
+    assert [p.label for p in out] == [p.label for p in ref]  # top-1 agreement 100%
+    diff = max(abs(a.probabilities[c] - b.probabilities[c]) for a, b in zip(ref, out, strict=True)
                for c in a.probabilities)
     assert diff < 1e-3, diff
-    assert max(abs(a.ood_score - b.ood_score) for a, b in zip(ref, ort, strict=True)) < 1e-3
-    assert [p.unknown for p in ort] == [p.unknown for p in ref]
+    assert max(abs(a.ood_score - b.ood_score) for a, b in zip(ref, out, strict=True)) < 1e-3
+    assert [p.unknown for p in out] == [p.unknown for p in ref]
 
 
-def test_backends_agree_on_gradcam(predictors, samples):
-    ref, ort = (predictors[n].explain(samples[::5]) for n in ("torch", "onnxruntime"))
-    for a, b in zip(ref, ort, strict=True):
+@pytest.mark.parametrize("runtime", CPU_RUNTIMES)
+def test_backends_agree_on_gradcam(predictors, samples, runtime):
+    ref, out = (predictors[n].explain(samples[::5]) for n in ("torch", runtime))
+    for a, b in zip(ref, out, strict=True):
         assert a.label == b.label
         np.testing.assert_allclose(a.heatmap, b.heatmap, atol=2e-3)
 

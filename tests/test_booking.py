@@ -101,3 +101,19 @@ def test_a_job_with_dependents_is_booked_by_rq_and_releases_them(settings):
     run_slow_worker(settings, SlowEngine(compute_s=0), frames=0, batch=4, line="line-d")
     assert set(records(settings, conn)) == {first.job_id, later.job_id}
     assert Queue(settings.queue_name, connection=conn).finished_job_registry.count == 2
+
+
+def test_waiting_jobs_are_claimed_together_and_vanished_ones_skipped(settings):
+    from steelsight.worker.service import make_worker
+
+    conn = redis_client(settings)
+    enqueue_frames(settings, "line-w", 3)
+    conn.delete(Job.key_for("line-w__cam-1__f1"))  # deleted while queued, as by a queue cleanup
+    worker = make_worker(settings)
+    queue = worker.queues[0]
+    claimed = booking.dequeue_waiting(worker, queue, room=8)
+    assert [job.id for job, _ in claimed] == ["line-w__cam-1__f0", "line-w__cam-1__f2"]
+    assert queue.count == 0
+    assert conn.lrange(queue.intermediate_queue_key, 0, -1) == [b"line-w__cam-1__f0", b"line-w__cam-1__f1",
+                                                                 b"line-w__cam-1__f2"]
+    assert booking.dequeue_waiting(worker, queue, room=8) == []

@@ -1,4 +1,4 @@
-"""Book a micro-batch's RQ jobs with the writes RQ makes, shared across the batch.
+"""Claim and book a micro-batch's RQ jobs with the writes RQ makes, shared across the batch.
 
 RQ's ``SimpleWorker`` books every job on its own: a pipeline to create its execution,
 one to start it, a heartbeat, and a WATCHed transaction to finish it, each repeating
@@ -12,14 +12,47 @@ repeat, a rate limit, dependents) goes through RQ's ``perform_job`` as before.
 
 from __future__ import annotations
 
+import itertools
+import logging
+
 from redis.exceptions import WatchError
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.results import Result
-from rq.utils import now, utcformat
+from rq.utils import as_text, now, utcformat
 from rq.worker import WorkerStatus
 
 from steelsight.contract import FrameResult
+
+log = logging.getLogger("steelsight.worker")
+
+
+def dequeue_waiting(worker, queue, room: int) -> list[tuple[Job, object]]:
+    """Up to ``room`` waiting jobs without blocking, in two round trips (RQ's ``dequeue_any`` takes two per job).
+
+    The same moves as RQ's: each id goes to the queue's intermediate list, and an id
+    whose job is gone is skipped.
+    """
+    if room <= 0:
+        return []
+    if len(worker.queues) != 1 or worker.get_redis_server_version() < (6, 2, 0):  # RQ pops without LMOVE there
+        return dequeue_one_by_one(worker, queue, room)
+    with worker.connection.pipeline(transaction=False) as pipe:
+        for _ in range(room):
+            pipe.lmove(queue.key, queue.intermediate_queue_key)
+        ids = [as_text(job_id) for job_id in pipe.execute() if job_id is not None]
+    if not ids:
+        return []
+    found = worker.job_class.fetch_many(ids, connection=worker.connection, serializer=worker.serializer)
+    return [(job, queue) for job in found if job is not None]
+
+
+def dequeue_one_by_one(worker, queue, room: int) -> list[tuple[Job, object]]:
+    """RQ's own ``dequeue_any``, ``room`` times or until the queue is empty."""
+    waiting = (worker.queue_class.dequeue_any([queue], None, connection=worker.connection,
+                                              job_class=worker.job_class, serializer=worker.serializer)
+               for _ in range(room))
+    return list(itertools.takewhile(lambda item: item is not None, waiting))
 
 
 def start(worker, claimed: list[Job]) -> list[Execution]:
@@ -72,9 +105,13 @@ def finish(worker, done: list[tuple[Job, Execution, FrameResult]]) -> bool:
                 pipe.multi()
                 _write_success(worker, done, pipe)
                 pipe.execute()
-                return True
+                break
             except WatchError:
                 continue
+    # one line per batch, not RQ's two per job
+    ids = [job.id for job, _, _ in done]
+    log.info("%d job%s OK: %s", len(ids), "s" * (len(ids) > 1), ids[0] if len(ids) == 1 else f"{ids[0]} … {ids[-1]}")
+    return True
 
 
 def _write_success(worker, done, pipe) -> None:

@@ -72,12 +72,8 @@ class BatchingWorker(FrameWorker):
     def _claim(self, queue, batch: Batch, first=None) -> Batch:
         """Add ``first`` and waiting jobs (no blocking) up to ``max_batch``; start fetching their frames."""
         dequeued = [first] if first else []
-        while len(batch.claimed) + len(dequeued) < self.max_batch and not self._stop_requested:
-            more = self.queue_class.dequeue_any([queue], None, connection=self.connection,
-                                                job_class=self.job_class, serializer=self.serializer)
-            if more is None:
-                break
-            dequeued.append(more)
+        if not self._stop_requested:
+            dequeued += booking.dequeue_waiting(self, queue, self.max_batch - len(batch.claimed) - len(dequeued))
         if not dequeued:
             return batch
         metrics.QUEUE_DEPTH.set(queue.count)
