@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import platform
 import statistics
@@ -29,6 +30,7 @@ from .ood import TEXTURE_LAYER, texture_statistics
 
 BACKENDS = ("torch", "torch-fp16", "onnxruntime", "openvino")
 CPU_RUNTIMES = ("onnxruntime", "openvino")  # ``auto`` on CPU times those installed and keeps the faster
+log = logging.getLogger("steelsight.model")
 ONNX_LAYOUT = 2  # bump when the exported graph's outputs change: v2 added layer3 texture statistics
 
 
@@ -176,13 +178,18 @@ def installed(runtime: str) -> bool:
     return True
 
 
-def onnxruntime_available() -> bool:
-    return installed("onnxruntime")
-
-
 def _cpu_runtime(name: str, net: AttentionResNet50, size: int, cache_key: str):
     path = cached_onnx(net, size, cache_key)
     return OnnxRuntimeTrunk(path) if name == "onnxruntime" else OpenVinoTrunk(path, size)
+
+
+def _loaded(runtime: str, net: AttentionResNet50, size: int, cache_key: str):
+    """The runtime's trunk, or None (logged) when it cannot load it, e.g. a plugin without support for this CPU."""
+    try:
+        return _cpu_runtime(runtime, net, size, cache_key)
+    except Exception as exc:
+        log.warning("%s could not load the trunk, left out: %s", runtime, exc)
+        return None
 
 
 def _fastest_cpu_runtime(net: AttentionResNet50, size: int, cache_key: str):
@@ -190,11 +197,10 @@ def _fastest_cpu_runtime(net: AttentionResNet50, size: int, cache_key: str):
 
     Which wins depends on the CPU (bench/README.md: ONNX Runtime on an AVX2 Xeon,
     OpenVINO on an AVX-512 EPYC), so it is measured: a batch of 8 at the checkpoint's
-    size, median of 5 interleaved calls each, about 2 s once per machine and checkpoint.
+    size, median of 5 interleaved calls each, about a second once per machine, thread
+    count and checkpoint.
     """
     runtimes = [r for r in CPU_RUNTIMES if installed(r)]
-    if len(runtimes) < 2:
-        return _cpu_runtime(runtimes[0], net, size, cache_key) if runtimes else TorchTrunk(net)
     record = _cache_dir() / "fastest-runtime.json"
     key = f"{platform.processor() or platform.machine()}|{os.cpu_count()}|{torch.get_num_threads()}|{size}|" \
           f"{cache_key[:16]}"
@@ -202,17 +208,19 @@ def _fastest_cpu_runtime(net: AttentionResNet50, size: int, cache_key: str):
         known = json.loads(record.read_text())
     except (OSError, ValueError):
         known = {}
-    if known.get(key) in runtimes:
-        return _cpu_runtime(known[key], net, size, cache_key)
-    trunks = {r: _cpu_runtime(r, net, size, cache_key) for r in runtimes}
+    if known.get(key) in runtimes and (trunk := _loaded(known[key], net, size, cache_key)) is not None:
+        return trunk
+    trunks = {r: t for r in runtimes if (t := _loaded(r, net, size, cache_key)) is not None}
+    if len(trunks) < 2:
+        return next(iter(trunks.values()), None) or TorchTrunk(net)
     x = torch.rand(8, 1, size, size)
-    times: dict[str, list[float]] = {r: [] for r in runtimes}
+    times: dict[str, list[float]] = {r: [] for r in trunks}
     for _ in range(6):
         for runtime, trunk in trunks.items():
             start = time.perf_counter()
             trunk(x)
             times[runtime].append(time.perf_counter() - start)
-    best = min(runtimes, key=lambda r: statistics.median(times[r][1:]))  # the first call warms up
+    best = min(trunks, key=lambda r: statistics.median(times[r][1:]))  # the first call warms up
     known[key] = best
     with contextlib.suppress(OSError):  # a read-only cache: measured again next time
         record.write_text(json.dumps(known, indent=1))

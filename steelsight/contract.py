@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     # worker
     checkpoint: str | None = None
     device: str = "auto"
-    # trunk runtime; auto: ONNX Runtime on CPU, torch on GPU; torch-fp16: half precision (GPU)
+    # trunk runtime; auto: the faster of ONNX Runtime and OpenVINO on CPU, torch on GPU; torch-fp16: GPU
     backend: Literal["auto", "torch", "torch-fp16", "onnxruntime", "openvino"] = "auto"
     batch_size: int = 8
     cam_method: str = "gradcam"

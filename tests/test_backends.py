@@ -109,3 +109,16 @@ def test_export_replaces_the_same_checkpoints_unversioned_file(tmp_path, monkeyp
     path = cached_onnx(net, 32, "0123456789abcdef" + "0" * 48)
     assert path.name == f"trunk-v{ONNX_LAYOUT}-0123456789abcdef-32.onnx" and path.stat().st_size > 1000
     assert not stale.exists() and other.exists()
+
+
+def test_auto_leaves_out_a_runtime_that_cannot_load(tiny_checkpoint, tmp_path, monkeypatch, caplog):
+    from steelsight.model import backends
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no plugin for this CPU")
+
+    monkeypatch.setenv("STEELSIGHT_CACHE", str(tmp_path))
+    monkeypatch.setattr(backends, "OpenVinoTrunk", broken)
+    net = load_checkpoint(tiny_checkpoint).model
+    assert isinstance(make_trunk("auto", net, 64, "tiny"), OnnxRuntimeTrunk)
+    assert "openvino could not load the trunk" in caplog.text
