@@ -5,15 +5,16 @@
 
 DATA is the NEU folder the checkpoint was trained on (its manifest must match).
 
-For the checkpoint's own train/val split, the scorer is refitted four ways: the pooled
-part alone or pooled + texture (model/ood.py), each fitted on the training images or on
-them plus their copies under the five moderate corruptions (``refit-ood
---with-corruptions``). Each variant's threshold is the 99.5th percentile of its val
-scores, as in training. Printed per variant: AUROC against val and the share flagged by
-the score, for the far-OOD set, the held-out far-OOD set and the two near-OOD sets of
-``evaluate --ood``; and the share of val flagged under each moderate corruption (steel
-called unknown), with how many of the model's errors under that corruption were among
-the flagged. The input-quality gate is left out: this compares scores, not verdicts.
+For the checkpoint's own train/val split, the scorer is refitted six ways: the pooled
+part alone, pooled + texture, or pooled + texture + the classifier's unconfidence
+(model/ood.py), each fitted on the training images or on them plus their copies under
+the five moderate corruptions (``refit-ood --with-corruptions``). Each variant's
+threshold is the 99.5th percentile of its val scores, as in training. Printed per
+variant: AUROC against val and the share flagged by the score, for the far-OOD set,
+the held-out far-OOD set and the two near-OOD sets of ``evaluate --ood``; and the
+share of val flagged under each moderate corruption (steel called unknown), with how
+many of the model's errors under that corruption were among the flagged. The
+input-quality gate is left out: this compares scores, not verdicts.
 Eager PyTorch, float32; a few minutes on 2 cores.
 """
 
@@ -46,26 +47,31 @@ def features(predictor: Predictor, images: list[np.ndarray], labels: torch.Tenso
     return infer(predictor.net, DataLoader(TensorDataset(batch, labels), batch_size=64), predictor.device)
 
 
-def fit(kind: str, train: Inferred, val: Inferred) -> OodScorer:
+def log_probs(feats: Inferred, temperature: float) -> torch.Tensor:
+    return torch.log_softmax(feats.logits.float() / temperature, dim=1)
+
+
+def fit(kind: str, train: Inferred, val: Inferred, temperature: float) -> OodScorer:
     if kind == "pooled":
         return OodScorer(MahalanobisScorer.fit(train.pooled, train.labels))
-    return OodScorer.fit((train.pooled, train.texture), train.labels, (val.pooled, val.texture))
+    confidence = log_probs(val, temperature) if kind.endswith("+unconfidence") else None
+    return OodScorer.fit((train.pooled, train.texture), train.labels, (val.pooled, val.texture), confidence)
 
 
-def score(scorer: OodScorer, feats: Inferred) -> np.ndarray:
-    return scorer(feats.pooled, feats.texture).numpy()
+def score(scorer: OodScorer, feats: Inferred, temperature: float) -> np.ndarray:
+    return scorer(feats.pooled, feats.texture, log_probs(feats, temperature)).numpy()
 
 
-def row(name: str, scorer: OodScorer, val: Inferred, sets: dict[str, Inferred], corrupted: dict[str, Inferred]
-        ) -> str:
-    in_scores = score(scorer, val)
+def row(name: str, scorer: OodScorer, val: Inferred, sets: dict[str, Inferred], corrupted: dict[str, Inferred],
+        temperature: float) -> str:
+    in_scores = score(scorer, val, temperature)
     threshold = ood_threshold(in_scores)
     cells = [name]
     for group in (FAR_OOD, FAR_OOD_HELD_OUT, *((n,) for n in NEAR_OOD)):
-        out = np.concatenate([score(scorer, sets[n]) for n in group])
+        out = np.concatenate([score(scorer, sets[n], temperature) for n in group])
         cells.append(f"{auroc(in_scores, out):.3f} ({np.mean(out > threshold):.0%})")
     for feats in corrupted.values():
-        flagged = score(scorer, feats) > threshold
+        flagged = score(scorer, feats, temperature) > threshold
         wrong = (feats.logits.argmax(1) != feats.labels).numpy()
         cells.append(f"{flagged.mean():.1%} ({int((flagged & wrong).sum())}/{int(wrong.sum())})")
     return "| " + " | ".join(cells) + " |"
@@ -96,9 +102,10 @@ def main() -> None:
           "share flagged (errors among the flagged / errors)")
     header = ["scorer, fitted on", "far OOD", "held-out far OOD", *NEAR_OOD, *CORRUPTIONS]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    for kind in ("pooled", "pooled+texture"):
-        print(row(f"{kind}, train", fit(kind, train, val), val, sets, corrupted))
-        print(row(f"{kind}, train + corrupted", fit(kind, widened, val), val, sets, corrupted))
+    t = predictor.temperature
+    for kind in ("pooled", "pooled+texture", "pooled+texture+unconfidence"):
+        print(row(f"{kind}, train", fit(kind, train, val, t), val, sets, corrupted, t))
+        print(row(f"{kind}, train + corrupted", fit(kind, widened, val, t), val, sets, corrupted, t))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,11 @@ covariance invertible with far fewer images than dimensions.
 The score is the sum of the two parts, each divided by its median on val images,
 so both weigh alike and in-distribution images sit near 2. Checkpoints without a
 texture part score with the pooled part alone.
+
+* ``unconfidence`` (sixth session): -log of the top class probability. Noise that the
+  trunk reads as rough steel lands near a class mean but leaves the classifier torn;
+  this part catches it, and the model's own errors under corruption with it.
+  Checkpoints fitted before it score without it.
 """
 
 from __future__ import annotations
@@ -96,39 +101,69 @@ def texture_statistics(layer3: torch.Tensor) -> torch.Tensor:
     return centred.square().mean(dim=(2, 3)).sqrt()
 
 
+def unconfidence(log_probs: torch.Tensor) -> torch.Tensor:
+    """-log of the top (temperature-scaled) class probability: 0 when certain, larger when torn."""
+    return -log_probs.max(dim=1).values
+
+
 class OodScorer(nn.Module):
-    """Sum of the pooled and texture Mahalanobis scores, each over its val median."""
+    """Sum of the pooled and texture Mahalanobis scores, each over its val median, and the classifier's unconfidence.
+
+    ``scales`` holds one divisor per part. The unconfidence part's divisor makes its
+    99.5th percentile on val equal to that of the two distances together, so the
+    parts weigh alike where the threshold sits.
+    """
 
     def __init__(self, pooled: MahalanobisScorer, texture: MahalanobisScorer | None = None,
-                 scales: tuple[float, float] = (1.0, 1.0)):
+                 scales: tuple[float, ...] = (1.0, 1.0)):
         super().__init__()
         self.pooled, self.texture = pooled, texture
         self.register_buffer("scales", torch.tensor(scales, dtype=torch.float32))
 
     @property
+    def uses_confidence(self) -> bool:
+        return len(self.scales) > 2
+
+    @property
     def method(self) -> str:
-        return "mahalanobis_pooled2048" + ("+layer3_std1024" if self.texture is not None else "")
+        return ("mahalanobis_pooled2048" + ("+layer3_std1024" if self.texture is not None else "")
+                + ("+unconfidence" if self.uses_confidence else ""))
 
     @classmethod
     def fit(cls, train: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor,
-            val: tuple[torch.Tensor, torch.Tensor]) -> OodScorer:
-        """``train``/``val``: (pooled, texture) features; the scales are the parts' val medians."""
+            val: tuple[torch.Tensor, torch.Tensor], val_log_probs: torch.Tensor | None = None) -> OodScorer:
+        """``train``/``val``: (pooled, texture) features; the scales come from val.
+
+        With ``val_log_probs`` (the classifier's temperature-scaled log-probabilities on
+        val) the score gains the unconfidence part.
+        """
         pooled = MahalanobisScorer.fit(train[0], labels)
         texture = MahalanobisScorer.fit(train[1], labels)
         scales = (float(pooled(val[0]).median()), float(texture(val[1]).median()))
-        return cls(pooled, texture, scales)
+        if val_log_probs is None:
+            return cls(pooled, texture, scales)
+        distances = cls(pooled, texture, scales)(*val)
+        tail = torch.quantile(distances.double(), 0.995)
+        confidence_tail = torch.quantile(unconfidence(val_log_probs).double(), 0.995).clamp(min=1e-12)
+        return cls(pooled, texture, (*scales, float(confidence_tail / tail)))
 
-    def parts(self, pooled: torch.Tensor, texture: torch.Tensor | None) -> torch.Tensor:
+    def parts(self, pooled: torch.Tensor, texture: torch.Tensor | None,
+              log_probs: torch.Tensor | None = None) -> torch.Tensor:
         """(N, parts) scaled part scores."""
         scores = [self.pooled(pooled) / self.scales[0]]
         if self.texture is not None:
             if texture is None:
                 raise ValueError("this OOD scorer needs layer3 texture statistics from the trunk")
             scores.append(self.texture(texture) / self.scales[1])
+        if self.uses_confidence:
+            if log_probs is None:
+                raise ValueError("this OOD scorer needs the classifier's log-probabilities")
+            scores.append(unconfidence(log_probs.float()) / self.scales[2])
         return torch.stack(scores, dim=1)
 
-    def forward(self, pooled: torch.Tensor, texture: torch.Tensor | None = None) -> torch.Tensor:
-        return self.parts(pooled, texture).sum(dim=1)
+    def forward(self, pooled: torch.Tensor, texture: torch.Tensor | None = None,
+                log_probs: torch.Tensor | None = None) -> torch.Tensor:
+        return self.parts(pooled, texture, log_probs).sum(dim=1)
 
     def prefixed_state(self) -> dict[str, torch.Tensor]:
         state = {f"{OOD_PREFIX}scales": self.scales.clone()}

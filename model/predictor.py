@@ -105,10 +105,11 @@ class Predictor:
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         return eval_batch([as_gray(img) for img in images], self.input_size).to(self.device)
 
-    def _ood_scores(self, pooled: torch.Tensor, texture: torch.Tensor) -> list[float | None]:
+    def _ood_scores(self, pooled: torch.Tensor, texture: torch.Tensor, log_probs: torch.Tensor
+                    ) -> list[float | None]:
         if self.ood is None:
             return [None] * len(pooled)
-        return self.ood(pooled.to(self.device), texture.to(self.device)).cpu().tolist()
+        return self.ood(pooled.to(self.device), texture.to(self.device), log_probs.to(self.device)).cpu().tolist()
 
     def _unknown_reason(self, image: np.ndarray, score: float | None) -> str | None:
         issue = quality_issue(as_gray(image))
@@ -120,9 +121,10 @@ class Predictor:
 
     def _postprocess(self, images, logits: torch.Tensor, pooled: torch.Tensor, texture: torch.Tensor
                      ) -> list[Prediction]:
-        probs = torch.softmax(logits.float() / self.temperature, dim=1).cpu()
+        log_probs = torch.log_softmax(logits.float() / self.temperature, dim=1)
+        probs = log_probs.exp().cpu()
         preds = []
-        for image, row, score in zip(images, probs, self._ood_scores(pooled, texture), strict=True):
+        for image, row, score in zip(images, probs, self._ood_scores(pooled, texture, log_probs), strict=True):
             index = int(row.argmax())
             reason = self._unknown_reason(image, score)
             preds.append(

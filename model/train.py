@@ -114,10 +114,11 @@ def infer(model: AttentionResNet50, loader: DataLoader, device: torch.device) ->
     return Inferred(*(torch.cat(column) for column in columns))
 
 
-def fit_ood(train: Inferred, val: Inferred) -> tuple[OodScorer, dict]:
+def fit_ood(train: Inferred, val: Inferred, temperature: float) -> tuple[OodScorer, dict]:
     """OOD scorer on the training images' features; threshold and scales on val's."""
-    scorer = OodScorer.fit((train.pooled, train.texture), train.labels, (val.pooled, val.texture))
-    val_scores = scorer(val.pooled, val.texture).numpy()
+    val_log_probs = torch.log_softmax(val.logits.float() / temperature, dim=1)
+    scorer = OodScorer.fit((train.pooled, train.texture), train.labels, (val.pooled, val.texture), val_log_probs)
+    val_scores = scorer(val.pooled, val.texture, val_log_probs).numpy()
     threshold = ood_threshold(val_scores)
     return scorer, {
         "method": scorer.method,
@@ -300,7 +301,7 @@ class Trainer:
         meta = best.meta
         meta.temperature = fit_temperature(torch.cat([val.logits, shifted.logits]),
                                            torch.cat([val.labels, shifted.labels]))
-        scorer, meta.ood = fit_ood(train, val)
+        scorer, meta.ood = fit_ood(train, val, meta.temperature)
         meta.val_metrics["calibration"] = {
             "temperature_fitted_on": "val + val under the 5 moderate corruptions",
             **_ece_pair("val", val.logits, val.labels, meta.temperature),
@@ -354,7 +355,7 @@ def refit_ood(checkpoint: Path, data: Path, out: Path, device: str = "auto", bat
     train = features(train_s)
     if with_corruptions:
         train = concat_inferred([train, *corrupted_copies(loaded.model, train_s, size, dev, batch_size)])
-    scorer, meta.ood = fit_ood(train, features(val_s))
+    scorer, meta.ood = fit_ood(train, features(val_s), float(meta.temperature or 1.0))
     meta.ood["fitted_on"] = "train + train under the 5 moderate corruptions" if with_corruptions else "train"
     path = save_checkpoint(loaded.model, meta, Path(out), half=bool(meta.training.get("half")), ood=scorer)
     print(f"OOD {meta.ood['method']} fitted on {meta.ood['fitted_on']}: threshold {meta.ood['threshold']:.3f}, "

@@ -57,7 +57,7 @@ def test_train_evaluate_predict_round_trip(tmp_path, neu_dir, capsys):
     refit = tmp_path / "refit.safetensors"
     assert main(["refit-ood", "--data", str(neu_dir), "--checkpoint", ckpt, "--out", str(refit)]) == 0
     before, after = load_checkpoint(ckpt), load_checkpoint(refit)
-    assert after.meta.ood["method"] == "mahalanobis_pooled2048+layer3_std1024"
+    assert after.meta.ood["method"] == "mahalanobis_pooled2048+layer3_std1024+unconfidence"
     assert after.meta.ood["threshold"] == pytest.approx(before.meta.ood["threshold"], rel=1e-4)
     assert after.meta.temperature == before.meta.temperature
     for key, value in before.model.state_dict().items():

@@ -1,5 +1,6 @@
 """The Mahalanobis OOD score equals its textbook formula, and ranks far features above near ones."""
 
+import pytest
 import torch
 
 from steelsight.model.ood import OOD_PREFIX, MahalanobisScorer, OodScorer, texture_statistics
@@ -77,6 +78,28 @@ def test_two_part_scorer_round_trips_and_reads_older_single_part_checkpoints():
     single = OodScorer.from_prefixed_state(legacy)
     assert single.texture is None and single.method == "mahalanobis_pooled2048"
     torch.testing.assert_close(single(pooled), old(pooled), rtol=2e-3, atol=1e-4)
+
+
+def test_unconfidence_part_weighs_like_the_distances_at_the_val_tail_and_round_trips():
+    labels, pooled, texture = _two_part_data(4)
+    logits = 3 * torch.randn(120, 12) + 8 * torch.nn.functional.one_hot(labels, 12).float()
+    log_probs = torch.log_softmax(logits, dim=1)
+    scorer = OodScorer.fit((pooled[:90], texture[:90]), labels[:90], (pooled[90:], texture[90:]), log_probs[90:])
+    assert scorer.method == "mahalanobis_pooled2048+layer3_std1024+unconfidence"
+    parts = scorer.parts(pooled[90:], texture[90:], log_probs[90:])
+    distances, unconfident = parts[:, :2].sum(1), parts[:, 2]
+    torch.testing.assert_close(torch.quantile(unconfident, 0.995), torch.quantile(distances, 0.995), rtol=1e-4,
+                               atol=1e-6)
+    torch.testing.assert_close(unconfident, -log_probs[90:].max(1).values / scorer.scales[2])
+    # a torn classifier raises the score of a frame whose features look normal
+    torn = torch.log_softmax(torch.zeros(5, 12), dim=1)
+    assert (scorer(pooled[:5], texture[:5], torn) > scorer(pooled[:5], texture[:5], log_probs[:5])).all()
+    loaded = OodScorer.from_prefixed_state(scorer.prefixed_state())
+    assert loaded.uses_confidence
+    torch.testing.assert_close(loaded(pooled, texture, log_probs), scorer(pooled, texture, log_probs), rtol=2e-3,
+                               atol=1e-4)
+    with pytest.raises(ValueError, match="log-probabilities"):
+        scorer(pooled, texture)
 
 
 def test_texture_statistics_are_each_channels_spatial_std():
