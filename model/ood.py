@@ -1,4 +1,4 @@
-"""Out-of-distribution score: Mahalanobis distances at two depths of the trunk.
+"""Out-of-distribution score: Mahalanobis distances at two depths of the trunk, plus the classifier's unconfidence.
 
 Each part fits class means and one shared (tied) covariance on the training
 images' features and scores the squared distance to the nearest class mean,
