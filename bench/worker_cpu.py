@@ -45,6 +45,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=720, help="prefilled frames (default: 720)")
     parser.add_argument("--batch", type=int, default=8, help="worker micro-batch size (default: 8)")
+    parser.add_argument("--stream", action="store_true",
+                        help="produce the frames while the worker runs (unpaced, from this process on core 1) "
+                             "instead of before it starts")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="steelsight-workercpu-"))
@@ -57,13 +60,17 @@ def main() -> None:
                             s3_access_key="bench", s3_secret_key="bench", device="cpu", batch_size=args.batch,
                             max_queue_depth=10 * args.frames)
         conn = redis_client(settings)
-        run_producer(Producer(settings, "prefill", "cam-1"), replay(SAMPLES, loop=True, limit=args.frames))
+        warmup = 5 * args.batch
+        run_producer(Producer(settings, "warmup", "cam-1"),
+                     replay(SAMPLES, loop=True, limit=warmup if args.stream else args.frames))
         env = worker_env(settings.model_copy(update={"metrics_port": free_port()}), 1)
         worker = subprocess.Popen([sys.executable, "-m", "steelsight.cli", "worker", "--name", "cpu"], env=env,
                                   stdout=open(workdir / "worker.log", "wb"),  # noqa: SIM115
                                   stderr=subprocess.STDOUT, preexec_fn=pinned({0}))
-        wait_until(lambda: len(results(settings, conn)) >= 5 * args.batch, 600, "the first results")
+        wait_until(lambda: len(results(settings, conn)) >= warmup, 600, "the first results")
         done0, t0, cpu0 = len(results(settings, conn)), time.perf_counter(), thread_cpu(worker.pid)
+        if args.stream:
+            run_producer(Producer(settings, "stream", "cam-1"), replay(SAMPLES, loop=True, limit=args.frames - warmup))
         wait_until(lambda: len(results(settings, conn)) >= args.frames, 600, "all results", interval=0.02)
         done1, t1, cpu1 = len(results(settings, conn)), time.perf_counter(), thread_cpu(worker.pid)
     finally:
@@ -79,7 +86,8 @@ def main() -> None:
     main_s = spent.get(worker.pid, 0.0)
     io_s = sum(spent.values()) - spent[model_tid] - main_s
     total = sum(spent.values())
-    print(f"# {frames} frames in {t1 - t0:.2f} s ({frames / (t1 - t0):.1f} frames/s), worker on core 0; "
+    how = "produced while the worker ran" if args.stream else "prefilled"
+    print(f"# {frames} frames ({how}) in {t1 - t0:.2f} s ({frames / (t1 - t0):.1f} frames/s), worker on core 0; "
           f"logs in {workdir}")
     print("| thread | CPU per frame (ms) | share |\n|---|---:|---:|")
     for name, sec in (("model", spent[model_tid]), ("main (claim, book: RQ, Redis)", main_s),
