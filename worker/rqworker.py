@@ -127,7 +127,8 @@ class BatchingWorker(FrameWorker):
         if done:
             jobs.publish_and_count([result for _, _, result in done], self.connection, jobs.settings())
             if booking.finish(self, done):
-                outcomes = {job_id: o for job_id, o in outcomes.items() if job_id not in {j.id for j, _, _ in done}}
+                booked = {job.id for job, _, _ in done}
+                outcomes = {job_id: o for job_id, o in outcomes.items() if job_id not in booked}
         jobs.park(outcomes)
         try:
             for job, queue, execution in batch.claimed:
