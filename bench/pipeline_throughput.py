@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from steelsight.clients import redis_client
 from steelsight.contract import Settings
@@ -109,15 +110,14 @@ def cpu_split(pids: dict[str, list[int]], run) -> tuple[object, dict[str, float]
 
 def batch_totals(ports: list[int]) -> tuple[float, float]:
     """Frames and micro-batches the workers have run so far, from their Prometheus endpoints."""
-    frames = batches = 0.0
+    totals = {"steelsight_worker_batch_size_sum": 0.0, "steelsight_worker_batch_size_count": 0.0}
     for port in ports:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        for line in text.splitlines():
-            if line.startswith("steelsight_worker_batch_size_sum"):
-                frames += float(line.split()[-1])
-            elif line.startswith("steelsight_worker_batch_size_count"):
-                batches += float(line.split()[-1])
-    return frames, batches
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in totals:
+                    totals[sample.name] += sample.value
+    return totals["steelsight_worker_batch_size_sum"], totals["steelsight_worker_batch_size_count"]
 
 
 def mean_batch(before: tuple[float, float], after: tuple[float, float]) -> float:

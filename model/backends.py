@@ -195,8 +195,8 @@ def _loaded(runtime: str, net: AttentionResNet50, size: int, cache_key: str):
 def _fastest_cpu_runtime(net: AttentionResNet50, size: int, cache_key: str):
     """The faster of the installed CPU runtimes on this machine, timed once and remembered.
 
-    Which wins depends on the CPU (bench/README.md: ONNX Runtime on an AVX2 Xeon,
-    OpenVINO on an AVX-512 EPYC), so it is measured: a batch of 8 at the checkpoint's
+    Which wins depends on the CPU (bench/README.md: ONNX Runtime at batch 1 on an AVX2
+    machine, OpenVINO on an AVX-512 EPYC), so it is measured: a batch of 8 at the checkpoint's
     size, median of 5 interleaved calls each, about a second once per machine, thread
     count and checkpoint.
     """

@@ -12,14 +12,16 @@ covariance invertible with far fewer images than dimensions.
   but flag mildly blurred or noisy steel too (MODEL_CARD.md, Unknown verdict;
   bench/ood_variants.py).
 
-The score is the sum of the two parts, each divided by its median on val images,
-so both weigh alike and in-distribution images sit near 2. Checkpoints without a
-texture part score with the pooled part alone.
+A third part is not a distance:
 
 * ``unconfidence`` (sixth session): -log of the top class probability. Noise that the
   trunk reads as rough steel lands near a class mean but leaves the classifier torn;
   this part catches it, and the model's own errors under corruption with it.
-  Checkpoints fitted before it score without it.
+
+The score is the sum of the parts. Each distance is divided by its median on val
+images, so both weigh alike and in-distribution images sit near 2; the unconfidence
+is scaled to match them at val's 99.5th percentile. Checkpoints fitted before a part
+existed score without it.
 """
 
 from __future__ import annotations
@@ -139,11 +141,11 @@ class OodScorer(nn.Module):
         """
         pooled = MahalanobisScorer.fit(train[0], labels)
         texture = MahalanobisScorer.fit(train[1], labels)
-        scales = (float(pooled(val[0]).median()), float(texture(val[1]).median()))
+        val_pooled, val_texture = pooled(val[0]), texture(val[1])
+        scales = (float(val_pooled.median()), float(val_texture.median()))
         if val_log_probs is None:
             return cls(pooled, texture, scales)
-        distances = cls(pooled, texture, scales)(*val)
-        tail = torch.quantile(distances.double(), 0.995)
+        tail = torch.quantile((val_pooled / scales[0] + val_texture / scales[1]).double(), 0.995)
         confidence_tail = torch.quantile(unconfidence(val_log_probs).double(), 0.995).clamp(min=1e-12)
         return cls(pooled, texture, (*scales, float(confidence_tail / tail)))
 

@@ -68,7 +68,7 @@ def ood_histogram(in_scores: np.ndarray, out_sets: dict[str, np.ndarray], thresh
         ax.hist(scores, bins=bins, alpha=0.45, label=name, histtype="stepfilled")
     if threshold is not None:
         ax.axvline(threshold, color="black", linestyle="--", label="unknown threshold")
-    ax.set(xscale="log", xlabel="OOD score (pooled + texture Mahalanobis, each over its val median)",
+    ax.set(xscale="log", xlabel="OOD score (model/ood.py)",
            ylabel="images", title="OOD score by image set")
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -335,8 +335,8 @@ def refit_ood(checkpoint: Path, data: Path, out: Path, device: str = "auto", bat
     """Fit a checkpoint's OOD scorer anew on its own split; weights and temperature stay as they are.
 
     ``with_corruptions`` also fits on the training images under the five moderate
-    corruptions, so that blurred or noisy steel stops looking foreign: far fewer false
-    unknowns on degraded frames, for a lower far-OOD AUROC (measured in the model card).
+    corruptions, so that blurred or noisy steel stops looking foreign: fewer unknowns on
+    degraded frames, for a lower AUROC on noise-like OOD frames (measured in bench/README.md).
     """
     from .checkpoint import load_checkpoint
 

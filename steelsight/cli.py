@@ -115,8 +115,8 @@ def _refit_ood_parser(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="where to write the refitted .safetensors")
     _add_checkpoint_args(p, batch_size=32, backend=False)  # refitting runs the network itself, in PyTorch
     p.add_argument("--with-corruptions", action="store_true",
-                   help="also fit on the training images under the five moderate corruptions: far fewer unknowns "
-                        "on blurred or noisy steel, for a lower far-OOD AUROC (see the model card)")
+                   help="also fit on the training images under the five moderate corruptions: fewer unknowns "
+                        "on blurred or noisy steel, for a lower AUROC on noise-like OOD frames (see the model card)")
     p.set_defaults(func=cmd_refit_ood)
 
 
