@@ -6,13 +6,17 @@
    frames in batches, with the threads a worker gets; aggregate frames/s. Measured
    before and after steps 2-4; the ratios use the mean of the two.
 2. workers only: frames produced into the queue before the workers start; frames/s
-   from the first result to the last (fetch, decode, explain, overlay PNG upload,
-   publish), with Redis and the S3 server on the same cores.
+   from the first result to the last, counting the frames finished after the first
+   batch (fetch, decode, explain, overlay PNG upload, publish), with Redis and the S3
+   server on the same cores.
 3. end to end: the producer (unpaced) uploads to S3 and enqueues in Redis while the
    workers run; frames/s from the first upload to the last result. Redis, the S3
    server and the producer share the same cores, as they would on a single box.
 4. capture-to-result latency p50/p95 with the producer paced at 50% and 90% of the
    end-to-end capacity measured in step 3.
+5. model only beside the producer: step 1 again, while this process streams frames at
+   the end-to-end rate into S3 and a queue no worker reads. It shows what the
+   services' load alone costs the model on a box whose cores share caches and memory.
 
 During step 3 it also counts the CPU seconds each process used (/proc), to show
 where the cores went: workers, the S3 server, Redis, or the producer.
@@ -26,9 +30,11 @@ the pipeline overhead inside the worker alone.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -84,15 +90,51 @@ def parse_cores(text: str | None) -> set[int] | None:
     return None if text is None else {int(c) for c in text.split(",")}
 
 
-def model_only(workers: int, frames: int, batch: int, threads: int, checkpoint: str | None,
-               cores: set[int] | None = None) -> float:
+def start_model_only(workers: int, frames: int, batch: int, threads: int, checkpoint: str | None,
+                     cores: set[int] | None = None) -> list[subprocess.Popen]:
     env = dict(os.environ) | {"OMP_NUM_THREADS": str(threads)}
     args = [sys.executable, __file__, "--model-only-child", "--frames", str(frames // workers), "--batch", str(batch)]
     if checkpoint:
         args += ["--checkpoint", checkpoint]
-    procs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, text=True, preexec_fn=pinned(cores))
-             for _ in range(workers)]
+    return [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, text=True, preexec_fn=pinned(cores))
+            for _ in range(workers)]
+
+
+def model_only_fps(procs: list[subprocess.Popen]) -> float:
     return sum(json.loads(p.communicate()[0].strip().splitlines()[-1])["fps"] for p in procs)
+
+
+def model_only(workers: int, frames: int, batch: int, threads: int, checkpoint: str | None,
+               cores: set[int] | None = None) -> float:
+    return model_only_fps(start_model_only(workers, frames, batch, threads, checkpoint, cores))
+
+
+def model_only_beside_producer(settings: Settings, fps: float, workers: int, frames: int, batch: int, threads: int,
+                               checkpoint: str | None, cores: set[int] | None) -> float:
+    """Model only while this process streams frames at ``fps`` into S3 and a queue no worker reads.
+
+    The service cores then carry the producer's and the S3 server's share of the
+    end-to-end load, so the model runs beside the same neighbours as in end to end.
+    """
+    procs = start_model_only(workers, frames, batch, threads, checkpoint, cores)
+    producer = Producer(settings.model_copy(update={"queue_name": "bench-neighbour-load"}), "neighbour", "cam-1")
+    frames_while_running = itertools.takewhile(lambda _: any(p.poll() is None for p in procs),
+                                               replay(SAMPLES, loop=True))
+    run_producer(producer, frames_while_running, fps)
+    return model_only_fps(procs)
+
+
+def rate_after_first_batch(finished: list[datetime], batch: int) -> float:
+    """Frames/s from the end of the first batch to the last result, counting the frames after it.
+
+    A batch's results land within milliseconds of each other (its overlay uploads), a
+    batch's compute apart, so the first batch ends at the widest gap among the first
+    two batches' finish times. Counting from the first result instead credits the rest
+    of the first batch without its time (+6 % at batch 16 over 240 frames).
+    """
+    head = finished[: 2 * batch + 1]
+    end = max(range(1, len(head)), key=lambda i: head[i] - head[i - 1])
+    return (len(finished) - end) / (finished[-1] - finished[end - 1]).total_seconds()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -124,8 +166,13 @@ def mean_batch(before: tuple[float, float], after: tuple[float, float]) -> float
     return (after[0] - before[0]) / max(after[1] - before[1], 1)
 
 
-def results(settings: Settings, conn) -> list[dict]:
-    return [json.loads(conn.get(k)) for k in conn.keys(f"{settings.key_prefix}:result:*")]
+def results(settings: Settings, conn, line: str = "*") -> list[dict]:
+    return [json.loads(conn.get(k)) for k in conn.keys(f"{settings.key_prefix}:result:{line}__*")]
+
+
+def count_results(settings: Settings, conn, line: str) -> int:
+    """One KEYS call: the bench polls this, and polling must not load the service cores."""
+    return len(conn.keys(f"{settings.key_prefix}:result:{line}__*"))
 
 
 def run_stream(settings: Settings, conn, line: str, frames: int, fps: float | None
@@ -135,14 +182,43 @@ def run_stream(settings: Settings, conn, line: str, frames: int, fps: float | No
     producer = Producer(settings, line, "cam-1")
     started = datetime.now().astimezone()
     run_producer(producer, replay(SAMPLES, loop=True, limit=frames), fps)
-    wait_until(lambda: sum(1 for k in conn.scan_iter(f"{settings.key_prefix}:result:{line}__*")) >= frames, 600,
-               f"{frames} results")
-    done = [r for r in results(settings, conn) if r["line_id"] == line]
+    wait_until(lambda: count_results(settings, conn, line) >= frames, 600, f"{frames} results", interval=0.05)
+    done = results(settings, conn, line)
     finished = sorted(datetime.fromisoformat(r["finished_at"]) for r in done)
     latency = [(datetime.fromisoformat(r["finished_at"]) - datetime.fromisoformat(r["captured_at"])).total_seconds()
                for r in done]
-    steady = (len(finished) - 1) / (finished[-1] - finished[0]).total_seconds()
+    steady = rate_after_first_batch(finished, settings.batch_size)
     return frames / (finished[-1] - started).total_seconds(), steady, latency
+
+
+def run_prefilled(settings: Settings, conn, line: str, frames: int, workers: list[subprocess.Popen]) -> float:
+    """Queue ``frames`` while the workers are stopped (SIGSTOP), let them go; frames/s after the first batch."""
+    for p in workers:
+        p.send_signal(signal.SIGSTOP)
+    try:
+        run_producer(Producer(settings, line, "cam-1"), replay(SAMPLES, loop=True, limit=frames))
+    finally:
+        for p in workers:
+            p.send_signal(signal.SIGCONT)
+    wait_until(lambda: count_results(settings, conn, line) >= frames, 600, f"{frames} results", interval=0.05)
+    return rate_after_first_batch(sorted(datetime.fromisoformat(r["finished_at"])
+                                         for r in results(settings, conn, line)), settings.batch_size)
+
+
+def start_workers(settings: Settings, count: int, threads: int, cores: set[int] | None, workdir: Path
+                  ) -> tuple[list[subprocess.Popen], list[int]]:
+    procs, ports = [], []
+    for i in range(count):
+        ports.append(free_port())
+        env = worker_env(settings.model_copy(update={"metrics_port": ports[-1]}), threads)
+        procs.append(subprocess.Popen([sys.executable, "-m", "steelsight.cli", "worker", "--name", f"bench{i}"],
+                                      env=env, stdout=open(workdir / f"worker{i}.log", "wb"),  # noqa: SIM115
+                                      stderr=subprocess.STDOUT, preexec_fn=pinned(cores)))
+    return procs, ports
+
+
+def spread(values: list[float]) -> str:
+    return f"{np.median(values):.2f} ({min(values):.2f}–{max(values):.2f})" if len(values) > 1 else f"{values[0]:.2f}"
 
 
 def main() -> None:
@@ -155,6 +231,9 @@ def main() -> None:
                         help="pin model-only processes and workers to these cores, e.g. 0 (default: no pinning)")
     parser.add_argument("--service-cores", default=None, metavar="LIST",
                         help="pin Redis, the S3 server and the producer to these cores, e.g. 1")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat workers only, end to end and model only this many times, interleaved, and "
+                             "report each ratio's median and range (default: 1)")
     parser.add_argument("--model-only-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.model_only_child:
@@ -163,68 +242,88 @@ def main() -> None:
     worker_cores, service_cores = parse_cores(args.worker_cores), parse_cores(args.service_cores)
     cores = len(worker_cores) if worker_cores else os.cpu_count() or 1
     threads = max(cores // args.workers, 1)
-    model_before = model_only(args.workers, args.frames, args.batch, threads, args.checkpoint, worker_cores)
+    measure_model = lambda: model_only(args.workers, args.frames, args.batch, threads, args.checkpoint,  # noqa: E731
+                                       worker_cores)
+    model = [measure_model()]
 
     workdir = Path(tempfile.mkdtemp(prefix="steelsight-pipeline-"))
     redis, s3 = redis_server(workdir).start(), s3_server(workdir).start()
     for pid in (redis.proc.pid, s3.proc.pid, os.getpid()):
         pin_process(pid, service_cores)
-    procs, ports = [], []
+    procs, rounds = [], []
     try:
         settings = Settings(redis_url=f"redis://127.0.0.1:{redis.port}/0", s3_endpoint=f"127.0.0.1:{s3.port}",
                             s3_access_key="bench", s3_secret_key="bench", device="cpu", batch_size=args.batch,
                             checkpoint=args.checkpoint, max_queue_depth=10_000)
         conn = redis_client(settings)
-        run_producer(Producer(settings, "prefill", "cam-1"), replay(SAMPLES, loop=True, limit=args.frames))
-        for i in range(args.workers):
-            ports.append(free_port())
-            env = worker_env(settings.model_copy(update={"metrics_port": ports[-1]}), threads)
-            procs.append(subprocess.Popen([sys.executable, "-m", "steelsight.cli", "worker", "--name", f"bench{i}"],
-                                          env=env, stdout=open(workdir / f"worker{i}.log", "wb"),  # noqa: SIM115
-                                          stderr=subprocess.STDOUT, preexec_fn=pinned(worker_cores)))
-        wait_until(lambda: len(results(settings, conn)) >= args.frames, 600, "the prefilled frames")
-        prefilled = batch_totals(ports)
-        finished = sorted(datetime.fromisoformat(r["finished_at"]) for r in results(settings, conn))
-        workers_fps = (len(finished) - 1) / (finished[-1] - finished[0]).total_seconds()
+        procs, ports = start_workers(settings, args.workers, threads, worker_cores, workdir)
+        run_stream(settings, conn, "warmup", 4 * args.batch * args.workers, None)  # model load, first batches
         pids = {"workers": [p.pid for p in procs], "S3 server (moto)": [s3.proc.pid], "Redis": [redis.proc.pid],
                 "producer": [os.getpid()]}
-        (e2e_fps, steady_fps, _), cpu = cpu_split(pids, lambda: run_stream(settings, conn, "capacity", args.frames,
-                                                                            None))
-        streamed = batch_totals(ports)
+        for r in range(args.rounds):
+            start = batch_totals(ports)
+            workers_fps = run_prefilled(settings, conn, f"prefilled{r}", args.frames, procs)
+            prefilled = batch_totals(ports)
+            (e2e_fps, steady_fps, _), cpu = cpu_split(
+                pids, lambda r=r: run_stream(settings, conn, f"capacity{r}", args.frames, None))
+            streamed = batch_totals(ports)
+            model.append(measure_model())  # the workers wait on an empty queue meanwhile
+            rounds.append({"model": (model[-2] + model[-1]) / 2, "workers": workers_fps, "e2e": e2e_fps,
+                           "steady": steady_fps, "batch_prefilled": mean_batch(start, prefilled),
+                           "batch_e2e": mean_batch(prefilled, streamed), "cpu": cpu})
+        e2e_median = float(np.median([r["e2e"] for r in rounds]))
         latency = {share: run_stream(settings, conn, f"load{int(share * 100)}", max(args.frames // 2, 20),
-                                     share * e2e_fps)[2] for share in (0.5, 0.9)}
+                                     share * e2e_median)[2] for share in (0.5, 0.9)}
+        for p in procs:  # the neighbour-load stream below must not be worked on
+            p.terminate()
+            p.wait(timeout=30)
+        procs = []
+        model_beside = model_only_beside_producer(settings, e2e_median, args.workers, args.frames, args.batch,
+                                                  threads, args.checkpoint, worker_cores)
     finally:
         for p in procs:
             p.terminate()
             p.wait(timeout=30)
         redis.stop()
         s3.stop()
-    # model only again: this machine's speed drifts, and a single baseline moved the ratios by ±0.07
-    model_after = model_only(args.workers, args.frames, args.batch, threads, args.checkpoint, worker_cores)
-    model_fps = (model_before + model_after) / 2
+    print_report(args, threads, workdir, model, rounds, model_beside, latency, e2e_median)
+
+
+def print_report(args, threads: int, workdir: Path, model: list[float], rounds: list[dict], model_beside: float,
+                 latency: dict[float, list[float]], e2e_median: float) -> None:
+    def col(key: str) -> list[float]:
+        return [r[key] for r in rounds]
+
+    def ratio(key: str) -> str:
+        return spread([r[key] / r["model"] for r in rounds])
 
     placement = (f"workers on cores {args.worker_cores}, services on cores {args.service_cores}"
-                 if worker_cores or service_cores else "all processes on all cores")
+                 if args.worker_cores or args.service_cores else "all processes on all cores")
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores ({placement}), {args.workers} "
-          f"workers x {threads} threads, batch {args.batch}, torch {torch.__version__}; logs in {workdir}")
+          f"workers x {threads} threads, batch {args.batch}, {args.frames} frames per measurement, torch "
+          f"{torch.__version__}; logs in {workdir}")
+    if len(rounds) > 1:
+        print(f"# {len(rounds)} rounds, each: workers only, end to end, model only; each round's ratios use the "
+              "mean of the model-only runs either side of it. Values: median (min–max).")
     print("| measure | value |\n|---|---:|")
-    print(f"| model only, {args.workers} processes (explain, no I/O), mean of before and after | {model_fps:.2f} "
-          f"frames/s ({model_before:.2f} / {model_after:.2f}) |")
-    print(f"| workers only, queue prefilled (fetch → explain → overlay upload → publish) | {workers_fps:.2f} "
+    print(f"| model only, {args.workers} processes (explain, no I/O) | {spread(model)} frames/s |")
+    print(f"| workers only, queue prefilled (fetch → explain → overlay upload → publish) | {spread(col('workers'))} "
           "frames/s |")
-    print(f"| end to end, producer → S3 → Redis → workers → results | {e2e_fps:.2f} frames/s |")
-    print(f"| **workers only / model only** | **{workers_fps / model_fps:.2f}** |")
-    print(f"| **end to end / model only** | **{e2e_fps / model_fps:.2f}** |")
-    print(f"| end to end, first result to last (no fill time: {steady_fps:.2f} frames/s) / model only | "
-          f"{steady_fps / model_fps:.2f} |")
-    print(f"| mean micro-batch: workers only / end to end | {mean_batch((0, 0), prefilled):.1f} / "
-          f"{mean_batch(prefilled, streamed):.1f} frames |")
+    print(f"| end to end, producer → S3 → Redis → workers → results | {spread(col('e2e'))} frames/s |")
+    print(f"| **workers only / model only** | **{ratio('workers')}** |")
+    print(f"| **end to end / model only** | **{ratio('e2e')}** |")
+    print(f"| end to end, first result to last (no fill time) / model only | {ratio('steady')} |")
+    print(f"| model only beside the producer streaming at the end-to-end rate (no workers) | {model_beside:.2f} "
+          "frames/s |")
+    print(f"| mean micro-batch: workers only / end to end | {np.mean(col('batch_prefilled')):.1f} / "
+          f"{np.mean(col('batch_e2e')):.1f} frames |")
+    cpu = {name: sum(r["cpu"][name] for r in rounds) for name in rounds[0]["cpu"]}
     total = sum(cpu.values())
     print("| CPU share during end to end: " + ", ".join(f"{name} {100 * sec / total:.0f}%" for name, sec in cpu.items())
           + f" | {total:.1f} CPU-s |")
     for share, values in latency.items():
         p50, p95 = np.percentile(values, [50, 95])
-        print(f"| capture-to-result at {share:.0%} of capacity ({share * e2e_fps:.1f} fps), p50 / p95 | "
+        print(f"| capture-to-result at {share:.0%} of capacity ({share * e2e_median:.1f} fps), p50 / p95 | "
               f"{p50 * 1000:.0f} / {p95 * 1000:.0f} ms |")
 
 

@@ -2,8 +2,8 @@
 
 Starts redis-server and an S3 server on loopback, enqueues the same frames for
 each mode, runs one burst worker per mode and reports steady-state frames per
-second (first result to last result, so model loading is excluded) and the
-ratio to batch size 1, all measured in this one run. The fork mode
+second (from the end of the first batch to the last result, so model loading is
+excluded) and the ratio to batch size 1, all measured in this one run. The fork mode
 (bench/fork_worker.py) gets a short job timeout, so a hung horse shows up as
 failed jobs instead of stalling the run.
 
@@ -25,6 +25,7 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+from pipeline_throughput import rate_after_first_batch
 
 from steelsight.clients import redis_client
 from steelsight.contract import Settings
@@ -56,9 +57,9 @@ def run_mode(base: Settings, index: int, mode: str, frames: int, workdir: Path) 
     conn = redis_client(settings)
     finished = sorted(datetime.fromisoformat(json.loads(conn.get(k))["finished_at"])
                       for k in conn.keys(f"{settings.key_prefix}:result:*"))
-    if len(finished) < 2:
+    if len(finished) < frames:
         return f"{len(finished)} of {frames} results in {time.monotonic() - started:.0f}s (see mode{index}.log)"
-    return f"{(len(finished) - 1) / (finished[-1] - finished[0]).total_seconds():.2f}"
+    return f"{rate_after_first_batch(finished, batch):.2f}"
 
 
 def main() -> None:
