@@ -1,25 +1,27 @@
 """End-to-end pipeline against model-only throughput, same cores and worker count, in one run.
 
     .venv/bin/python bench/pipeline_throughput.py --workers 2 --frames 240
+    .venv/bin/python bench/pipeline_throughput.py --workers 1 --frames 240 --worker-cores 0 --service-cores 1 --rounds 5
 
 1. model only: W processes, each explaining (label + Grad-CAM + overlay RGB) decoded
    frames in batches, with the threads a worker gets; aggregate frames/s. Measured
-   before and after steps 2-4; the ratios use the mean of the two.
-2. workers only: frames produced into the queue before the workers start; frames/s
-   from the first result to the last, counting the frames finished after the first
-   batch (fetch, decode, explain, overlay PNG upload, publish), with Redis and the S3
-   server on the same cores.
+   before the first round and after each; a round's ratios use the runs either side
+   of it (the machine's speed drifts by several percent within a run).
+2. workers only: frames queued while the workers are stopped (SIGSTOP); frames/s from
+   the end of the first batch to the last result (fetch, decode, explain, overlay PNG
+   upload, publish), with Redis and the S3 server on the same cores.
 3. end to end: the producer (unpaced) uploads to S3 and enqueues in Redis while the
    workers run; frames/s from the first upload to the last result. Redis, the S3
    server and the producer share the same cores, as they would on a single box.
 4. capture-to-result latency p50/p95 with the producer paced at 50% and 90% of the
-   end-to-end capacity measured in step 3.
+   end-to-end capacity measured in step 3 (median over the rounds).
 5. model only beside the producer: step 1 again, while this process streams frames at
    the end-to-end rate into S3 and a queue no worker reads. It shows what the
    services' load alone costs the model on a box whose cores share caches and memory.
 
-During step 3 it also counts the CPU seconds each process used (/proc), to show
-where the cores went: workers, the S3 server, Redis, or the producer.
+Steps 1-3 repeat ``--rounds`` times, interleaved; the table then gives each value's
+median and range. During step 3 it also counts the CPU seconds each process used
+(/proc), to show where the cores went: workers, the S3 server, Redis, or the producer.
 
 With ``--worker-cores 0 --service-cores 1`` the model-only processes and the workers
 are pinned to the first set of cores and Redis, the S3 server and the producer to
@@ -242,8 +244,10 @@ def main() -> None:
     worker_cores, service_cores = parse_cores(args.worker_cores), parse_cores(args.service_cores)
     cores = len(worker_cores) if worker_cores else os.cpu_count() or 1
     threads = max(cores // args.workers, 1)
-    measure_model = lambda: model_only(args.workers, args.frames, args.batch, threads, args.checkpoint,  # noqa: E731
-                                       worker_cores)
+
+    def measure_model() -> float:
+        return model_only(args.workers, args.frames, args.batch, threads, args.checkpoint, worker_cores)
+
     model = [measure_model()]
 
     workdir = Path(tempfile.mkdtemp(prefix="steelsight-pipeline-"))
