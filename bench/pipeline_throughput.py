@@ -168,13 +168,18 @@ def mean_batch(before: tuple[float, float], after: tuple[float, float]) -> float
     return (after[0] - before[0]) / max(after[1] - before[1], 1)
 
 
-def results(settings: Settings, conn, line: str = "*") -> list[dict]:
+def results(settings: Settings, conn, line: str) -> list[dict]:
     return [json.loads(conn.get(k)) for k in conn.keys(f"{settings.key_prefix}:result:{line}__*")]
 
 
 def count_results(settings: Settings, conn, line: str) -> int:
     """One KEYS call: the bench polls this, and polling must not load the service cores."""
     return len(conn.keys(f"{settings.key_prefix}:result:{line}__*"))
+
+
+def wait_for_results(settings: Settings, conn, line: str, frames: int) -> list[dict]:
+    wait_until(lambda: count_results(settings, conn, line) >= frames, 600, f"{frames} results", interval=0.05)
+    return results(settings, conn, line)
 
 
 def run_stream(settings: Settings, conn, line: str, frames: int, fps: float | None
@@ -184,8 +189,7 @@ def run_stream(settings: Settings, conn, line: str, frames: int, fps: float | No
     producer = Producer(settings, line, "cam-1")
     started = datetime.now().astimezone()
     run_producer(producer, replay(SAMPLES, loop=True, limit=frames), fps)
-    wait_until(lambda: count_results(settings, conn, line) >= frames, 600, f"{frames} results", interval=0.05)
-    done = results(settings, conn, line)
+    done = wait_for_results(settings, conn, line, frames)
     finished = sorted(datetime.fromisoformat(r["finished_at"]) for r in done)
     latency = [(datetime.fromisoformat(r["finished_at"]) - datetime.fromisoformat(r["captured_at"])).total_seconds()
                for r in done]
@@ -202,9 +206,8 @@ def run_prefilled(settings: Settings, conn, line: str, frames: int, workers: lis
     finally:
         for p in workers:
             p.send_signal(signal.SIGCONT)
-    wait_until(lambda: count_results(settings, conn, line) >= frames, 600, f"{frames} results", interval=0.05)
-    return rate_after_first_batch(sorted(datetime.fromisoformat(r["finished_at"])
-                                         for r in results(settings, conn, line)), settings.batch_size)
+    finished = sorted(datetime.fromisoformat(r["finished_at"]) for r in wait_for_results(settings, conn, line, frames))
+    return rate_after_first_batch(finished, settings.batch_size)
 
 
 def start_workers(settings: Settings, count: int, threads: int, cores: set[int] | None, workdir: Path

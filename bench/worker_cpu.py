@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline_throughput import SAMPLES, pin_process, pinned, results, worker_env
+from pipeline_throughput import SAMPLES, count_results, pin_process, pinned, worker_env
 
 from steelsight.clients import redis_client
 from steelsight.contract import Settings
@@ -67,12 +67,12 @@ def main() -> None:
         worker = subprocess.Popen([sys.executable, "-m", "steelsight.cli", "worker", "--name", "cpu"], env=env,
                                   stdout=open(workdir / "worker.log", "wb"),  # noqa: SIM115
                                   stderr=subprocess.STDOUT, preexec_fn=pinned({0}))
-        wait_until(lambda: len(results(settings, conn)) >= warmup, 600, "the first results")
-        done0, t0, cpu0 = len(results(settings, conn)), time.perf_counter(), thread_cpu(worker.pid)
+        wait_until(lambda: count_results(settings, conn, "*") >= warmup, 600, "the first results")
+        done0, t0, cpu0 = count_results(settings, conn, "*"), time.perf_counter(), thread_cpu(worker.pid)
         if args.stream:
             run_producer(Producer(settings, "stream", "cam-1"), replay(SAMPLES, loop=True, limit=args.frames - warmup))
-        wait_until(lambda: len(results(settings, conn)) >= args.frames, 600, "all results", interval=0.02)
-        done1, t1, cpu1 = len(results(settings, conn)), time.perf_counter(), thread_cpu(worker.pid)
+        wait_until(lambda: count_results(settings, conn, "*") >= args.frames, 600, "all results", interval=0.02)
+        done1, t1, cpu1 = count_results(settings, conn, "*"), time.perf_counter(), thread_cpu(worker.pid)
     finally:
         if worker is not None:
             worker.terminate()
