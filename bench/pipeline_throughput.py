@@ -20,8 +20,9 @@
    services' load alone costs the model on a box whose cores share caches and memory.
 
 Steps 1-3 repeat ``--rounds`` times, interleaved; the table then gives each value's
-median and range. During step 3 it also counts the CPU seconds each process used
-(/proc), to show where the cores went: workers, the S3 server, Redis, or the producer.
+median and range. While the workers drain the prefilled queue (step 2) and during step 3
+it also counts the CPU seconds each process used (/proc), to show where the cores went:
+workers, the S3 server, Redis, or the producer.
 
 With ``--worker-cores 0 --service-cores 1`` the model-only processes and the workers
 are pinned to the first set of cores and Redis, the S3 server and the producer to
@@ -57,12 +58,12 @@ from steelsight.producer.service import Producer, replay, run_producer
 SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
 
 
-def model_only_child(frames: int, batch: int, checkpoint: str | None) -> None:
+def model_only_child(frames: int, batch: int, checkpoint: str | None, device: str) -> None:
     """One worker's model work with no I/O; prints frames/s after a warm-up batch."""
     from steelsight.model.imageio import read_gray
     from steelsight.model.predictor import Predictor
 
-    predictor = Predictor.load(checkpoint, device="cpu", batch_size=batch)
+    predictor = Predictor.load(checkpoint, device=device, batch_size=batch)
     images = [read_gray(p) for p in sorted(SAMPLES.rglob("*.bmp"))]
     work = [images[i % len(images)] for i in range(frames)]
     predictor.explain(work[:batch])
@@ -89,13 +90,21 @@ def pin_process(pid: int, cores: set[int] | None) -> None:
 
 
 def parse_cores(text: str | None) -> set[int] | None:
-    return None if text is None else {int(c) for c in text.split(",")}
+    """'0', '0,2' or '0-7' (None: no pinning)."""
+    if text is None:
+        return None
+    cores = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        cores.update(range(int(first), int(last or first) + 1))
+    return cores
 
 
-def start_model_only(workers: int, frames: int, batch: int, threads: int, checkpoint: str | None,
+def start_model_only(workers: int, frames: int, batch: int, threads: int, checkpoint: str | None, device: str,
                      cores: set[int] | None = None) -> list[subprocess.Popen]:
     env = dict(os.environ) | {"OMP_NUM_THREADS": str(threads)}
-    args = [sys.executable, __file__, "--model-only-child", "--frames", str(frames // workers), "--batch", str(batch)]
+    args = [sys.executable, __file__, "--model-only-child", "--frames", str(frames // workers), "--batch", str(batch),
+            "--device", device]
     if checkpoint:
         args += ["--checkpoint", checkpoint]
     return [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, text=True, preexec_fn=pinned(cores))
@@ -106,9 +115,9 @@ def model_only_fps(procs: list[subprocess.Popen]) -> float:
     return sum(json.loads(p.communicate()[0].strip().splitlines()[-1])["fps"] for p in procs)
 
 
-def model_only(workers: int, frames: int, batch: int, threads: int, checkpoint: str | None,
+def model_only(workers: int, frames: int, batch: int, threads: int, checkpoint: str | None, device: str,
                cores: set[int] | None = None) -> float:
-    return model_only_fps(start_model_only(workers, frames, batch, threads, checkpoint, cores))
+    return model_only_fps(start_model_only(workers, frames, batch, threads, checkpoint, device, cores))
 
 
 def model_only_beside_producer(settings: Settings, fps: float, workers: int, frames: int, batch: int, threads: int,
@@ -118,7 +127,7 @@ def model_only_beside_producer(settings: Settings, fps: float, workers: int, fra
     The service cores then carry the producer's and the S3 server's share of the
     end-to-end load, so the model runs beside the same neighbours as in end to end.
     """
-    procs = start_model_only(workers, frames, batch, threads, checkpoint, cores)
+    procs = start_model_only(workers, frames, batch, threads, checkpoint, settings.device, cores)
     producer = Producer(settings.model_copy(update={"queue_name": "bench-neighbour-load"}), "neighbour", "cam-1")
     frames_while_running = itertools.takewhile(lambda _: any(p.poll() is None for p in procs),
                                                replay(SAMPLES, loop=True))
@@ -197,8 +206,10 @@ def run_stream(settings: Settings, conn, line: str, frames: int, fps: float | No
     return frames / (finished[-1] - started).total_seconds(), steady, latency
 
 
-def run_prefilled(settings: Settings, conn, line: str, frames: int, workers: list[subprocess.Popen]) -> float:
-    """Queue ``frames`` while the workers are stopped (SIGSTOP), let them go; frames/s after the first batch."""
+def run_prefilled(settings: Settings, conn, line: str, frames: int, workers: list[subprocess.Popen],
+                  pids: dict[str, list[int]]) -> tuple[float, dict[str, float]]:
+    """Queue ``frames`` while the workers are stopped (SIGSTOP), let them go; frames/s after the first batch,
+    and each process group's CPU seconds while the workers drained the queue."""
     for p in workers:
         p.send_signal(signal.SIGSTOP)
     try:
@@ -206,8 +217,9 @@ def run_prefilled(settings: Settings, conn, line: str, frames: int, workers: lis
     finally:
         for p in workers:
             p.send_signal(signal.SIGCONT)
-    finished = sorted(datetime.fromisoformat(r["finished_at"]) for r in wait_for_results(settings, conn, line, frames))
-    return rate_after_first_batch(finished, settings.batch_size)
+    done, cpu = cpu_split(pids, lambda: wait_for_results(settings, conn, line, frames))
+    finished = sorted(datetime.fromisoformat(r["finished_at"]) for r in done)
+    return rate_after_first_batch(finished, settings.batch_size), cpu
 
 
 def start_workers(settings: Settings, count: int, threads: int, cores: set[int] | None, workdir: Path
@@ -232,24 +244,27 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=240, help="frames per measurement")
     parser.add_argument("--batch", type=int, default=8, help="worker micro-batch size")
     parser.add_argument("--checkpoint", default=None, help="default: the shipped checkpoint")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (default) or cuda: where the model-only processes and the workers run the model; "
+                             "on cuda, W workers share the one GPU")
     parser.add_argument("--worker-cores", default=None, metavar="LIST",
-                        help="pin model-only processes and workers to these cores, e.g. 0 (default: no pinning)")
+                        help="pin model-only processes and workers to these cores, e.g. 0 or 0-7 (default: no pinning)")
     parser.add_argument("--service-cores", default=None, metavar="LIST",
-                        help="pin Redis, the S3 server and the producer to these cores, e.g. 1")
+                        help="pin Redis, the S3 server and the producer to these cores, e.g. 1 or 8-15")
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat workers only, end to end and model only this many times, interleaved, and "
                              "report each ratio's median and range (default: 1)")
     parser.add_argument("--model-only-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.model_only_child:
-        return model_only_child(args.frames, args.batch, args.checkpoint)
+        return model_only_child(args.frames, args.batch, args.checkpoint, args.device)
 
     worker_cores, service_cores = parse_cores(args.worker_cores), parse_cores(args.service_cores)
     cores = len(worker_cores) if worker_cores else os.cpu_count() or 1
     threads = max(cores // args.workers, 1)
 
     def measure_model() -> float:
-        return model_only(args.workers, args.frames, args.batch, threads, args.checkpoint, worker_cores)
+        return model_only(args.workers, args.frames, args.batch, threads, args.checkpoint, args.device, worker_cores)
 
     model = [measure_model()]
 
@@ -260,7 +275,7 @@ def main() -> None:
     procs, rounds = [], []
     try:
         settings = Settings(redis_url=f"redis://127.0.0.1:{redis.port}/0", s3_endpoint=f"127.0.0.1:{s3.port}",
-                            s3_access_key="bench", s3_secret_key="bench", device="cpu", batch_size=args.batch,
+                            s3_access_key="bench", s3_secret_key="bench", device=args.device, batch_size=args.batch,
                             checkpoint=args.checkpoint, max_queue_depth=10_000)
         conn = redis_client(settings)
         procs, ports = start_workers(settings, args.workers, threads, worker_cores, workdir)
@@ -269,15 +284,18 @@ def main() -> None:
                 "producer": [os.getpid()]}
         for r in range(args.rounds):
             start = batch_totals(ports)
-            workers_fps = run_prefilled(settings, conn, f"prefilled{r}", args.frames, procs)
+            workers_fps, cpu_prefilled = run_prefilled(settings, conn, f"prefilled{r}", args.frames, procs, pids)
             prefilled = batch_totals(ports)
             (e2e_fps, steady_fps, _), cpu = cpu_split(
                 pids, lambda r=r: run_stream(settings, conn, f"capacity{r}", args.frames, None))
             streamed = batch_totals(ports)
             model.append(measure_model())  # the workers wait on an empty queue meanwhile
+            print(f"round {r + 1}: model only {model[-2]:.1f} -> {model[-1]:.1f}, workers only {workers_fps:.1f}, "
+                  f"end to end {e2e_fps:.1f} frames/s", file=sys.stderr, flush=True)
             rounds.append({"model": (model[-2] + model[-1]) / 2, "workers": workers_fps, "e2e": e2e_fps,
                            "steady": steady_fps, "batch_prefilled": mean_batch(start, prefilled),
-                           "batch_e2e": mean_batch(prefilled, streamed), "cpu": cpu})
+                           "batch_e2e": mean_batch(prefilled, streamed), "cpu": cpu,
+                           "cpu_prefilled": cpu_prefilled})
         e2e_median = float(np.median([r["e2e"] for r in rounds]))
         latency = {share: run_stream(settings, conn, f"load{int(share * 100)}", max(args.frames // 2, 20),
                                      share * e2e_median)[2] for share in (0.5, 0.9)}
@@ -306,9 +324,10 @@ def print_report(args, threads: int, workdir: Path, model: list[float], rounds: 
 
     placement = (f"workers on cores {args.worker_cores}, services on cores {args.service_cores}"
                  if args.worker_cores or args.service_cores else "all processes on all cores")
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores ({placement}), {args.workers} "
-          f"workers x {threads} threads, batch {args.batch}, {args.frames} frames per measurement, torch "
-          f"{torch.__version__}; logs in {workdir}")
+    device = f"{torch.cuda.get_device_name()}, " if args.device.startswith("cuda") else ""
+    print(f"# {device}{platform.processor() or platform.machine()}, {os.cpu_count()} cores ({placement}), "
+          f"{args.workers} workers x {threads} threads, batch {args.batch}, {args.frames} frames per measurement, "
+          f"torch {torch.__version__}; logs in {workdir}")
     if len(rounds) > 1:
         print(f"# {len(rounds)} rounds, each: workers only, end to end, model only; each round's ratios use the "
               "mean of the model-only runs either side of it. Values: median (min–max).")
@@ -324,10 +343,11 @@ def print_report(args, threads: int, workdir: Path, model: list[float], rounds: 
           "frames/s |")
     print(f"| mean micro-batch: workers only / end to end | {np.mean(col('batch_prefilled')):.1f} / "
           f"{np.mean(col('batch_e2e')):.1f} frames |")
-    cpu = {name: sum(r["cpu"][name] for r in rounds) for name in rounds[0]["cpu"]}
-    total = sum(cpu.values())
-    print("| CPU share during end to end: " + ", ".join(f"{name} {100 * sec / total:.0f}%" for name, sec in cpu.items())
-          + f" | {total:.1f} CPU-s |")
+    for phase, key in (("workers only", "cpu_prefilled"), ("end to end", "cpu")):
+        cpu = {name: sum(r[key][name] for r in rounds) for name in rounds[0][key]}
+        total = sum(cpu.values())
+        print(f"| CPU share during {phase}: " + ", ".join(f"{name} {100 * sec / total:.0f}%"
+                                                         for name, sec in cpu.items()) + f" | {total:.1f} CPU-s |")
     for share, values in latency.items():
         p50, p95 = np.percentile(values, [50, 95])
         print(f"| capture-to-result at {share:.0%} of capacity ({share * e2e_median:.1f} fps), p50 / p95 | "
