@@ -79,11 +79,19 @@ def s3_server(workdir: Path, port: int | None = None) -> Service:
 
 
 def serve_s3(port: int) -> None:
-    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+    """moto's S3 application alone.
+
+    moto's server puts every AWS service behind ``DomainDispatcherApplication``, which
+    works out the service of each request under one lock, listing moto's ~200 service
+    folders on disk to do it. Only S3 is served here, so requests go straight to the
+    app the dispatcher would pick: 0.77 instead of 1.44 ms of CPU per request
+    (bench/s3_standin.py).
+    """
+    from moto.moto_server.werkzeug_app import create_backend_app
     from waitress import serve
 
     os.environ.setdefault("MOTO_PORT", str(port))  # as moto's own server does
-    serve(DomainDispatcherApplication(create_backend_app), host="127.0.0.1", port=port, threads=8, _quiet=True)
+    serve(create_backend_app("s3"), host="127.0.0.1", port=port, threads=8, _quiet=True)
 
 
 if __name__ == "__main__":
