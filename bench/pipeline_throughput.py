@@ -259,6 +259,8 @@ def main() -> None:
     if args.model_only_child:
         return model_only_child(args.frames, args.batch, args.checkpoint, args.device)
 
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available here")
     worker_cores, service_cores = parse_cores(args.worker_cores), parse_cores(args.service_cores)
     cores = len(worker_cores) if worker_cores else os.cpu_count() or 1
     threads = max(cores // args.workers, 1)
