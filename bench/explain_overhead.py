@@ -4,8 +4,9 @@
 
 Times, on the same images and threads: ``predict`` (label only), the product's
 ``explain`` (label + Grad-CAM + overlay, trunk run once without autograd) with
-each overlay encoded to PNG as the worker does, and the package's plain usage
-(full backward through the trunk) + the same overlay and PNG.
+each overlay encoded as the worker does (``--overlay-format``, default the product's:
+JPEG), and the package's plain usage (full backward through the trunk) + the same
+overlay and encoding.
 Prints medians and the ratios; absolute times on shared machines are noise.
 """
 
@@ -23,9 +24,10 @@ import numpy as np
 import torch
 from pytorch_grad_cam import GradCAM
 
+from steelsight.contract import Settings
 from steelsight.model.checkpoint import load_checkpoint
 from steelsight.model.data import scan_folders
-from steelsight.model.imageio import encode_png, read_gray
+from steelsight.model.imageio import encode_overlay, read_gray
 from steelsight.model.predictor import Predictor, overlay_heatmap
 
 SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
@@ -44,14 +46,14 @@ def median_times(fns: list, repeats: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
-def plain_explain(predictor: Predictor, plain: GradCAM, images: list[np.ndarray]):
+def plain_explain(predictor: Predictor, plain: GradCAM, images: list[np.ndarray], fmt: str):
     heatmaps = plain(input_tensor=predictor.preprocess(images), targets=None)
-    return [encode_png(overlay_heatmap(img, cv2.resize(heat, (img.shape[1], img.shape[0]))))
+    return [encode_overlay(overlay_heatmap(img, cv2.resize(heat, (img.shape[1], img.shape[0]))), fmt)
             for img, heat in zip(images, heatmaps, strict=True)]
 
 
-def product_explain(predictor: Predictor, images: list[np.ndarray]):
-    return [encode_png(e.overlay) for e in predictor.explain(images)]
+def product_explain(predictor: Predictor, images: list[np.ndarray], fmt: str):
+    return [encode_overlay(e.overlay, fmt) for e in predictor.explain(images)]
 
 
 def main() -> None:
@@ -59,6 +61,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None, help="default: the shipped checkpoint")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--overlay-format", choices=["jpeg", "png"], default=Settings().overlay_format,
+                        help="how each overlay is encoded (default: the product's, STEELSIGHT_OVERLAY_FORMAT)")
     args = parser.parse_args()
     predictor = Predictor.load(args.checkpoint, device="cpu", batch_size=max(args.batch))
     plain_net = load_checkpoint(args.checkpoint).model  # a separate copy whose parameters require grad
@@ -66,14 +70,15 @@ def main() -> None:
     images = [read_gray(s.path) for s in scan_folders(SAMPLES)]
     print(f"# explain overhead, {predictor.input_size}px input, {platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}")
-    print("| batch | label only (ms/img) | explain + PNG (ms/img) | plain grad-cam + PNG (ms/img) | explain / label "
-          "| plain / label |")
+    enc = args.overlay_format.upper()
+    print(f"| batch | label only (ms/img) | explain + {enc} (ms/img) | plain grad-cam + {enc} (ms/img) "
+          "| explain / label | plain / label |")
     print("|---:|---:|---:|---:|---:|---:|")
     for batch in args.batch:
         chunk = images[:batch]
         label, cheap, full = (t / batch for t in median_times(
-            [lambda c=chunk: predictor.predict(c), lambda c=chunk: product_explain(predictor, c),
-             lambda c=chunk: plain_explain(predictor, plain, c)], args.repeats))
+            [lambda c=chunk: predictor.predict(c), lambda c=chunk: product_explain(predictor, c, args.overlay_format),
+             lambda c=chunk: plain_explain(predictor, plain, c, args.overlay_format)], args.repeats))
         print(f"| {batch} | {1000 * label:.1f} | {1000 * cheap:.1f} | {1000 * full:.1f} | {cheap / label:.2f}x | "
               f"{full / label:.2f}x |")
 

@@ -8,11 +8,15 @@ Documented conversions (everything else is rejected with a reason):
   (0..65535 for I;16, min..max for 32-bit);
 * EXIF orientation is applied;
 * multi-frame files (animated GIF, multi-page TIFF) -> first frame.
+
+Uncompressed 8-bit gray BMPs (NEU's format) are decoded by OpenCV: the same pixels,
+~5x faster than Pillow's BMP reader. Everything else goes through Pillow.
 """
 
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 from enum import StrEnum
@@ -77,26 +81,51 @@ def _to_gray(img: Image.Image) -> np.ndarray:
     raise ImageRejected(RejectReason.UNSUPPORTED_MODE, f"pixel mode {mode!r} is not supported")
 
 
+def _check_size(width: int, height: int, limits: DecodeLimits) -> None:
+    if width * height > limits.max_pixels:
+        raise ImageRejected(
+            RejectReason.TOO_MANY_PIXELS, f"{width}x{height} = {width * height} pixels > limit {limits.max_pixels}"
+        )
+    if min(width, height) < limits.min_side:
+        raise ImageRejected(RejectReason.TOO_SMALL, f"{width}x{height} is below the {limits.min_side}px minimum side")
+
+
+def _gray_bmp_fast(data: bytes, limits: DecodeLimits) -> np.ndarray | None:
+    """Uncompressed 8-bit BMP with a gray palette (NEU's format) through OpenCV.
+
+    Pillow's BMP reader checks the 256-entry palette in Python, ~55 us of the ~75 us a
+    200 px frame takes; OpenCV decodes the same pixels in ~15 us. Anything else (colour
+    palette, RLE, other depths, damaged headers) returns None and takes Pillow's path.
+    """
+    if len(data) < 54 or data[:2] != b"BM":
+        return None
+    pixels_at = struct.unpack_from("<I", data, 10)[0]
+    header_size, width, height, _, bits, compression = struct.unpack_from("<IiiHHI", data, 14)
+    if header_size < 40 or bits != 8 or compression != 0 or width <= 0 or height == 0:
+        return None
+    _check_size(width, abs(height), limits)
+    if pixels_at + (width + 3) // 4 * 4 * abs(height) > len(data):  # truncated: Pillow says so, OpenCV only logs
+        return None
+    gray = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    return gray if gray is not None and gray.ndim == 2 and gray.shape == (abs(height), width) else None
+
+
 def decode_gray(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
     """Decode image bytes into an (H, W) uint8 array or raise :class:`ImageRejected`."""
     if not data:
         raise ImageRejected(RejectReason.EMPTY, "zero bytes")
     if len(data) > limits.max_bytes:
         raise ImageRejected(RejectReason.TOO_MANY_BYTES, f"{len(data)} bytes > limit {limits.max_bytes}")
+    fast = _gray_bmp_fast(data, limits)
+    return fast if fast is not None else _decode_with_pillow(data, limits)
+
+
+def _decode_with_pillow(data: bytes, limits: DecodeLimits) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width * height > limits.max_pixels:
-                raise ImageRejected(
-                    RejectReason.TOO_MANY_PIXELS,
-                    f"{width}x{height} = {width * height} pixels > limit {limits.max_pixels}",
-                )
-            if min(width, height) < limits.min_side:
-                raise ImageRejected(
-                    RejectReason.TOO_SMALL, f"{width}x{height} is below the {limits.min_side}px minimum side"
-                )
+            _check_size(*img.size, limits)
             img.seek(0)
             img.load()
             img = ImageOps.exif_transpose(img) or img
@@ -141,3 +170,20 @@ def encode_png(rgb: np.ndarray, level: int = 0) -> bytes:
     if not ok:
         raise ValueError(f"PNG encoding failed for an array of shape {rgb.shape}")
     return buf.tobytes()
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
+    """(H, W, 3) uint8 RGB -> JPEG bytes: about as fast as stored PNG and ~8x smaller."""
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError(f"JPEG encoding failed for an array of shape {rgb.shape}")
+    return buf.tobytes()
+
+
+def encode_overlay(rgb: np.ndarray, overlay_format: str, jpeg_quality: int = 90, png_level: int = 0) -> bytes:
+    """An overlay as the worker stores it: ``"jpeg"`` or ``"png"``."""
+    if overlay_format == "jpeg":
+        return encode_jpeg(rgb, jpeg_quality)
+    if overlay_format == "png":
+        return encode_png(rgb, png_level)
+    raise ValueError(f"unknown overlay format {overlay_format!r}: use jpeg or png")

@@ -34,7 +34,8 @@ def test_corpus_is_broad_enough():
 
 
 def test_bad_frames_through_producer_and_worker(settings, tmp_path):
-    settings = settings.model_copy(update={"max_frame_bytes": SIZE_LIMIT})
+    # PNG overlays here (the default, JPEG, is checked in test_pipeline.py)
+    settings = settings.model_copy(update={"max_frame_bytes": SIZE_LIMIT, "overlay_format": "png"})
     conn = redis_client(settings)
     producer = Producer(settings, "line-bad", "cam-1")
     for frame in corpus.CORPUS:
@@ -75,6 +76,8 @@ def test_bad_frames_through_producer_and_worker(settings, tmp_path):
     assert results["line-bad__cam-1__missing-object"]["reason"].startswith("missing_object")
     assert all(results[f"line-bad__cam-1__{i}"]["status"] == "ok" for i in odd_ids)
     assert results["line-bad__cam-1__after-the-corpus"]["status"] == "ok"
+    overlay_key = results["line-bad__cam-1__after-the-corpus"]["overlay_key"]
+    assert overlay_key.endswith(".png") and store.get(settings.overlays_bucket, overlay_key)[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("name", corpus.ODD_NAMES)

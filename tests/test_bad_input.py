@@ -1,14 +1,24 @@
 """Every kind of bad or odd bytes gets a typed rejection or a documented conversion."""
 
+import struct
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from steelsight.model.imageio import DecodeLimits, ImageRejected, RejectReason, decode_gray, read_gray
+from steelsight.model.imageio import (
+    DecodeLimits,
+    ImageRejected,
+    RejectReason,
+    _decode_with_pillow,
+    _gray_bmp_fast,
+    decode_gray,
+    read_gray,
+)
 
 from . import corpus
 from .corpus import GRAY, RGB, encode
+from .helpers import SAMPLES
 
 REJECTED = {frame.kind: (frame.data, frame.reason) for frame in corpus.REJECTED}
 
@@ -78,3 +88,51 @@ def test_cli_predict_reports_bad_files_and_answers_good_ones(tmp_path, tiny_chec
     assert rc == 3
     assert rows[0]["label"] and (tmp_path / "cams" / "good_cam.png").exists()
     assert rows[1]["error"]["reason"] == "not_an_image"
+
+
+def _top_down(bmp: bytes) -> bytes:
+    """The same bottom-up 8-bit BMP stored top-down (negative height, rows reversed)."""
+    data = bytearray(bmp)
+    pixels_at, height = struct.unpack_from("<I", data, 10)[0], struct.unpack_from("<i", data, 22)[0]
+    stride = (len(data) - pixels_at) // height
+    rows = [data[pixels_at + i * stride: pixels_at + (i + 1) * stride] for i in range(height)]
+    struct.pack_into("<i", data, 22, -height)
+    data[pixels_at:] = b"".join(reversed(rows))
+    return bytes(data)
+
+
+def _with_palette(image: Image.Image, palette: list[int]) -> Image.Image:
+    image = image.convert("P")
+    image.putpalette(palette)
+    return image
+
+
+NOISE = Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 201), np.uint8))  # odd width: row padding
+GRAY_BMPS = {
+    "shipped sample": next(SAMPLES.rglob("*.bmp")).read_bytes(),
+    "odd width": encode(NOISE, "BMP"),
+    "top-down": _top_down(encode(NOISE, "BMP")),
+    "inverted gray palette": encode(_with_palette(NOISE, [255 - i for i in range(256) for _ in range(3)]), "BMP"),
+}
+
+
+@pytest.mark.parametrize("name", list(GRAY_BMPS))
+def test_gray_bmp_fast_path_gives_pillows_pixels(name):
+    data = GRAY_BMPS[name]
+    fast = _gray_bmp_fast(data, DecodeLimits())
+    assert fast is not None, "this BMP should take the OpenCV path"
+    assert fast.dtype == np.uint8 and (fast == _decode_with_pillow(data, DecodeLimits())).all()
+
+
+def test_colour_and_truncated_bmps_take_pillows_path():
+    colour = encode(_with_palette(NOISE, [v for i in range(256) for v in (i, 255 - i, i // 2)]), "BMP")
+    assert _gray_bmp_fast(colour, DecodeLimits()) is None
+    assert (decode_gray(colour) == _decode_with_pillow(colour, DecodeLimits())).all()
+    truncated = encode(NOISE, "BMP")[:-10]
+    assert _gray_bmp_fast(truncated, DecodeLimits()) is None
+    with pytest.raises(ImageRejected) as info:
+        decode_gray(truncated)
+    assert info.value.reason is RejectReason.TRUNCATED
+    with pytest.raises(ImageRejected) as info:
+        decode_gray(encode(NOISE, "BMP"), DecodeLimits(max_pixels=1000))
+    assert info.value.reason is RejectReason.TOO_MANY_PIXELS

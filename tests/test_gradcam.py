@@ -79,3 +79,24 @@ def test_overlay_matches_the_packages_show_cam_on_image_and_encodes_losslessly()
     assert np.abs(overlay.astype(int) - expected).max() <= 1  # rounding vs truncation
     for level in (0, 1, 9):
         assert (np.asarray(Image.open(io.BytesIO(encode_png(overlay, level)))) == overlay).all()
+
+
+def test_jpeg_overlay_stays_close_to_the_exact_one_at_a_fraction_of_the_bytes():
+    import cv2
+
+    from steelsight.model.imageio import encode_jpeg, encode_overlay, encode_png, read_gray
+    from steelsight.model.predictor import overlay_heatmap
+
+    from .helpers import SAMPLES
+
+    gray = read_gray(SAMPLES / "scratches" / "Sc_1.bmp")
+    rows, cols = np.mgrid[: gray.shape[0], : gray.shape[1]]
+    heat = np.exp(-((rows - 80) ** 2 + (cols - 120) ** 2) / 2000).astype(np.float32)  # one smooth hot spot
+    overlay = overlay_heatmap(gray, heat)
+    jpeg = encode_jpeg(overlay, 90)
+    decoded = cv2.cvtColor(cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    assert decoded.shape == overlay.shape and cv2.PSNR(decoded, overlay) > 32
+    assert len(jpeg) * 4 < len(encode_png(overlay, 0))
+    assert encode_overlay(overlay, "jpeg", 90) == jpeg and encode_overlay(overlay, "png") == encode_png(overlay, 0)
+    with pytest.raises(ValueError, match="overlay format"):
+        encode_overlay(overlay, "gif")

@@ -56,6 +56,10 @@ def test_frames_flow_to_results_overlays_and_metrics(settings, tmp_path):
     for result in ok.values():
         assert result["label"] in result["probabilities"] and store.exists(settings.overlays_bucket,
                                                                              result["overlay_key"])
+        # the default overlay is a JPEG, stored as one
+        assert store.get(settings.overlays_bucket, result["overlay_key"])[:3] == b"\xff\xd8\xff"
+        assert result["overlay_key"].endswith(".jpg") and store.client.stat_object(
+            settings.overlays_bucket, result["overlay_key"]).content_type == "image/jpeg"
         assert result["frame_key"].startswith("line-a/cam-1/") and result["timings"]["total_s"] > 0
     assert conn.xlen(settings.results_stream) == 9  # one stream entry per frame, duplicates included
     job = Job.fetch("line-a__cam-1__Cr_1", connection=conn, serializer=JSONSerializer)

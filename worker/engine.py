@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from steelsight.clients import PERMANENT, S3_TRANSIENT, MissingObject, ObjectStore
-from steelsight.contract import Frame, FrameResult, Settings, Timings
-from steelsight.model.imageio import DecodeLimits, ImageRejected, decode_gray, encode_png
+from steelsight.contract import OVERLAY_FORMATS, Frame, FrameResult, Settings, Timings
+from steelsight.model.imageio import DecodeLimits, ImageRejected, decode_gray, encode_overlay
 from steelsight.model.predictor import Predictor
 from steelsight.retry import with_backoff
 
@@ -46,17 +46,20 @@ class FrameEngine:
                             on_retry=lambda exc, delay: metrics.RETRIES.labels(service="s3").inc())
 
     def _fetch(self, frame: Frame) -> bytes:
-        return self._s3_retry(
-            lambda: self.store.get(self.settings.frames_bucket, frame.object_key, self.settings.max_frame_bytes),
-            f"fetch {frame.object_key}")
+        key = frame.object_key
+        return self._s3_retry(lambda: self.store.get(self.settings.frames_bucket, key, self.settings.max_frame_bytes),
+                              f"fetch {key}")
 
     def _load(self, frame: Frame):
         return decode_gray(self._fetch(frame), self.limits)
 
-    def _upload_overlay(self, frame: Frame, overlay) -> None:
-        data = encode_png(overlay, self.settings.overlay_png_level)
-        self._s3_retry(lambda: self.store.put(self.settings.overlays_bucket, frame.overlay_key, data, "image/png"),
-                       f"upload overlay {frame.overlay_key}")
+    def _upload_overlay(self, frame: Frame, overlay) -> str:
+        fmt = self.settings.overlay_format
+        key, content_type = frame.overlay_key(fmt), OVERLAY_FORMATS[fmt][1]
+        data = encode_overlay(overlay, fmt, self.settings.overlay_jpeg_quality, self.settings.overlay_png_level)
+        self._s3_retry(lambda: self.store.put(self.settings.overlays_bucket, key, data, content_type),
+                       f"upload overlay {key}")
+        return key
 
     def _rejected(self, frame: Frame, reason: str, started: float, batch_start: datetime) -> FrameResult:
         return self._result(frame, started, batch_start, 0.0, status="rejected", reason=reason)
@@ -123,11 +126,11 @@ class FrameEngine:
 
     def _upload_and_report(self, frame: Frame, exp, started: float, batch_start: datetime,
                            inference_s: float) -> FrameResult:
-        self._upload_overlay(frame, exp.overlay)
+        overlay_key = self._upload_overlay(frame, exp.overlay)
         return self._result(
             frame, started, batch_start, inference_s, status="ok", label=exp.label, confidence=exp.confidence,
             probabilities=exp.probabilities, ood_score=exp.ood_score, unknown=exp.unknown,
-            unknown_reason=exp.unknown_reason, overlay_key=frame.overlay_key,
+            unknown_reason=exp.unknown_reason, overlay_key=overlay_key,
         )
 
 
