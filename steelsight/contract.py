@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     backend: Literal["auto", "torch", "torch-fp16", "onnxruntime", "openvino"] = "auto"
     batch_size: int = 8
     cam_method: str = "gradcam"
-    # Grad-CAM overlay file: JPEG (~0.08 ms, ~15 KB at 200 px and quality 90) or PNG for pixel-exact copies
+    # Grad-CAM overlay file: JPEG (~0.08 ms, ~10 KB at 200 px and quality 90) or PNG for pixel-exact copies
     overlay_format: Literal["jpeg", "png"] = "jpeg"
     overlay_jpeg_quality: int = Field(default=90, ge=50, le=100)
     # PNG deflate level: 0 stores it (~0.1-0.2 ms, ~120 KB at 200 px), 1-9 compress (~2.5 ms, ~75 KB)
