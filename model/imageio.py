@@ -173,7 +173,7 @@ def encode_png(rgb: np.ndarray, level: int = 0) -> bytes:
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
-    """(H, W, 3) uint8 RGB -> JPEG bytes: about as fast as stored PNG and ~8x smaller."""
+    """(H, W, 3) uint8 RGB -> JPEG bytes: about as fast as stored PNG, ~10x smaller for an overlay."""
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise ValueError(f"JPEG encoding failed for an array of shape {rgb.shape}")
