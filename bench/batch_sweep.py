@@ -7,7 +7,7 @@ Rows, per trunk backend:
   model only   a pre-processed batch already on the device -> trunk, attention, pooling, head
                (what the accelerator does; no decode, resize or post-processing)
   label only   ``Predictor.predict``: resize on the CPU, copy, forward, softmax, OOD score, quality checks
-  explained    ``Predictor.explain``: the same plus Grad-CAM and the overlay (no PNG encode)
+  explained    ``Predictor.explain``: the same plus Grad-CAM and the overlay (not encoded to a file)
 "Saturates at" is the first batch size whose frames/s is within 10% of the next one's.
 
 ``--parity`` compares every backend with float32 eager PyTorch on the CPU on the bundled

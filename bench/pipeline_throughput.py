@@ -8,8 +8,8 @@
    before the first round and after each; a round's ratios use the runs either side
    of it (the machine's speed drifts by several percent within a run).
 2. workers only: frames queued while the workers are stopped (SIGSTOP); frames/s from
-   the end of the first batch to the last result (fetch, decode, explain, overlay PNG
-   upload, publish), with Redis and the S3 server on the same cores.
+   the end of the first batch to the last result (fetch, decode, explain, overlay
+   encode and upload, publish), with Redis and the S3 server on the same cores.
 3. end to end: the producer (unpaced) uploads to S3 and enqueues in Redis while the
    workers run; frames/s from the first upload to the last result. Redis, the S3
    server and the producer share the same cores, as they would on a single box.
@@ -177,13 +177,17 @@ def mean_batch(before: tuple[float, float], after: tuple[float, float]) -> float
     return (after[0] - before[0]) / max(after[1] - before[1], 1)
 
 
+def result_keys(settings: Settings, conn, line: str) -> list[bytes]:
+    return conn.keys(f"{settings.key_prefix}:result:{line}__*")
+
+
 def results(settings: Settings, conn, line: str) -> list[dict]:
-    return [json.loads(conn.get(k)) for k in conn.keys(f"{settings.key_prefix}:result:{line}__*")]
+    return [json.loads(conn.get(k)) for k in result_keys(settings, conn, line)]
 
 
 def count_results(settings: Settings, conn, line: str) -> int:
     """One KEYS call: the bench polls this, and polling must not load the service cores."""
-    return len(conn.keys(f"{settings.key_prefix}:result:{line}__*"))
+    return len(result_keys(settings, conn, line))
 
 
 def wait_for_results(settings: Settings, conn, line: str, frames: int) -> list[dict]:

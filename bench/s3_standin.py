@@ -9,7 +9,8 @@
 here under waitress, as the devstack does, on the second core (the client on the
 first) when there are two. The client does what the pipeline does per frame: the
 producer's PUT of a 40 KB frame, the worker's GET of it and its PUT of a 120 KB
-overlay, one after another through the product's ``ObjectStore``. Rounds alternate
+overlay (the stored-PNG overlay that was the default when these servers were
+compared; JPEG overlays are ~10 KB now), one after another through the product's ``ObjectStore``. Rounds alternate
 between the two servers; the table gives, per server, requests/s and the server's
 CPU per request (/proc), median over the rounds, and their ratio.
 """

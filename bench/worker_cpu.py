@@ -7,7 +7,7 @@ stand-in and this script sit on core 1. Thread CPU times are read from
 ``/proc/<pid>/task/*/stat`` once the first results are in and again at the end, so
 model loading is left out. The busiest thread is the model thread; the main thread
 claims and books jobs (RQ, Redis); the rest are the S3 I/O pool (download, decode,
-overlay PNG, upload). Linux only.
+overlay encode, upload). Linux only.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def main() -> None:
           f"logs in {workdir}")
     print("| thread | CPU per frame (ms) | share |\n|---|---:|---:|")
     for name, sec in (("model", spent[model_tid]), ("main (claim, book: RQ, Redis)", main_s),
-                      ("I/O pool (S3, decode, PNG)", io_s)):
+                      ("I/O pool (S3, decode, overlay encode)", io_s)):
         print(f"| {name} | {1e3 * sec / frames:.2f} | {sec / total:.2f} |")
     print(f"| all | {1e3 * total / frames:.2f} (wall {1e3 * (t1 - t0) / frames:.2f}) | 1.00 |")
 
