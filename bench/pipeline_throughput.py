@@ -148,6 +148,19 @@ def rate_after_first_batch(finished: list[datetime], batch: int) -> float:
     return (len(finished) - end) / (finished[-1] - finished[end - 1]).total_seconds()
 
 
+def save_result(bench: str, payload: dict) -> Path:
+    """Write ``bench/results/<bench>-<UTC time>.json`` with the machine and the command line beside ``payload``."""
+    folder = Path(__file__).resolve().parent / "results"
+    folder.mkdir(exist_ok=True)
+    now = datetime.now().astimezone()
+    path = folder / f"{bench}-{now:%Y-%m-%dT%H%M%S}.json"
+    record = {"bench": bench, "date": now.isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", **payload}
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+    return path
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process (all its threads), from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -281,12 +294,13 @@ def main() -> None:
     procs, rounds = [], []
     try:
         settings = Settings(redis_url=f"redis://127.0.0.1:{redis.port}/0", s3_endpoint=f"127.0.0.1:{s3.port}",
-                            s3_access_key="bench", s3_secret_key="bench", device=args.device, batch_size=args.batch,
+                            s3_access_key=s3.credentials.access_key, s3_secret_key=s3.credentials.secret_key,
+                            device=args.device, batch_size=args.batch,
                             checkpoint=args.checkpoint, max_queue_depth=10_000)
         conn = redis_client(settings)
         procs, ports = start_workers(settings, args.workers, threads, worker_cores, workdir)
         run_stream(settings, conn, "warmup", 4 * args.batch * args.workers, None)  # model load, first batches
-        pids = {"workers": [p.pid for p in procs], "S3 server (moto)": [s3.proc.pid], "Redis": [redis.proc.pid],
+        pids = {"workers": [p.pid for p in procs], "S3 server (SeaweedFS)": [s3.proc.pid], "Redis": [redis.proc.pid],
                 "producer": [os.getpid()]}
         for r in range(args.rounds):
             start = batch_totals(ports)
@@ -318,6 +332,13 @@ def main() -> None:
         redis.stop()
         s3.stop()
     print_report(args, threads, workdir, model, rounds, model_beside, latency, e2e_median)
+    save_result("pipeline_throughput", {
+        "workers": args.workers, "batch": args.batch, "frames": args.frames, "device": args.device,
+        "worker_cores": args.worker_cores, "service_cores": args.service_cores, "model_only": model,
+        "rounds": rounds, "model_only_beside_producer": model_beside,
+        "e2e_over_model": [r["e2e"] / r["model"] for r in rounds],
+        "workers_over_model": [r["workers"] / r["model"] for r in rounds],
+        "latency_p50_p95_s": {f"{share:.0%}": list(np.percentile(v, [50, 95])) for share, v in latency.items()}})
 
 
 def print_report(args, threads: int, workdir: Path, model: list[float], rounds: list[dict], model_beside: float,

@@ -86,7 +86,8 @@ def main() -> None:
     measured: dict[str, list[tuple[float, float]]] = {name: [] for name in modes}
     try:
         settings = Settings(redis_url=f"redis://127.0.0.1:{redis_proc.port}/0", s3_endpoint=f"127.0.0.1:{s3.port}",
-                            s3_access_key="bench", s3_secret_key="bench", batch_size=args.batch,
+                            s3_access_key=s3.credentials.access_key, s3_secret_key=s3.credentials.secret_key,
+                            batch_size=args.batch,
                             max_queue_depth=10 * args.jobs, metrics_port=free_port())
         jobs.install(InstantEngine(), settings)
         for r in range(args.rounds):

@@ -57,7 +57,8 @@ def main() -> None:
     worker = None
     try:
         settings = Settings(redis_url=f"redis://127.0.0.1:{redis.port}/0", s3_endpoint=f"127.0.0.1:{s3.port}",
-                            s3_access_key="bench", s3_secret_key="bench", device="cpu", batch_size=args.batch,
+                            s3_access_key=s3.credentials.access_key, s3_secret_key=s3.credentials.secret_key,
+                            device="cpu", batch_size=args.batch,
                             max_queue_depth=10 * args.frames)
         conn = redis_client(settings)
         warmup = 5 * args.batch

@@ -71,7 +71,8 @@ def main() -> None:
     redis, s3 = redis_server(workdir).start(), s3_server(workdir).start()
     try:
         base = Settings(redis_url=f"redis://127.0.0.1:{redis.port}/0", s3_endpoint=f"127.0.0.1:{s3.port}",
-                        s3_access_key="bench", s3_secret_key="bench", device="cpu", checkpoint=args.checkpoint)
+                        s3_access_key=s3.credentials.access_key, s3_secret_key=s3.credentials.secret_key,
+                        device="cpu", checkpoint=args.checkpoint)
         rates = {mode: run_mode(base, i, mode, args.frames, workdir) for i, mode in enumerate(MODES)}
     finally:
         redis.stop()

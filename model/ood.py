@@ -14,7 +14,7 @@ covariance invertible with far fewer images than dimensions.
 
 A third part is not a distance:
 
-* ``unconfidence`` (sixth session): -log of the top class probability. Noise that the
+* ``unconfidence``: -log of the top class probability. Noise that the
   trunk reads as rough steel lands near a class mean but leaves the classifier torn;
   this part catches it, and the model's own errors under corruption with it.
 

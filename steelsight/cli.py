@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 EXIT_SOME_REJECTED = 3
+EXIT_WORKER_CRASHED = 4  # the work loop quit on an unhandled error (the log has the traceback)
 # model/backends.py's names, kept here so --help stays light
 TRUNK_BACKENDS = ["auto", "torch", "torch-fp16", "onnxruntime", "openvino"]
 
@@ -145,12 +147,15 @@ def _predict_parser(sub) -> None:
     p = sub.add_parser(
         "predict", help="label images, optionally with Grad-CAM overlays",
         description="Prints label, confidence, probabilities, OOD score and unknown verdict per image. "
-                    f"Unreadable files are reported per file; the exit status is {EXIT_SOME_REJECTED} "
-                    "when any file was rejected.",
+                    f"Unreadable files and overlays that could not be written are reported per file; the exit "
+                    f"status is {EXIT_SOME_REJECTED} when any file was rejected or any overlay not written.",
     )
     p.add_argument("images", nargs="+", type=Path, help="image files")
     p.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
-    p.add_argument("--cam-out", type=Path, default=None, help="write <stem>_cam.png overlays here")
+    p.add_argument("--cam-out", type=Path, default=None,
+                   help="write <stem>_cam.png overlays here, under a new name (<stem>_cam_N.png) when the name "
+                        "exists; existing files and links are never written through; long stems are shortened "
+                        "with a hash to fit the 255-byte file-name limit")
     p.add_argument("--cam-method", default="gradcam",
                    help="gradcam, gradcam++, hirescam, xgradcam, layercam or eigencam (default: gradcam)")
     _add_checkpoint_args(p)
@@ -170,8 +175,13 @@ def _worker_parser(sub) -> None:
     p.add_argument("--backend", choices=TRUNK_BACKENDS, default=None,
                    help="trunk runtime (default: settings, auto = on CPU the faster of ONNX Runtime and OpenVINO, "
                         "timed once per machine; PyTorch on GPU; torch-fp16 = half precision, for GPUs)")
-    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default: settings, 9100)")
-    p.add_argument("--name", default=None, help="worker name shown in RQ (default: steelsight-<pid>)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="port of /metrics (Prometheus) and /healthz (200 while the work loop beats, else 503) "
+                        "(default: settings, 9100)")
+    p.add_argument("--metrics-host", default=None,
+                   help="address that port binds (default: settings, 127.0.0.1; 0.0.0.0 in containers)")
+    p.add_argument("--name", default=None,
+                   help="worker name shown in RQ (default: <hostname>-<pid>-<6 hex chars>, unique per process)")
     p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     p.set_defaults(func=cmd_worker)
 
@@ -180,11 +190,22 @@ def _produce_parser(sub) -> None:
     p = sub.add_parser(
         "produce", help="send frames from a folder into the pipeline",
         description="Uploads each image to the frames bucket under {line}/{camera}/{yyyy}/{mm}/{dd}/{frame_id}.{ext} "
-                    "and enqueues one job per frame (job id from line, camera and frame id, so a re-sent frame is "
-                    "skipped). Waits when the queue is deeper than STEELSIGHT_MAX_QUEUE_DEPTH.",
+                    "and enqueues one job per frame. The frame id is the file name made safe plus a hash of its "
+                    "path, extension and modification time, so a re-sent file is skipped as a duplicate while "
+                    "a new file under an old name is a new frame; a frame whose job failed is sent again. "
+                    "Waits when the queue is deeper than STEELSIGHT_MAX_QUEUE_DEPTH. Dotfiles and other "
+                    "temporary names are never sent: write frames under one and rename them.",
     )
     p.add_argument("--source", type=Path, required=True, help="folder of images (searched recursively)")
-    p.add_argument("--watch", action="store_true", help="send new files as they appear instead of replaying")
+    p.add_argument("--watch", action="store_true",
+                   help="send files as they are completed instead of replaying; files already there and not yet "
+                        "sent (per --state) are sent first")
+    p.add_argument("--state", type=Path, default=None,
+                   help="with --watch: file recording what was sent, kept across restarts "
+                        "(default: SOURCE/.steelsight/sent-LINE__CAMERA.sqlite)")
+    p.add_argument("--settle", type=float, default=None,
+                   help="with --watch: seconds a file must stay unchanged when its format has no end marker "
+                        "(TIFF, PGM) (default: 2)")
     p.add_argument("--loop", action="store_true", help="replay the folder forever (fresh frame ids per pass)")
     p.add_argument("--fps", type=float, default=None, help="frames per second (default: as fast as possible)")
     p.add_argument("--limit", type=int, default=None, help="stop after N frames")
@@ -194,26 +215,53 @@ def _produce_parser(sub) -> None:
     p.set_defaults(func=cmd_produce)
 
 
+def _requeue_parser(sub) -> None:
+    p = sub.add_parser(
+        "requeue", help="list failed frames, or send them through the pipeline again",
+        description="Frames whose job failed (retries used up: S3 or a worker down too long) wait in RQ's failed "
+                    "registry for STEELSIGHT_FAILURE_TTL_S. Without JOB_IDs or --all this lists them with the "
+                    "reason; with them it puts each back on the queue with fresh retries (the frame in S3 is "
+                    "used again) and prints one line per frame. Exits 1 when a named job is not a failed one.",
+    )
+    p.add_argument("job_ids", nargs="*", metavar="JOB_ID", help="LINE__CAMERA__FRAME of a failed job")
+    p.add_argument("--all", action="store_true", help="requeue every failed frame (narrowed by --line/--camera)")
+    p.add_argument("--line", default=None, help="only frames of this line")
+    p.add_argument("--camera", default=None, help="only frames of this camera")
+    p.add_argument("--dry-run", action="store_true", help="print what would be requeued, change nothing")
+    p.set_defaults(func=cmd_requeue)
+
+
 def _dashboard_parser(sub) -> None:
     p = sub.add_parser(
         "dashboard", help="the Gradio dashboard: live results, upload tab, metrics",
         description="Reads results from Redis and images from S3 (settings from STEELSIGHT_* variables or .env). "
-                    "Login is enabled when STEELSIGHT_DASHBOARD_USER and STEELSIGHT_DASHBOARD_PASSWORD are set.",
+                    "Login is enabled when STEELSIGHT_DASHBOARD_USER and STEELSIGHT_DASHBOARD_PASSWORD are set; "
+                    "setting only one of them is an error, and without them it serves only on loopback.",
     )
-    p.add_argument("--host", default=None, help="bind address (default: settings, 127.0.0.1)")
+    p.add_argument("--host", default=None,
+                   help="bind address (default: settings, 127.0.0.1); any address beyond loopback needs the login "
+                        "set, or --insecure-no-auth")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default: settings, 7860)")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default: settings, 9102)")
     p.add_argument("--checkpoint", default=None, help="model for the upload tab (default: the shipped one)")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="serve beyond loopback without a login (logged as a warning); only behind something that "
+                        "guards access itself, such as a proxy with its own login")
     p.set_defaults(func=cmd_dashboard)
 
 
 def _up_parser(sub) -> None:
     p = sub.add_parser(
-        "up", help="run the whole product locally: Redis, S3, 2 workers, producer, dashboard",
-        description="Starts redis-server (append-only), an S3 endpoint (minio when on PATH, else a non-persistent "
-                    "moto stand-in), two workers, the producer replaying the bundled samples and the dashboard, "
-                    "then prints the URLs. Ctrl-C stops everything.",
+        "up", help="run the whole product locally: Redis, SeaweedFS, 2 workers, producer, dashboard",
+        description="Starts redis-server (append-only) and an S3 object store (SeaweedFS from the virtual "
+                    "environment, or a minio binary from PATH), both keeping their data under --data so a second "
+                    "run finds the first one's frames; then two workers and the dashboard, and, once every worker "
+                    "has loaded the model, the producer replaying the bundled samples. Prints the URLs. Ctrl-C "
+                    "stops everything.",
     )
+    p.add_argument("--s3", choices=["seaweedfs", "minio"], default="seaweedfs",
+                   help="object store to run: seaweedfs (default, installed by make) or minio (a minio binary on "
+                        "PATH; MinIO is what docker-compose.yml and deploy/k8s run)")
     p.add_argument("--data", type=Path, default=Path("runs/stack"), help="state and logs (default: runs/stack)")
     p.add_argument("--frames", type=int, default=None, help="stop producing after N frames (default: loop forever)")
     p.add_argument("--fps", type=float, default=2.0, help="producer frames per second (default: 2)")
@@ -236,6 +284,20 @@ def _link_parser(sub) -> None:
     p.set_defaults(func=cmd_link)
 
 
+def _check_sizing_parser(sub) -> None:
+    p = sub.add_parser(
+        "check-sizing", help="check that Redis can hold the results of a line running at N frames/s",
+        description="Computes the Redis memory a steady frame rate needs from the settings (result, job and failure "
+                    "TTLs, stream length, queue depth; steelsight.contract.redis_bytes_needed) and compares it with "
+                    "--redis-maxmemory, or with the maxmemory and maxmemory-policy of the Redis in "
+                    "STEELSIGHT_REDIS_URL. Exits 1 when it does not fit or the policy could evict queued frames.",
+    )
+    p.add_argument("--fps", type=float, required=True, help="frames per second over all lines and cameras")
+    p.add_argument("--redis-maxmemory", default=None,
+                   help="Redis maxmemory to check, e.g. 3gb or 3221225472 (default: ask the configured Redis)")
+    p.set_defaults(func=cmd_check_sizing)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="steelsight",
@@ -249,9 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     _predict_parser(sub)
     _worker_parser(sub)
     _produce_parser(sub)
+    _requeue_parser(sub)
     _dashboard_parser(sub)
     _up_parser(sub)
     _link_parser(sub)
+    _check_sizing_parser(sub)
     return parser
 
 
@@ -338,16 +402,44 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _unique_png(folder: Path, stem: str) -> Path:
-    path, n = folder / f"{stem}_cam.png", 1
-    while path.exists():
-        path, n = folder / f"{stem}_cam_{n}.png", n + 1
-    return path
+NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
+
+
+def _overlay_name(stem: str, n: int) -> str:
+    """``<stem>_cam[_n].png``, with the stem cut (and a short hash of it added) to fit NAME_MAX bytes."""
+    import hashlib
+
+    suffix = f"_cam_{n}.png" if n else "_cam.png"
+    raw = os.fsencode(stem)
+    if len(raw) + len(suffix) <= NAME_MAX:
+        return stem + suffix
+    tag = "-" + hashlib.sha256(raw).hexdigest()[:10]
+    keep = raw[: NAME_MAX - len(suffix) - len(tag)].decode("utf-8", "ignore")  # never half a character
+    return keep + tag + suffix
+
+
+def _write_overlay(folder: Path, stem: str, rgb) -> Path:
+    """Write a PNG under a new name in ``folder``; an existing name, a link (even a dangling one) included,
+    is never opened: O_CREAT | O_EXCL fails on any existing entry and does not follow links."""
+    from PIL import Image
+
+    for n in range(10_000):
+        path = folder / _overlay_name(stem, n)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except FileExistsError:
+            continue
+        try:
+            with os.fdopen(fd, "wb") as f:
+                Image.fromarray(rgb).save(f, format="PNG")
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return path
+    raise FileExistsError(f"no free overlay name for {stem!r} in {folder}")
 
 
 def cmd_predict(args) -> int:
-    from PIL import Image
-
     from steelsight.model.imageio import ImageRejected, read_gray
 
     predictor = _load_predictor(args)
@@ -369,14 +461,15 @@ def cmd_predict(args) -> int:
         row = rows[row_index]
         row.update(result.to_dict())
         if args.cam_out:
-            png = _unique_png(args.cam_out, Path(row["path"]).stem)
-            Image.fromarray(result.overlay).save(png)
-            row["overlay"] = str(png)
+            try:  # one file's failure is reported on its own row, never hides the others
+                row["overlay"] = str(_write_overlay(args.cam_out, Path(row["path"]).stem, result.overlay))
+            except OSError as exc:
+                row["overlay_error"] = f"{type(exc).__name__}: {exc}"
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         _print_table(rows)
-    return EXIT_SOME_REJECTED if any("error" in r for r in rows) else 0
+    return EXIT_SOME_REJECTED if any("error" in r or "overlay_error" in r for r in rows) else 0
 
 
 def _print_table(rows: list[dict]) -> None:
@@ -387,6 +480,8 @@ def _print_table(rows: list[dict]) -> None:
         verdict = "UNKNOWN " if row.get("unknown") else ""
         ood = f" ood {row['ood_score']:.2f}" if row.get("ood_score") is not None else ""
         extra = f" overlay {row['overlay']}" if "overlay" in row else ""
+        if "overlay_error" in row:
+            extra = f" overlay NOT WRITTEN ({row['overlay_error']})"
         print(f"{row['path']}: {verdict}{row['label']} {row['confidence']:.3f}{ood}{extra}")
 
 
@@ -403,12 +498,18 @@ def _logging() -> None:
 
 
 def cmd_worker(args) -> int:
-    from steelsight.worker.service import run_worker
+    import logging
+
+    from steelsight.worker.service import WorkerCrashed, run_worker
 
     _logging()
     settings = _settings_with(checkpoint=args.checkpoint, device=args.device, batch_size=args.batch_size,
-                              metrics_port=args.metrics_port, backend=args.backend)
-    run_worker(settings, burst=args.burst, name=args.name)
+                              metrics_port=args.metrics_port, metrics_host=args.metrics_host, backend=args.backend)
+    try:
+        run_worker(settings, burst=args.burst, name=args.name)
+    except WorkerCrashed as exc:
+        logging.getLogger("steelsight.worker").error("%s", exc)
+        return EXIT_WORKER_CRASHED
     return 0
 
 
@@ -416,19 +517,77 @@ def cmd_produce(args) -> int:
     from prometheus_client import start_http_server
 
     from steelsight.contract import validate_id
-    from steelsight.producer.service import Producer, replay, run_producer, watch
+    from steelsight.producer.service import Producer, replay, run_producer
+    from steelsight.producer.watch import state_path, watch
+    from steelsight.sizing import warn_if_undersized
 
     _logging()
     validate_id(args.line, "--line")
     validate_id(args.camera, "--camera")
     settings = _settings_with()
     if args.metrics_port:
-        start_http_server(args.metrics_port)
+        start_http_server(args.metrics_port, addr=settings.metrics_host)
     producer = Producer(settings, args.line, args.camera)
-    frames = watch(args.source, limit=args.limit) if args.watch else replay(args.source, args.loop, args.limit)
-    counts = run_producer(producer, frames, args.fps)
+    warn_if_undersized(settings, producer.connection, args.fps)  # loud, before the first frame
+    on_sent = None
+    if args.watch:
+        state = args.state or state_path(args.source, args.line, args.camera)
+        settle = {} if args.settle is None else {"settle_s": args.settle}
+        frames, on_sent = watch(args.source, state, limit=args.limit, on_idle=producer.check_unconfirmed, **settle)
+    else:
+        frames = replay(args.source, args.loop, args.limit)
+    counts = run_producer(producer, frames, args.fps, on_sent)
     print("sent: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) if counts else "sent nothing")
     return 0
+
+
+def cmd_requeue(args) -> int:
+    from rq.job import Job
+    from rq.registry import FailedJobRegistry
+    from rq.serializers import JSONSerializer
+    from rq.utils import now
+
+    from steelsight.clients import redis_client
+    from steelsight.contract import JOB_FUNCTION, JOB_ID_SEPARATOR
+
+    settings = _settings_with()
+    conn = redis_client(settings)
+    registry = FailedJobRegistry(settings.queue_name, connection=conn, serializer=JSONSerializer)
+    failed = set(registry.get_job_ids())
+    if args.job_ids:
+        wanted = list(dict.fromkeys(args.job_ids))
+    else:
+        wanted = [j for j in sorted(failed) if (args.line is None or j.split(JOB_ID_SEPARATOR)[0] == args.line)
+                  and (args.camera is None or j.split(JOB_ID_SEPARATOR)[1:2] == [args.camera])]
+    act = (bool(args.job_ids) or args.all) and not args.dry_run
+    verb = "requeued" if act else "would requeue" if args.dry_run else "failed"
+    missing = 0
+    for job_id in wanted:
+        try:
+            job = Job.fetch(job_id, connection=conn, serializer=JSONSerializer) if job_id in failed else None
+        except Exception:  # gone meanwhile, or not a JSON job of ours (a pickle is never loaded)
+            job = None
+        if job is None or job.func_name != JOB_FUNCTION:
+            print(f"not a failed frame: {job_id}")
+            missing += 1
+            continue
+        result = job.latest_result()
+        reason = (result.exc_string or "").strip().splitlines()[-1:] if result is not None else []
+        if act:
+            # a fresh set of retries: the worker bounds retries by time since created_at and spaces them
+            # by meta["failed_attempts"], so both start again here
+            job.retries_left = settings.job_retries or None
+            job.created_at = now()
+            job.meta["failed_attempts"] = 0
+            job.save(include_meta=True)
+            registry.requeue(job)
+        print(f"{verb} {job_id}" + (f"  ({reason[0]})" if reason else ""))
+    done = len(wanted) - missing
+    if not act:
+        print(f"{done} failed frame(s)" + ("; pass JOB_IDs or --all to requeue" if not args.dry_run else ""))
+    else:
+        print(f"requeued {done} frame(s)")
+    return 1 if missing else 0
 
 
 def cmd_dashboard(args) -> int:
@@ -437,14 +596,14 @@ def cmd_dashboard(args) -> int:
     _logging()
     settings = _settings_with(dashboard_host=args.host, dashboard_port=args.port,
                               dashboard_metrics_port=args.metrics_port, checkpoint=args.checkpoint)
-    launch(settings)
+    launch(settings, insecure_no_auth=args.insecure_no_auth)
     return 0
 
 
 def cmd_up(args) -> int:
     from steelsight.stack import Stack, run_stack
 
-    return run_stack(Stack(args.data.resolve(), args.port_offset, args.frames, args.fps, args.workers))
+    return run_stack(Stack(args.data.resolve(), args.port_offset, args.frames, args.fps, args.workers, args.s3))
 
 
 def cmd_link(args) -> int:
@@ -464,6 +623,31 @@ def cmd_link(args) -> int:
                    else (settings.overlays_bucket, result.overlay_key))
     print(ObjectStore(settings).presigned_url(bucket, key))
     return 0
+
+
+def cmd_check_sizing(args) -> int:
+    from steelsight.contract import redis_bytes_needed
+    from steelsight.sizing import mib, parse_bytes, redis_memory, sizing_problems
+
+    settings = _settings_with()
+    policy = None
+    if args.redis_maxmemory is not None:
+        maxmemory = parse_bytes(args.redis_maxmemory)
+    else:
+        from steelsight.clients import redis_client
+
+        memory = redis_memory(redis_client(settings))
+        maxmemory, policy = memory.maxmemory, memory.policy
+        print(f"Redis uses {mib(memory.used)} of maxmemory {mib(maxmemory) if maxmemory else 'unset'} "
+              f"(policy {policy})")
+    print(f"{args.fps:g} frames/s, results kept {settings.result_ttl_s} s, RQ jobs {settings.job_result_ttl_s} s: "
+          f"Redis needs {mib(redis_bytes_needed(settings, args.fps))}")
+    problems = sizing_problems(settings, args.fps, maxmemory, policy)
+    for problem in problems:
+        print(f"steelsight check-sizing: {problem}", file=sys.stderr)
+    if not problems:
+        print("fits")
+    return 1 if problems else 0
 
 
 def main(argv: list[str] | None = None) -> int:

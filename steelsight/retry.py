@@ -14,7 +14,7 @@ log = logging.getLogger("steelsight.retry")
 def with_backoff(
     fn: Callable[[], T],
     what: str,
-    transient: tuple[type[BaseException], ...],
+    transient: tuple[type[BaseException], ...] | Callable[[BaseException], bool],
     attempts: int | None = 5,
     first_delay_s: float = 0.5,
     max_delay_s: float = 10.0,
@@ -26,17 +26,19 @@ def with_backoff(
 
     ``attempts=None`` retries forever (never drop a frame); ``give_up_after_s``
     bounds the time instead, for callers that hold a job whose heartbeat must not lapse.
-    An error caused by one of ``permanent`` (a wrong password, an untrusted
-    certificate) is raised at once: waiting will not fix it.
+    ``transient`` names the errors worth waiting out: exception classes, or a predicate
+    for errors told apart by content (an S3 error's code or HTTP status). An error caused
+    by one of ``permanent`` (a wrong password, an untrusted certificate) is raised at once.
     """
+    is_transient = (lambda exc: isinstance(exc, transient)) if isinstance(transient, tuple) else transient
     delay, attempt = first_delay_s, 0
     deadline = None if give_up_after_s is None else time.monotonic() + give_up_after_s
     while True:
         attempt += 1
         try:
             return fn()
-        except transient as exc:
-            if caused_by(exc, permanent):
+        except Exception as exc:
+            if not is_transient(exc) or caused_by(exc, permanent):
                 raise
             out_of_attempts = attempts is not None and attempt >= attempts
             if out_of_attempts or (deadline is not None and time.monotonic() + delay > deadline):

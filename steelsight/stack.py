@@ -1,16 +1,14 @@
 """``steelsight up``: the whole product on one machine, for demos and development.
 
-Redis (append-only, under ``--data``), an S3 endpoint (a ``minio`` binary when
-one is on PATH, otherwise moto's server as a clearly labelled, non-persistent
-stand-in), two workers, the producer replaying the bundled samples and the
-dashboard. Ctrl-C stops every process it started.
+Redis (append-only) and SeaweedFS (or ``--s3 minio``), both keeping their data
+under ``--data`` so that a second run finds the first run's frames, two workers,
+the dashboard, and the producer replaying the bundled samples once every worker
+has its model loaded. Ctrl-C stops every process it started.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,10 +16,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .contract import Settings
-from .devstack import Service, redis_server, s3_server, wait_until
+from .contract import Settings, redis_bytes_needed
+from .devstack import Service, ServiceExited, minio_server, redis_server, s3_server, wait_until
 
 SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
+S3_PORT = 19000
+# SeaweedFS's inner ports, fixed so that a restart over the same data finds the same cluster
+SEAWEEDFS_PORTS = {"master.port": 19333, "master.port.grpc": 19334, "volume.port": 19380, "volume.port.grpc": 19381,
+                   "filer.port": 19388, "filer.port.grpc": 19389, "s3.port.grpc": 19002}
 
 
 @dataclass
@@ -31,34 +33,37 @@ class Stack:
     frames: int | None = None
     fps: float = 2.0
     workers: int = 2
+    s3: str = "seaweedfs"
     services: list[Service] = field(default_factory=list)
     children: list[subprocess.Popen] = field(default_factory=list)
 
     def port(self, base: int) -> int:
         return base + self.port_offset
 
-    def start_storage(self) -> tuple[str, str, str]:
-        """Start Redis and S3; returns (redis url, S3 endpoint, a description of the S3 server)."""
+    def start_storage(self) -> tuple[str, Service, str]:
+        """Start Redis and the object store; returns (redis url, the S3 service, a description of it)."""
         (self.data_dir / "redis").mkdir(parents=True, exist_ok=True)
-        redis = redis_server(self.data_dir / "redis", appendonly=True, port=self.port(16379)).start()
+        defaults = Settings()
+        # room for this frame rate's records (steelsight check-sizing); old results go first when full
+        maxmemory = max(redis_bytes_needed(defaults, self.fps), 256 * 1024**2)
+        redis = redis_server(self.data_dir / "redis", appendonly=True, port=self.port(16379),
+                             maxmemory=maxmemory).start()
         self.services.append(redis)
-        s3_port = self.port(19000)
-        if shutil.which("minio"):
-            (self.data_dir / "minio").mkdir(parents=True, exist_ok=True)
-            env = dict(os.environ, MINIO_ROOT_USER=self.access_key, MINIO_ROOT_PASSWORD=self.secret_key)
-            s3 = Service(["minio", "server", str(self.data_dir / "minio"), "--address", f"127.0.0.1:{s3_port}",
-                          "--console-address", f"127.0.0.1:{s3_port + 1}"], s3_port,
-                         self.data_dir / "minio.log", env=env).start()
+        if self.s3 == "minio":
+            s3 = minio_server(self.data_dir, port=self.port(S3_PORT)).start()
             kind = f"MinIO, data in {self.data_dir / 'minio'}"
         else:
-            s3 = s3_server(self.data_dir, port=s3_port).start()
-            kind = "moto S3 server: a NON-PERSISTENT development stand-in for MinIO (install `minio` to keep data)"
+            ports = {name: self.port(port) for name, port in SEAWEEDFS_PORTS.items()}
+            s3 = s3_server(self.data_dir, port=self.port(S3_PORT), ports=ports, volume_size_mb=1024,
+                           expiry_days=defaults.object_expiry).start()
+            kind = f"SeaweedFS S3 gateway, data in {self.data_dir / 'seaweedfs'}"
         self.services.append(s3)
-        return f"redis://127.0.0.1:{redis.port}/0", f"127.0.0.1:{s3.port}", kind
+        return f"redis://127.0.0.1:{redis.port}/0", s3, kind
 
-    def settings(self, redis_url: str, s3_endpoint: str) -> Settings:
-        return Settings(redis_url=redis_url, s3_endpoint=s3_endpoint, s3_access_key=self.access_key,
-                        s3_secret_key=self.secret_key, dashboard_port=self.port(7860),
+    def settings(self, redis_url: str, s3: Service) -> Settings:
+        return Settings(redis_url=redis_url, s3_endpoint=f"127.0.0.1:{s3.port}",
+                        s3_access_key=s3.credentials.access_key, s3_secret_key=s3.credentials.secret_key,
+                        dashboard_port=self.port(7860),
                         dashboard_metrics_port=self.port(9102))
 
     def spawn(self, settings: Settings, name: str, args: list[str]) -> subprocess.Popen:
@@ -71,46 +76,62 @@ class Stack:
 
     def up(self) -> Settings:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.access_key, self.secret_key = self._credentials()
-        redis_url, s3_endpoint, s3_kind = self.start_storage()
-        settings = self.settings(redis_url, s3_endpoint)
+        redis_url, s3, s3_kind = self.start_storage()
+        settings = self.settings(redis_url, s3)
+        workers = {}
         for i in range(self.workers):
+            name = f"worker-{i + 1}-{self.port(0)}"
             worker = settings.model_copy(update={"metrics_port": self.port(9100) + i * 10})
-            self.spawn(worker, f"worker-{i + 1}", ["worker", "--name", f"worker-{i + 1}-{self.port(0)}"])
+            workers[name] = self.spawn(worker, f"worker-{i + 1}", ["worker", "--name", name]).pid
+        self.spawn(settings, "dashboard", ["dashboard"])
+        print(f"redis      {redis_url} (append-only, {self.data_dir / 'redis'})")
+        print(f"s3         http://{settings.s3_endpoint} — {s3_kind}")
+        print(f"workers    {self.workers}, metrics on " + ", ".join(
+            f"http://127.0.0.1:{self.port(9100) + i * 10}/metrics" for i in range(self.workers)), flush=True)
+        # frames sent before the models are loaded would only wait in the queue
+        self._wait(lambda: self._workers_ready(settings, workers), "the workers to load the model")
         producer = ["produce", "--source", str(SAMPLES), "--loop", "--fps", str(self.fps),
                     "--metrics-port", str(self.port(9103))]
         if self.frames is not None:
             producer += ["--limit", str(self.frames)]
         self.spawn(settings, "producer", producer)
-        self.spawn(settings, "dashboard", ["dashboard"])
-        print(f"redis      {redis_url} (append-only, {self.data_dir / 'redis'})")
-        print(f"s3         http://{s3_endpoint} — {s3_kind}")
-        print(f"workers    {self.workers}, metrics on " + ", ".join(
-            f"http://127.0.0.1:{self.port(9100) + i * 10}/metrics" for i in range(self.workers)))
         print(f"producer   replaying {SAMPLES} at {self.fps} fps, metrics on http://127.0.0.1:{self.port(9103)}/metrics")
         print(f"logs       {self.data_dir}/*.log")
         url = f"http://127.0.0.1:{settings.dashboard_port}/"
-        wait_until(lambda: self._dashboard_up(url), 180, "the dashboard", interval=0.5)
+        self._wait(lambda: self._dashboard_up(url), "the dashboard")
         print(f"dashboard  {url}  (metrics on http://127.0.0.1:{settings.dashboard_metrics_port}/metrics)")
         print("ready — Ctrl-C stops everything", flush=True)
         return settings
 
-    def _dashboard_up(self, url: str) -> bool:
+    def _wait(self, check, what: str) -> None:
+        def alive_and(check=check) -> bool:
+            for proc in self.children:
+                if proc.poll() is not None and proc.returncode != 0:
+                    raise ServiceExited(f"a process exited with {proc.returncode}: see {self.data_dir}/*.log")
+            return check()
+
+        wait_until(alive_and, 180, what, interval=0.5)
+
+    @staticmethod
+    def _workers_ready(settings: Settings, workers: dict[str, int]) -> bool:
+        """Each worker (name -> pid) has registered with RQ, which it does once its model is loaded.
+
+        The pid tells this run's registration from one that a killed earlier run left in the
+        append-only Redis under the same name.
+        """
+        from rq.worker import Worker
+
+        from .clients import redis_client
+
+        with redis_client(settings) as conn:
+            pids = [conn.hget(Worker.redis_worker_namespace_prefix + name, "pid") for name in workers]
+        return [int(p) if p else None for p in pids] == list(workers.values())
+
+    @staticmethod
+    def _dashboard_up(url: str) -> bool:
         import urllib.request
 
-        for proc in self.children:
-            if proc.poll() is not None and proc.returncode != 0:
-                raise RuntimeError(f"a process exited with {proc.returncode}: see {self.data_dir}/*.log")
         return urllib.request.urlopen(url, timeout=2).status == 200
-
-    def _credentials(self) -> tuple[str, str]:
-        """Random per-data-dir credentials for the local S3 server, kept so a restart can read old data."""
-        path = self.data_dir / "s3-credentials"
-        if not path.exists():
-            path.write_text(f"steelsight-{secrets.token_hex(4)}\n{secrets.token_urlsafe(24)}\n")
-            path.chmod(0o600)
-        access, secret = path.read_text().split()
-        return access, secret
 
     def down(self) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not strand half the processes

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from steelsight.contract import Settings
-from steelsight.devstack import free_port, redis_server, s3_server
+from steelsight.devstack import ServiceExited, free_port, redis_server, s3_server
 from steelsight.model.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from steelsight.model.network import AttentionResNet50
 from steelsight.model.predictor import Predictor
@@ -46,14 +46,26 @@ def tiny_predictor(tiny_checkpoint) -> Predictor:
 _ids = itertools.count()
 
 
-@pytest.fixture(scope="module")
-def services(tmp_path_factory):
-    """A real redis-server and a real S3 server (moto), on loopback, per test module."""
-    workdir = tmp_path_factory.mktemp("services")
-    redis, s3 = redis_server(workdir).start(), s3_server(workdir).start()
-    yield redis, s3
-    redis.stop()
+@pytest.fixture(scope="session")
+def s3_service(tmp_path_factory):
+    """SeaweedFS's S3 gateway on loopback, one per test session, over a fresh data folder."""
+    for attempt in range(3):  # a port found free may be taken by another process before weed binds it
+        try:
+            s3 = s3_server(tmp_path_factory.mktemp("seaweedfs")).start()
+            break
+        except ServiceExited:
+            if attempt == 2:
+                raise
+    yield s3
     s3.stop()
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory, s3_service):
+    """A real redis-server per test module, beside the session's SeaweedFS; tests use buckets of their own."""
+    redis = redis_server(tmp_path_factory.mktemp("services")).start()
+    yield redis, s3_service
+    redis.stop()
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +81,8 @@ def settings(services, pipeline_checkpoint) -> Settings:
     n = next(_ids)
     return Settings(
         redis_url=f"redis://127.0.0.1:{redis.port}/0", s3_endpoint=f"127.0.0.1:{s3.port}",
-        s3_access_key="testing", s3_secret_key="testing", queue_name=f"frames-{n}", key_prefix=f"t{n}",
+        s3_access_key=s3.credentials.access_key, s3_secret_key=s3.credentials.secret_key,
+        queue_name=f"frames-{n}", key_prefix=f"t{n}",
         frames_bucket=f"frames-{n}", overlays_bucket=f"overlays-{n}", checkpoint=str(pipeline_checkpoint),
         device="cpu", batch_size=4, job_timeout_s=10, heartbeat_grace_s=2, maintenance_interval_s=1,
         metrics_port=free_port(), dashboard_port=free_port(), dashboard_metrics_port=free_port(),

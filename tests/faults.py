@@ -110,3 +110,92 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+class HttpFaultProxy:
+    """An HTTP proxy in front of the S3 server that can answer errors or stall instead of forwarding.
+
+    ``mode``: ``None`` forwards; ``"503"`` answers S3's XML ``503 SlowDown`` as MinIO does
+    when overloaded; ``"502"`` answers an HTML ``502 Bad Gateway`` as a load balancer does;
+    ``"slow"`` holds each request ``slow_s`` before forwarding it; ``"deny-lifecycle"`` answers
+    ``403 AccessDenied`` to lifecycle requests only, as for a least-privilege key. The Host header is passed
+    through untouched, so SigV4 signatures made for the proxy's address still verify.
+    """
+
+    def __init__(self, target_port: int, slow_s: float = 3.0):
+        import http.server
+
+        self.target_port, self.slow_s, self.mode = target_port, slow_s, None
+        self.faulted = 0  # requests answered with a fault (a rough count: threads add without a lock)
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _any(self):
+                proxy._handle(self)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _any
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+
+    def start(self) -> HttpFaultProxy:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _handle(self, handler) -> None:
+        import http.client
+
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = handler.rfile.read(length) if length else b""
+        mode = self.mode
+        if mode == "deny-lifecycle" and "lifecycle" in handler.path.partition("?")[2]:
+            mode = "403"
+        if mode in ("503", "502", "403"):
+            self.faulted += 1
+            if mode in ("503", "403"):
+                code = b"SlowDown" if mode == "503" else b"AccessDenied"
+                payload = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>' + code + b"</Code>"
+                           b"<Message>refused by the fault proxy</Message></Error>")
+                status, ctype = int(mode), "application/xml"
+            else:
+                payload, status, ctype = b"<html><body><h1>502 Bad Gateway</h1></body></html>", 502, "text/html"
+            handler.send_response(status)
+            handler.send_header("Content-Type", ctype)
+            handler.send_header("Content-Length", str(len(payload)))
+            handler.end_headers()
+            if handler.command != "HEAD":
+                handler.wfile.write(payload)
+            return
+        if mode == "slow":
+            self.faulted += 1
+            time.sleep(self.slow_s)
+        upstream = http.client.HTTPConnection("127.0.0.1", self.target_port, timeout=30)
+        try:
+            upstream.putrequest(handler.command, handler.path, skip_host=True, skip_accept_encoding=True)
+            for name, value in handler.headers.items():
+                upstream.putheader(name, value)
+            upstream.endheaders(body)
+            response = upstream.getresponse()
+            data = response.read()
+            handler.send_response(response.status)
+            for name, value in response.getheaders():
+                if name.lower() not in ("transfer-encoding", "connection", "content-length"):
+                    handler.send_header(name, value)
+            # a HEAD's length is the object's, not that of the (empty) body
+            length = response.getheader("Content-Length", "0") if handler.command == "HEAD" else len(data)
+            handler.send_header("Content-Length", str(length))
+            handler.end_headers()
+            if handler.command != "HEAD":
+                handler.wfile.write(data)
+        finally:
+            upstream.close()

@@ -136,3 +136,42 @@ def test_colour_and_truncated_bmps_take_pillows_path():
     with pytest.raises(ImageRejected) as info:
         decode_gray(encode(NOISE, "BMP"), DecodeLimits(max_pixels=1000))
     assert info.value.reason is RejectReason.TOO_MANY_PIXELS
+
+
+# the dashboard's display decoder: the same guards, RGB at display size -----------------------------
+
+@pytest.mark.parametrize("name", list(REJECTED))
+def test_display_decoder_rejects_what_the_worker_rejects(name):
+    from steelsight.model.imageio import decode_rgb
+
+    data, reason = REJECTED[name]
+    with pytest.raises(ImageRejected) as info:
+        decode_rgb(data, max_side=64)
+    assert info.value.reason is reason
+
+
+@pytest.mark.parametrize("name", list(CONVERTED))
+def test_display_decoder_shows_every_documented_conversion(name):
+    from steelsight.model.imageio import decode_rgb
+
+    data, _ = CONVERTED[name]
+    full, small = decode_rgb(data), decode_rgb(data, max_side=20)
+    assert full.ndim == 3 and full.shape[2] == 3 and full.dtype == np.uint8
+    assert full.shape[:2] == decode_gray(data).shape
+    assert max(small.shape[:2]) == 20 and small.shape[2] == 3
+    # the same surface: gray of the display image matches the worker's gray within a few levels
+    luminance = full.astype(float) @ [0.299, 0.587, 0.114]  # ITU-R 601-2, as the worker's conversion
+    assert abs(float(np.median(luminance)) - float(np.median(decode_gray(data)))) <= 3
+
+
+def test_display_decoder_downscales_large_jpegs_while_decoding():
+    from steelsight.model.imageio import decode_rgb
+
+    big = encode(Image.new("RGB", (4000, 3000), (200, 100, 50)), "JPEG", quality=90)
+    shown = decode_rgb(big, max_side=512)
+    assert shown.shape == (384, 512, 3)
+    assert np.abs(shown[192, 256].astype(int) - (200, 100, 50)).max() <= 4
+    assert decode_rgb(corpus.exif_rotated_jpeg(), max_side=20).shape == (20, 10, 3)  # orientation kept
+    with pytest.raises(ImageRejected) as info:
+        decode_rgb(big, DecodeLimits(max_pixels=1_000_000), max_side=512)
+    assert info.value.reason is RejectReason.TOO_MANY_PIXELS

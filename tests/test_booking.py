@@ -90,6 +90,11 @@ def test_batch_booking_matches_rq_and_costs_fewer_commands(settings, monkeypatch
 
 
 def test_a_job_with_dependents_is_booked_by_rq_and_releases_them(settings):
+    """A frame with dependents finishes through RQ, which releases them; a dependent is then refused.
+
+    The producer never sets ``depends_on``, so a job that carries it was written by
+    someone else: the worker's guard refuses it (tests/test_worker_guard.py).
+    """
     conn = redis_client(settings)
     producer = Producer(settings, "line-d", "cam-1")
     first = Frame(frame_id="f0", line_id="line-d", camera_id="cam-1", captured_at=datetime.now(UTC), ext="png")
@@ -98,8 +103,10 @@ def test_a_job_with_dependents_is_booked_by_rq_and_releases_them(settings):
     producer.queue.enqueue(JOB_FUNCTION, frame=later.model_dump(mode="json"), job_id=later.job_id,
                            depends_on=first.job_id)
     run_slow_worker(settings, SlowEngine(compute_s=0), frames=0, batch=4, line="line-d")
-    assert set(records(settings, conn)) == {first.job_id, later.job_id}
-    assert Queue(settings.queue_name, connection=conn).finished_job_registry.count == 2
+    assert set(records(settings, conn)) == {first.job_id}
+    queue = Queue(settings.queue_name, connection=conn)
+    assert queue.finished_job_registry.get_job_ids() == [first.job_id]
+    assert queue.failed_job_registry.get_job_ids() == [later.job_id]  # released, then refused
 
 
 def test_waiting_jobs_are_claimed_together_and_vanished_ones_skipped(settings):

@@ -50,8 +50,8 @@ def test_blank_and_noise_frames_are_unknown(shipped):
 
 def test_drawn_frames_that_pass_the_quality_gate_are_unknown_by_their_score(shipped):
     """Text, lines and rings on gray: structured enough for the input gate, nothing like steel. The pooled
-    features alone (the fourth session's scorer) left 5 of these 6 under the threshold; with layer3's texture
-    part all 6 are flagged (measured in the sixth session: 31-85 against a threshold of 14.2)."""
+    features alone left 5 of these 6 under the threshold; with layer3's texture part all 6 are flagged
+    (scores 31-85 against a threshold of 14.2)."""
     import cv2
 
     frames = []
@@ -68,7 +68,7 @@ def test_drawn_frames_that_pass_the_quality_gate_are_unknown_by_their_score(ship
 def test_blurred_noise_looks_like_steel_to_the_distances_but_is_flagged_by_the_classifiers_doubt(shipped):
     """Gaussian noise blurred by 0.8-1.6 px passes the input gate and lands near a class mean (distance parts
     1-2, like val), so before the unconfidence part it passed as steel; the classifier is torn on it, and the
-    score flags it (sixth session: scores 15-41 against 14.2)."""
+    score flags it (scores 15-41 against 14.2)."""
     import cv2
     import torch
 

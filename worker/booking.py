@@ -75,7 +75,7 @@ def start(worker, claimed: list[Job]) -> list[Execution]:
                           job.id)
             executions.append(execution)
         worker.set_state(WorkerStatus.BUSY, pipeline=pipe)
-        worker.heartbeat(max(worker.get_heartbeat_ttl(job) for job in claimed), pipeline=pipe)
+        worker.heartbeat(pipeline=pipe)  # the worker's own TTL: a claim's short one would let its key lapse
         pipe.execute()
     return executions
 

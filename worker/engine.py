@@ -6,13 +6,20 @@ the worker class hand it work.
 
 from __future__ import annotations
 
+import io
 import socket
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from steelsight.clients import PERMANENT, S3_TRANSIENT, MissingObject, ObjectStore
+import cv2
+import numpy as np
+from PIL import Image
+
+from steelsight.clients import PERMANENT, MissingObject, ObjectStore, s3_transient
 from steelsight.contract import OVERLAY_FORMATS, Frame, FrameResult, Settings, Timings
 from steelsight.model.imageio import DecodeLimits, ImageRejected, decode_gray, encode_overlay
 from steelsight.model.predictor import Predictor
@@ -27,6 +34,46 @@ class Decoded:
     gray: object  # np.ndarray
 
 
+class PixelBudget:
+    """At most ``limit`` pixels held at once across threads; a larger request waits until it is alone."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int):
+        pixels = min(pixels, self.limit)
+        with self._cond:
+            self._cond.wait_for(lambda: self.used + pixels <= self.limit)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= pixels
+                self._cond.notify_all()
+
+
+def header_pixels(data: bytes) -> int:
+    """Width x height from the image header, without decoding; 0 when unreadable (the decoder says why)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size[0] * img.size[1]
+    except Exception:
+        return 0
+
+
+def shrink(gray: np.ndarray, max_side: int) -> np.ndarray:
+    """``gray`` at most ``max_side`` px on its longer side (area-averaged), so nothing downstream is full size."""
+    height, width = gray.shape[:2]
+    if max(height, width) <= max_side:
+        return gray
+    scale = max_side / max(height, width)
+    size = (max(round(width * scale), 1), max(round(height * scale), 1))
+    return cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
+
+
 class FrameEngine:
     def __init__(self, predictor: Predictor, store: ObjectStore, settings: Settings):
         self.predictor = predictor
@@ -35,13 +82,14 @@ class FrameEngine:
         self.limits = DecodeLimits(max_bytes=settings.max_frame_bytes)
         self.worker_name = socket.gethostname()
         self.io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="s3-io")
+        self.decoding = PixelBudget(settings.decode_pixel_budget)
         metrics.MODEL.info({"checkpoint_sha256": predictor.checkpoint.sha256,
                             "checkpoint": predictor.checkpoint.path.name,
                             "input_size": str(predictor.input_size), "device": str(predictor.device)})
 
     def _s3_retry(self, fn, what: str):
         """Ride out an S3 outage for up to ``s3_retry_window_s``; then the job fails and RQ retries it."""
-        return with_backoff(fn, what, S3_TRANSIENT, attempts=None, give_up_after_s=self.settings.s3_retry_window_s,
+        return with_backoff(fn, what, s3_transient, attempts=None, give_up_after_s=self.settings.s3_retry_window_s,
                             permanent=PERMANENT,
                             on_retry=lambda exc, delay: metrics.RETRIES.labels(service="s3").inc())
 
@@ -51,7 +99,9 @@ class FrameEngine:
                               f"fetch {key}")
 
     def _load(self, frame: Frame):
-        return decode_gray(self._fetch(frame), self.limits)
+        data = self._fetch(frame)
+        with self.decoding.hold(header_pixels(data)):
+            return shrink(decode_gray(data, self.limits), self.settings.max_frame_side)
 
     def _upload_overlay(self, frame: Frame, overlay) -> str:
         fmt = self.settings.overlay_format
