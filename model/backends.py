@@ -50,7 +50,7 @@ class TrunkInput(nn.Module):
 class TorchTrunk:
     """PyTorch without autograd: BatchNorm folded into the convs, channels-last activations.
 
-    Measured 1.38x eager at batch 8 on CPU with identical labels (bench/README.md).
+    Measured 1.38x eager at batch 8 on CPU with identical labels (bench/results/history-0.1.md).
     ``dtype=torch.float16`` is the GPU's tensor-core path (``torch-fp16``): weights and
     activations in half precision, features handed back in float32 so attention, head,
     Grad-CAM and the OOD score stay in float32.
@@ -227,7 +227,7 @@ def _loaded(runtime: str, net: AttentionResNet50, size: int, cache_key: str):
 def _fastest_cpu_runtime(net: AttentionResNet50, size: int, cache_key: str):
     """The faster of the installed CPU runtimes on this machine, timed once and remembered.
 
-    Which wins depends on the CPU (bench/README.md: ONNX Runtime at batch 1 on an AVX2
+    Which wins depends on the CPU (bench/results/history-0.1.md: ONNX Runtime at batch 1 on an AVX2
     machine, OpenVINO on an AVX-512 EPYC), so it is measured: a batch of 8 at the checkpoint's
     size, median of 5 interleaved calls each, about a second once per machine, thread
     count and checkpoint.

@@ -212,7 +212,7 @@ def encode_png(rgb: np.ndarray, level: int = 0) -> bytes:
     """(H, W, 3) uint8 RGB -> PNG bytes.
 
     Colour-mapped texture barely deflates, so level 0 (stored, no filter) is the
-    default: ~10x faster than level 1 for ~1.5x the bytes (``bench/README.md``).
+    default: ~10x faster than level 1 for ~1.5x the bytes (``bench/results/history-0.1.md``).
     """
     filter_ = cv2.IMWRITE_PNG_FILTER_UP if level else cv2.IMWRITE_PNG_FILTER_NONE
     ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),

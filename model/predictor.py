@@ -81,7 +81,7 @@ class Predictor:
         if device.type == "cuda":
             # PyTorch lets cuDNN run float32 convolutions in TF32: on an H100 that moved probabilities by up
             # to 5e-2 from the CPU's float32. Full float32 still ran ~4,900 frames/s there, far above what a
-            # worker feeds it; torch-fp16 is the fast path (bench/README.md, micro-batching).
+            # worker feeds it; torch-fp16 is the fast path (bench/results/history-0.1.md, micro-batching).
             torch.backends.cudnn.allow_tf32 = False
         self.checkpoint = checkpoint
         self.meta = checkpoint.meta

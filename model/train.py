@@ -336,7 +336,7 @@ def refit_ood(checkpoint: Path, data: Path, out: Path, device: str = "auto", bat
 
     ``with_corruptions`` also fits on the training images under the five moderate
     corruptions, so that blurred or noisy steel stops looking foreign: fewer unknowns on
-    degraded frames, for a lower AUROC on noise-like OOD frames (measured in bench/README.md).
+    degraded frames, for a lower AUROC on noise-like OOD frames (measured in bench/results/history-0.1.md).
     """
     from .checkpoint import load_checkpoint
 

@@ -3,7 +3,7 @@
 RQ's ``SimpleWorker`` books every job on its own: a pipeline to create its execution,
 one to start it, a heartbeat, and a WATCHed transaction to finish it, each repeating
 the worker-level writes. That is ~43 Redis commands per frame, and redis-py packs each
-in Python on the worker's core (bench/README.md, "End-to-end pipeline"). Here a batch
+in Python on the worker's core (bench/results/history-0.1.md, "End-to-end pipeline"). Here a batch
 starts in one pipeline and its successes finish in one transaction; the keys each job
 leaves behind are RQ's own, which ``tests/test_booking.py`` checks field by field
 against RQ's per-job path. Anything off the plain path (a failure, a callback, a
