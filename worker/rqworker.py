@@ -44,6 +44,7 @@ class FrameWorker(SimpleWorker):
             # failed attempts so far, kept in the job (RQ counts only retries a job asked for itself)
             failed = job.meta.get("failed_attempts", 0) + 1
             job.meta["failed_attempts"] = failed
+            job.save_meta()  # RQ's retry path does not always write meta, and the next delay doubles from it
             delay = self.retry_backoff_s * 2 ** (failed - 1)
             waited = (now() - job.created_at).total_seconds() if job.created_at else 0.0
             if waited + delay > self.retry_window_s:
