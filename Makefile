@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint audit clean-venv
+.PHONY: run test test-fast lint audit clean-venv
 
 $(STAMP): pyproject.toml deploy/seaweedfs-requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	./deploy/dependency-audit.sh
 	$(BIN)/python -m pytest
+
+## test-fast: the unit tier only (no servers, no shipped model), for the edit-test loop
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m unit tests/unit
 
 ## audit: check the installed Python dependencies against PyPI's vulnerability advisories
 audit: $(STAMP)

@@ -27,10 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from steelsight.model.checkpoint import load_checkpoint
-from steelsight.model.corruptions import CORRUPTIONS, corrupt_all
-from steelsight.model.imageio import read_gray
-from steelsight.model.predictor import Predictor, resolve_device
+from steelsight.model.evaluation.corruptions import CORRUPTIONS, corrupt_all
+from steelsight.model.inference.checkpoint import load_checkpoint
+from steelsight.model.inference.device import resolve_device
+from steelsight.model.inference.imageio import read_gray
+from steelsight.model.inference.predictor import Predictor
 
 SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
 

@@ -18,11 +18,11 @@ import numpy as np
 from pytorch_grad_cam import GradCAM, LayerCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from steelsight.model.data import annotation_for, box_mask, read_voc_boxes, scan_folders
-from steelsight.model.evaluate import Localisation, select_split
-from steelsight.model.imageio import read_gray
-from steelsight.model.predictor import Predictor
-from steelsight.model.transforms import eval_batch
+from steelsight.model.evaluation.evaluate import Localisation, select_split
+from steelsight.model.inference.imageio import read_gray
+from steelsight.model.inference.predictor import Predictor
+from steelsight.model.inference.preprocess import eval_batch
+from steelsight.model.training.data import annotation_for, box_mask, read_voc_boxes, scan_folders
 
 
 def boxed_val(predictor: Predictor, data: Path) -> list[tuple]:

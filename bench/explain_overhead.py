@@ -25,10 +25,10 @@ import torch
 from pytorch_grad_cam import GradCAM
 
 from steelsight.contract import Settings
-from steelsight.model.checkpoint import load_checkpoint
-from steelsight.model.data import scan_folders
-from steelsight.model.imageio import encode_overlay, read_gray
-from steelsight.model.predictor import Predictor, overlay_heatmap
+from steelsight.model.inference.checkpoint import load_checkpoint
+from steelsight.model.inference.imageio import encode_overlay, read_gray
+from steelsight.model.inference.predictor import Predictor, overlay_heatmap
+from steelsight.model.training.data import scan_folders
 
 SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
 

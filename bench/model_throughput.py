@@ -25,18 +25,16 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from steelsight.model.backends import (
-    OnnxRuntimeTrunk,
-    OpenVinoTrunk,
-    TorchTrunk,
-    TrunkInput,
-    export_onnx,
-    make_trunk,
-)
-from steelsight.model.checkpoint import load_checkpoint
-from steelsight.model.data import scan_folders, training_split
-from steelsight.model.imageio import read_gray
-from steelsight.model.transforms import eval_batch
+from steelsight.model.inference.backends.base import TrunkInput
+from steelsight.model.inference.backends.factory import make_trunk
+from steelsight.model.inference.backends.onnx_export import export_onnx
+from steelsight.model.inference.backends.onnxruntime import OnnxRuntimeTrunk
+from steelsight.model.inference.backends.openvino import OpenVinoTrunk
+from steelsight.model.inference.backends.pytorch import TorchTrunk
+from steelsight.model.inference.checkpoint import load_checkpoint
+from steelsight.model.inference.imageio import read_gray
+from steelsight.model.inference.preprocess import eval_batch
+from steelsight.model.training.data import scan_folders, training_split
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "deploy" / "samples"

@@ -7,7 +7,7 @@ DATA is the NEU folder the checkpoint was trained on (its manifest must match).
 
 For the checkpoint's own train/val split, the scorer is refitted six ways: the pooled
 part alone, pooled + texture, or pooled + texture + the classifier's unconfidence
-(model/ood.py), each fitted on the training images or on them plus their copies under
+(model/inference/ood.py), each fitted on the training images or on them plus their copies under
 the five moderate corruptions (``refit-ood --with-corruptions``). Each variant's
 threshold is the 99.5th percentile of its val scores, as in training. Printed per
 variant: AUROC against val and the share flagged by the score, for the far-OOD set,
@@ -29,15 +29,15 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
-from steelsight.model.calibrate import ood_threshold
-from steelsight.model.corruptions import CORRUPTIONS, FAR_OOD, FAR_OOD_HELD_OUT, auroc, ood_sets
-from steelsight.model.data import scan_folders
-from steelsight.model.evaluate import select_split
-from steelsight.model.imageio import read_gray
-from steelsight.model.ood import MahalanobisScorer, OodScorer
-from steelsight.model.predictor import Predictor
-from steelsight.model.train import Inferred, concat_inferred, corrupted_copies, infer
-from steelsight.model.transforms import eval_batch
+from steelsight.model.evaluation.corruptions import CORRUPTIONS, FAR_OOD, FAR_OOD_HELD_OUT, auroc, ood_sets
+from steelsight.model.evaluation.evaluate import select_split
+from steelsight.model.inference.imageio import read_gray
+from steelsight.model.inference.ood import MahalanobisScorer, OodScorer
+from steelsight.model.inference.predictor import Predictor
+from steelsight.model.inference.preprocess import eval_batch
+from steelsight.model.training.calibrate import ood_threshold
+from steelsight.model.training.data import scan_folders
+from steelsight.model.training.train import Inferred, concat_inferred, corrupted_copies, infer
 
 NEAR_OOD = ("lens_dirt", "heavy_corruption")
 

