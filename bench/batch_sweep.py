@@ -1,14 +1,16 @@
 """Micro-batching sweep: frames/s at batch 1, 8, 32 and 64, model only, label only and explained, on CPU or GPU.
 
-    .venv/bin/python bench/batch_sweep.py                       # CUDA when present, else CPU
-    .venv/bin/python bench/batch_sweep.py --device cuda --backend torch torch-fp16 --batch 1 8 32 64 128 --parity
+    python -m bench.batch_sweep                       # CUDA when present, else CPU
+    python -m bench.batch_sweep --device cuda --backend torch torch-fp16 --batch 1 8 32 64 128 --parity
+    python -m bench.batch_sweep --quick
 
 Rows, per trunk backend:
   model only   a pre-processed batch already on the device -> trunk, attention, pooling, head
                (what the accelerator does; no decode, resize or post-processing)
   label only   ``Predictor.predict``: resize on the CPU, copy, forward, softmax, OOD score, quality checks
   explained    ``Predictor.explain``: the same plus Grad-CAM and the overlay (not encoded to a file)
-"Saturates at" is the first batch size whose frames/s is within 10% of the next one's.
+"Saturates at" is the first batch size whose frames/s is within 10% of the next one's;
+"largest ÷ first" is the frames/s at the largest batch over that at the first.
 
 ``--parity`` compares every backend with float32 eager PyTorch on the CPU on the bundled
 samples and their five moderate corruptions (180 images): top-1 agreement, the largest
@@ -17,37 +19,24 @@ probability and OOD-score differences, and agreement of the ``unknown`` verdict.
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import statistics
-import time
-from pathlib import Path
-
 import numpy as np
 import torch
 
+from bench.harness import SAMPLES, BenchParser, describe, emit, interleaved_medians
 from steelsight.model.evaluation.corruptions import CORRUPTIONS, corrupt_all
+from steelsight.model.inference.backends import BACKEND_NAMES
 from steelsight.model.inference.checkpoint import load_checkpoint
 from steelsight.model.inference.device import resolve_device
 from steelsight.model.inference.imageio import read_gray
 from steelsight.model.inference.predictor import Predictor
 
-SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
+NAME = "batch_sweep"
 
 
 def frames_per_second(fn, inputs, repeats: int, device: torch.device) -> float:
-    fn(inputs)  # warm-up: cuDNN algorithm choice, ONNX Runtime arenas
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn(inputs)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return len(inputs) / statistics.median(times)
+    """Frames/s of ``fn(inputs)``, the median of ``repeats`` calls after a warm-up (cuDNN algorithms, arenas)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    return len(inputs) / interleaved_medians({"call": lambda: fn(inputs)}, repeats, sync)["call"]
 
 
 def saturation(batches: list[int], fps: list[float]) -> str:
@@ -107,59 +96,58 @@ def parity(checkpoint, device: str, backend: str, images, reference) -> dict[str
     }
 
 
-def describe(device: torch.device) -> str:
+def device_description(device: torch.device) -> str:
     if device.type == "cuda":
-        return (f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, "
-                f"cuDNN {torch.backends.cudnn.version()}, cudnn.benchmark={torch.backends.cudnn.benchmark}, "
+        return (f"{describe()}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
+                f"cudnn.benchmark={torch.backends.cudnn.benchmark}, "
                 f"TF32 convolutions {'on' if torch.backends.cudnn.allow_tf32 else 'off'}")
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads"
+    return describe()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = BenchParser(__doc__, quick={"device": "cpu", "batch": [1, 8], "repeats": 2})
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    parser.add_argument("--backend", nargs="+", default=["auto"],
-                        help="trunk backends to sweep, as for the worker (default: auto)")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--backend", nargs="+", default=["auto"], choices=BACKEND_NAMES, metavar="NAME",
+                        help=f"trunk backends to sweep, as for the worker: {', '.join(BACKEND_NAMES)} (default: auto)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64], help="default: 1 8 32 64")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per cell (default: 5)")
     parser.add_argument("--checkpoint", default=None, help="default: the shipped checkpoint")
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="let cuDNN time its algorithms per batch shape (first call per shape is slower)")
     parser.add_argument("--parity", action="store_true", help="check each backend against CPU float32 eager")
-    parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = parser.parse_args()
 
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     checkpoint = load_checkpoint(args.checkpoint)
     samples = [read_gray(p) for p in sorted(SAMPLES.rglob("*.bmp"))]
     device = resolve_device(args.device)
-    results = {"torch": torch.__version__, "input_px": int(checkpoint.meta.input_size),
-               "batches": args.batch, "sweep": {}, "parity": {}}
+    figures = {"input_px": int(checkpoint.meta.input_size), "batches": args.batch, "sweep": {}, "parity": {}}
     for backend in args.backend:
-        results["sweep"][backend] = sweep(checkpoint, args.device, backend, args.batch, args.repeats, samples)
-    results["device"] = describe(device)  # after the sweep: Predictor sets the CUDA numerics it runs with
+        figures["sweep"][backend] = sweep(checkpoint, args.device, backend, args.batch, args.repeats, samples)
+    figures["device"] = device_description(device)  # after the sweep: Predictor sets the CUDA numerics it runs with
     if args.parity:
         images = parity_set(samples)
         reference = eager_cpu_predictor(args.checkpoint).predict(images)
         for backend in args.backend:
-            results["parity"][backend] = parity(checkpoint, args.device, backend, images, reference)
+            figures["parity"][backend] = parity(checkpoint, args.device, backend, images, reference)
 
-    print(f"# {results['device']}; torch {torch.__version__}; {results['input_px']} px, median of {args.repeats}")
-    print("| backend | path | " + " | ".join(f"b{b} frames/s" for b in args.batch) + " | saturates at |")
-    print("|---|---|" + "---:|" * len(args.batch) + "---|")
-    for backend, rows in results["sweep"].items():
+    lines = [f"# {figures['device']}; {figures['input_px']} px, median of {args.repeats}",
+             "| backend | path | " + " | ".join(f"b{b} frames/s" for b in args.batch)
+             + f" | b{args.batch[-1]} ÷ b{args.batch[0]} | saturates at |",
+             "|---|---|" + "---:|" * len(args.batch) + "---:|---|"]
+    for backend, rows in figures["sweep"].items():
         for path, fps in rows.items():
             cells = " | ".join(f"{f:.1f}" for f in fps)
-            print(f"| {backend} | {path} | {cells} | {saturation(args.batch, fps)} |")
-    if results["parity"]:
-        print(f"\nparity against float32 eager on the CPU, {len(images)} images (samples + 5 corruptions)")
-        print("| backend | top-1 agreement | max prob diff | max OOD-score diff | unknown agreement |")
-        print("|---|---:|---:|---:|---:|")
-        for backend, p in results["parity"].items():
-            print(f"| {backend} | {100 * p['top1_agreement']:.2f}% | {p['max_prob_diff']:.1e} | "
-                  f"{p['max_ood_diff']:.1e} | {100 * p['unknown_agreement']:.2f}% |")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+            lines.append(f"| {backend} | {path} | {cells} | {fps[-1] / fps[0]:.2f}× | "
+                         f"{saturation(args.batch, fps)} |")
+    if figures["parity"]:
+        lines += ["", f"parity against float32 eager on the CPU, {len(images)} images (samples + 5 corruptions)",
+                  "| backend | top-1 agreement | max prob diff | max OOD-score diff | unknown agreement |",
+                  "|---|---:|---:|---:|---:|"]
+        for backend, p in figures["parity"].items():
+            lines.append(f"| {backend} | {100 * p['top1_agreement']:.2f}% | {p['max_prob_diff']:.1e} | "
+                         f"{p['max_ood_diff']:.1e} | {100 * p['unknown_agreement']:.2f}% |")
+    emit(NAME, args, lines, figures)
 
 
 if __name__ == "__main__":

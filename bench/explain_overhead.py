@@ -1,6 +1,7 @@
 """Explained inference vs label only, and vs the grad-cam package's plain usage, in one run.
 
-    .venv/bin/python bench/explain_overhead.py --batch 1 8 --repeats 10
+    python -m bench.explain_overhead --batch 1 8 --repeats 15
+    python -m bench.explain_overhead --quick
 
 Times, on the same images and threads: ``predict`` (label only), the product's
 ``explain`` (label + Grad-CAM + overlay, trunk run once without autograd) with
@@ -12,38 +13,18 @@ Prints medians and the ratios; absolute times on shared machines are noise.
 
 from __future__ import annotations
 
-import argparse
-import os
-import platform
-import statistics
-import time
-from pathlib import Path
-
 import cv2
 import numpy as np
-import torch
 from pytorch_grad_cam import GradCAM
 
+from bench.harness import SAMPLES, BenchParser, describe, emit, interleaved_medians
 from steelsight.contract import Settings
 from steelsight.model.inference.checkpoint import load_checkpoint
 from steelsight.model.inference.imageio import encode_overlay, read_gray
 from steelsight.model.inference.predictor import Predictor, overlay_heatmap
 from steelsight.model.training.data import scan_folders
 
-SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
-
-
-def median_times(fns: list, repeats: int) -> list[float]:
-    """Median seconds per call, the calls interleaved round-robin so machine drift hits all alike."""
-    for fn in fns:
-        fn()  # warm-up
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, bucket in zip(fns, times, strict=True):
-            start = time.perf_counter()
-            fn()
-            bucket.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+NAME = "explain_overhead"
 
 
 def plain_explain(predictor: Predictor, plain: GradCAM, images: list[np.ndarray], fmt: str):
@@ -57,10 +38,10 @@ def product_explain(predictor: Predictor, images: list[np.ndarray], fmt: str):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = BenchParser(__doc__, quick={"batch": [1, 4], "repeats": 3})
     parser.add_argument("--checkpoint", default=None, help="default: the shipped checkpoint")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="default: 1 8")
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per path and batch (default: 10)")
     parser.add_argument("--overlay-format", choices=["jpeg", "png"], default=Settings().overlay_format,
                         help="how each overlay is encoded (default: the product's, STEELSIGHT_OVERLAY_FORMAT)")
     args = parser.parse_args()
@@ -68,19 +49,26 @@ def main() -> None:
     plain_net = load_checkpoint(args.checkpoint).model  # a separate copy whose parameters require grad
     plain = GradCAM(model=plain_net, target_layers=[plain_net.last_block])
     images = [read_gray(s.path) for s in scan_folders(SAMPLES)]
-    print(f"# explain overhead, {predictor.input_size}px input, {platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}")
     enc = args.overlay_format.upper()
-    print(f"| batch | label only (ms/img) | explain + {enc} (ms/img) | plain grad-cam + {enc} (ms/img) "
-          "| explain / label | plain / label |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    lines = [f"# {describe()}; {predictor.input_size} px input, trunk {predictor.trunk.name}, median of "
+             f"{args.repeats} calls interleaved",
+             f"| batch | label only (ms/img) | explain + {enc} (ms/img) | plain grad-cam + {enc} (ms/img) "
+             "| explain / label | plain / label |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    per_image = {}
     for batch in args.batch:
         chunk = images[:batch]
-        label, cheap, full = (t / batch for t in median_times(
-            [lambda c=chunk: predictor.predict(c), lambda c=chunk: product_explain(predictor, c, args.overlay_format),
-             lambda c=chunk: plain_explain(predictor, plain, c, args.overlay_format)], args.repeats))
-        print(f"| {batch} | {1000 * label:.1f} | {1000 * cheap:.1f} | {1000 * full:.1f} | {cheap / label:.2f}x | "
-              f"{full / label:.2f}x |")
+        times = interleaved_medians({
+            "label": lambda c=chunk: predictor.predict(c),
+            "explain": lambda c=chunk: product_explain(predictor, c, args.overlay_format),
+            "plain": lambda c=chunk: plain_explain(predictor, plain, c, args.overlay_format)}, args.repeats)
+        label, cheap, full = (times[k] / batch for k in ("label", "explain", "plain"))
+        per_image[batch] = {"label_s": label, "explain_s": cheap, "plain_s": full}
+        lines.append(f"| {batch} | {1000 * label:.1f} | {1000 * cheap:.1f} | {1000 * full:.1f} | "
+                     f"**{cheap / label:.2f}×** | {full / label:.2f}× |")
+    emit(NAME, args, lines, {"input_px": predictor.input_size, "trunk": predictor.trunk.name,
+                             "overlay_format": args.overlay_format, "per_image": per_image,
+                             "explain_over_label": {b: v["explain_s"] / v["label_s"] for b, v in per_image.items()}})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,16 @@
-"""RQ's classic fork-per-job worker with the model preloaded in the parent, for bench/worker_modes.py only.
+"""RQ's classic fork-per-job worker with the model preloaded in the parent: one of bench.worker_modes' modes.
 
-Settings come from STEELSIGHT_* variables, as for `steelsight worker`.
+    python -m bench.fork_worker          # as bench.worker_modes runs it, settings from STEELSIGHT_* variables
+
+Settings come from STEELSIGHT_* variables, as for ``steelsight worker``. The parent
+loads the model once (``worker.jobs.plain_engine``) and drains the queue in burst mode;
+each job runs in a forked horse that inherits the loaded engine. It prints no table
+and saves no result: ``python -m bench.worker_modes`` times it.
 """
+
+from __future__ import annotations
+
+import argparse
 
 from rq import Queue, Worker
 from rq.serializers import JSONSerializer
@@ -9,11 +18,18 @@ from rq.serializers import JSONSerializer
 from steelsight.clients import redis_client
 from steelsight.contract import get_settings
 from steelsight.worker import jobs
-from steelsight.worker.service import build_engine
+from steelsight.worker.rq_compat import FrameJob
+
+
+def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    settings = get_settings()
+    jobs.plain_engine()  # loaded once here; each forked horse inherits it
+    connection = redis_client(settings)
+    job_class = FrameJob.bound(settings)
+    queue = Queue(settings.queue_name, connection=connection, serializer=JSONSerializer, job_class=job_class)
+    Worker([queue], connection=connection, serializer=JSONSerializer, job_class=job_class).work(burst=True)
+
 
 if __name__ == "__main__":
-    settings = get_settings()
-    jobs.install(build_engine(settings), settings)  # loaded once; each forked horse inherits it
-    connection = redis_client(settings)
-    queue = Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
-    Worker([queue], connection=connection, serializer=JSONSerializer, job_class=jobs.FrameJob).work(burst=True)
+    main()

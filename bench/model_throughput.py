@@ -1,6 +1,7 @@
 """Model throughput per CPU core: eager PyTorch against faster runtimes, with accuracy parity, in one run.
 
-    .venv/bin/python bench/model_throughput.py --size 200 --batch 1 8
+    python -m bench.model_throughput --size 200 --batch 1 8
+    python -m bench.model_throughput --quick
 
 Every candidate runs the trunk (input adapter + ResNet-50, ~99% of the FLOPs);
 attention, pooling and head run in PyTorch afterwards for all of them, as in the
@@ -13,8 +14,6 @@ rate measured in this run.
 
 from __future__ import annotations
 
-import argparse
-import platform
 import statistics
 import tempfile
 import time
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench.harness import SAMPLES, BenchParser, describe, emit, interleaved_medians
 from steelsight.model.inference.backends.base import TrunkInput
 from steelsight.model.inference.backends.factory import make_trunk
 from steelsight.model.inference.backends.onnx_export import export_onnx
@@ -36,8 +36,8 @@ from steelsight.model.inference.imageio import read_gray
 from steelsight.model.inference.preprocess import eval_batch
 from steelsight.model.training.data import scan_folders, training_split
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT / "deploy" / "samples"
+NAME = "model_throughput"
+BASELINE = "eager fp32 (baseline)"
 Trunk = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -150,20 +150,13 @@ def model_gflops(net, size: int) -> float:
 
 
 def interleaved_times(candidates: dict[str, Trunk], x: torch.Tensor, repeats: int) -> dict[str, float]:
-    for trunk in candidates.values():
-        trunk(x)  # warm-up (and shape-specialised compilation)
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, trunk in candidates.items():
-            start = time.perf_counter()
-            trunk(x)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    """Median seconds per call; the warm-up call also triggers shape-specialised compilation."""
+    return interleaved_medians({name: lambda t=trunk: t(x) for name, trunk in candidates.items()}, repeats)
 
 
 def build_candidates(net, onnx_path: Path, calibration: torch.Tensor, skip: set[str]) -> dict[str, Trunk]:
     builders = {
-        "eager fp32 (baseline)": lambda: eager(net),
+        BASELINE: lambda: eager(net),
         "inference_mode + channels_last + BN fold": lambda: folded_channels_last(net),
         "torch.compile (inductor)": lambda: compiled(net),
         "ONNX Runtime fp32": lambda: onnxruntime_fp32(net, onnx_path),
@@ -187,13 +180,13 @@ def build_candidates(net, onnx_path: Path, calibration: torch.Tensor, skip: set[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = BenchParser(__doc__, quick={"batch": [1], "repeats": 3, "skip": ["compile", "int8", "bf16"]})
     parser.add_argument("--checkpoint", default=None, help="default: the shipped checkpoint")
     parser.add_argument("--data", type=Path, default=None,
                         help="NEU folder for parity on the checkpoint's val split (default: the bundled samples)")
     parser.add_argument("--size", type=int, default=200, help="input side for the timings (default: 200)")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--repeats", type=int, default=12, help="timed calls per candidate and batch")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="default: 1 8")
+    parser.add_argument("--repeats", type=int, default=12, help="timed calls per candidate and batch (default: 12)")
     parser.add_argument("--skip", nargs="*", default=[], help="skip candidates whose name contains these words")
     args = parser.parse_args()
 
@@ -206,7 +199,7 @@ def main() -> None:
         print(f"building candidates ({threads} threads)")
         candidates = build_candidates(net, onnx_path, calibration, {s.lower() for s in args.skip})
         temperature = float(ckpt.meta.temperature or 1.0)
-        reference = probabilities(net, candidates["eager fp32 (baseline)"], val, temperature)
+        reference = probabilities(net, candidates[BASELINE], val, temperature)
         parity = {}
         for name, trunk in candidates.items():
             probs = probabilities(net, trunk, val, temperature)
@@ -214,27 +207,31 @@ def main() -> None:
                             float(np.abs(probs - reference).max()))
         speed = {b: interleaved_times(candidates, torch.rand(b, 1, args.size, args.size),
                                       args.repeats if b > 1 else args.repeats * 2) for b in args.batch}
+    # what `--backend auto` runs here: the faster CPU runtime, timed at the checkpoint's size on first use
+    chosen = make_trunk("auto", net, int(ckpt.meta.input_size), ckpt.sha256).name
 
     gflops, sgemm = model_gflops(net, args.size), sgemm_gflops()
     bound = sgemm / gflops
-    print(f"\n{platform.processor() or platform.machine()}, {threads} threads; torch {torch.__version__}; "
-          f"{_versions()}")
-    print(f"model: {gflops:.2f} GFLOP per {args.size}px image; sgemm {sgemm:.0f} GFLOP/s in this run "
-          f"-> compute bound {bound:.1f} img/s ({bound / threads:.1f} per core)")
-    print(f"parity on {described} at {ckpt.meta.input_size}px, against eager\n")
     header = "| candidate | top-1 agreement | max prob diff |" + "".join(
         f" b{b} img/s/core | b{b} × eager | b{b} % of bound |" for b in args.batch)
-    print(header + "\n|" + "---|" * (header.count("|") - 1))
-    base = "eager fp32 (baseline)"
+    lines = [f"# {describe()}; {_versions()}",
+             f"# model: {gflops:.2f} GFLOP per {args.size}px image; sgemm {sgemm:.0f} GFLOP/s in this run "
+             f"-> compute bound {bound:.1f} img/s ({bound / threads:.1f} per core)",
+             f"# parity on {described} at {ckpt.meta.input_size}px, against eager; "
+             f"product default here (--backend auto): {chosen}",
+             header, "|" + "---|" * (header.count("|") - 1)]
     for name in candidates:
         agree, diff = parity[name]
         cells = "".join(
-            f" {b / speed[b][name] / threads:.2f} | {speed[b][base] / speed[b][name]:.2f} | "
+            f" {b / speed[b][name] / threads:.2f} | {speed[b][BASELINE] / speed[b][name]:.2f} | "
             f"{100 * b / speed[b][name] / bound:.0f}% |" for b in args.batch)
-        print(f"| {name} | {100 * agree:.2f}% | {diff:.1e} |{cells}")
-    # what `--backend auto` runs here: the faster CPU runtime, timed at the checkpoint's size on first use
-    chosen = make_trunk("auto", net, int(ckpt.meta.input_size), ckpt.sha256)
-    print(f"\nproduct default on this machine (--backend auto): {chosen.name}")
+        lines.append(f"| {name} | {100 * agree:.2f}% | {diff:.1e} |{cells}")
+    emit(NAME, args, lines, {
+        "size": args.size, "threads": threads, "gflops_per_image": gflops, "sgemm_gflops": sgemm,
+        "parity_on": described, "auto_backend": chosen,
+        "parity": {name: {"top1_agreement": a, "max_prob_diff": d} for name, (a, d) in parity.items()},
+        "seconds_per_batch": speed,
+        "speedup_over_eager": {b: {n: t[BASELINE] / t[n] for n in t} for b, t in speed.items()}})
 
 
 def _versions() -> str:

@@ -1,7 +1,8 @@
 """OOD score variants side by side on one checkpoint: what each part buys and what it costs.
 
-    .venv/bin/python bench/ood_variants.py --data DATA                                  # the shipped checkpoint
-    .venv/bin/python bench/ood_variants.py --data DATA --checkpoint runs/.../model.safetensors
+    python -m bench.ood_variants --data DATA                                  # the shipped checkpoint
+    python -m bench.ood_variants --data DATA --checkpoint runs/.../model.safetensors
+    python -m bench.ood_variants --data DATA --quick
 
 DATA is the NEU folder the checkpoint was trained on (its manifest must match).
 
@@ -15,13 +16,11 @@ the held-out far-OOD set and the two near-OOD sets of ``evaluate --ood``; and th
 share of val flagged under each moderate corruption (steel called unknown), with how
 many of the model's errors under that corruption were among the flagged. The
 input-quality gate is left out: this compares scores, not verdicts.
-Eager PyTorch, float32; a few minutes on 2 cores.
+Eager PyTorch, float32; a few minutes on 2 cores (``--quick``: every 48th image, figures only a smoke test).
 """
 
 from __future__ import annotations
 
-import argparse
-import platform
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
+from bench.harness import BenchParser, describe, emit
 from steelsight.model.evaluation.corruptions import CORRUPTIONS, FAR_OOD, FAR_OOD_HELD_OUT, auroc, ood_sets
 from steelsight.model.evaluation.evaluate import select_split
 from steelsight.model.inference.imageio import read_gray
@@ -39,6 +39,7 @@ from steelsight.model.training.calibrate import ood_threshold
 from steelsight.model.training.data import scan_folders
 from steelsight.model.training.train import Inferred, concat_inferred, corrupted_copies, infer
 
+NAME = "ood_variants"
 NEAR_OOD = ("lens_dirt", "heavy_corruption")
 
 
@@ -78,14 +79,17 @@ def row(name: str, scorer: OodScorer, val: Inferred, sets: dict[str, Inferred], 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = BenchParser(__doc__, quick={"stride": 48})
     parser.add_argument("--data", type=Path, required=True, help="the data the checkpoint was trained on")
     parser.add_argument("--checkpoint", default=None, help="default: the shipped checkpoint")
+    parser.add_argument("--stride", type=int, default=1,
+                        help="use every k-th image of the train and val splits (default: 1, all of them)")
     args = parser.parse_args()
 
     predictor = Predictor.load(args.checkpoint, device="cpu", backend="torch")
     samples = scan_folders(args.data, predictor.classes)
-    train_s, val_s = select_split(samples, predictor, "train"), select_split(samples, predictor, "val")
+    train_s = select_split(samples, predictor, "train")[:: args.stride]
+    val_s = select_split(samples, predictor, "val")[:: args.stride]
     size, device = predictor.input_size, predictor.device
     val_images = [read_gray(s.path) for s in val_s]
     train = features(predictor, [read_gray(s.path) for s in train_s], torch.tensor([s.label for s in train_s]))
@@ -96,16 +100,17 @@ def main() -> None:
             for name, images in tqdm(ood_sets(val_images[0].shape[0], val_images).items(), desc="OOD sets",
                                      leave=False)}
 
-    print(f"# {platform.machine()}, torch {torch.__version__}, checkpoint "
-          f"{predictor.checkpoint.path.name} ({predictor.checkpoint.sha256[:12]}…), "
-          f"val {len(val_s)} images; AUROC (share flagged by the score) and, under corruption, "
-          "share flagged (errors among the flagged / errors)")
     header = ["scorer, fitted on", "far OOD", "held-out far OOD", *NEAR_OOD, *CORRUPTIONS]
-    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    lines = [f"# {describe()}; checkpoint {predictor.checkpoint.path.name} ({predictor.checkpoint.sha256[:12]}…), "
+             f"train {len(train_s)} / val {len(val_s)} images; AUROC (share flagged by the score) and, under "
+             "corruption, share flagged (errors among the flagged / errors)",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     t = predictor.temperature
     for kind in ("pooled", "pooled+texture", "pooled+texture+unconfidence"):
-        print(row(f"{kind}, train", fit(kind, train, val, t), val, sets, corrupted, t))
-        print(row(f"{kind}, train + corrupted", fit(kind, widened, val, t), val, sets, corrupted, t))
+        lines.append(row(f"{kind}, train", fit(kind, train, val, t), val, sets, corrupted, t))
+        lines.append(row(f"{kind}, train + corrupted", fit(kind, widened, val, t), val, sets, corrupted, t))
+    emit(NAME, args, lines, {"checkpoint_sha256": predictor.checkpoint.sha256, "train": len(train_s),
+                             "val": len(val_s)})
 
 
 if __name__ == "__main__":

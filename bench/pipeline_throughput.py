@@ -1,7 +1,8 @@
 """End-to-end pipeline against model-only throughput, same cores and worker count, in one run.
 
-    .venv/bin/python bench/pipeline_throughput.py --workers 2 --frames 240
-    .venv/bin/python bench/pipeline_throughput.py --workers 1 --frames 240 --worker-cores 0 --service-cores 1 --rounds 5
+    python -m bench.pipeline_throughput --workers 2 --frames 240 --rounds 2
+    python -m bench.pipeline_throughput --workers 1 --frames 240 --worker-cores 0 --service-cores 1 --rounds 3
+    python -m bench.pipeline_throughput --quick
 
 1. model only: W processes, each explaining (label + Grad-CAM + overlay RGB) decoded
    frames in batches, with the threads a worker gets; aggregate frames/s. Measured
@@ -36,26 +37,41 @@ import argparse
 import itertools
 import json
 import os
-import platform
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.harness import (
+    ROOT,
+    SAMPLES,
+    BenchParser,
+    cpu_split,
+    describe,
+    emit,
+    finish_times,
+    local_stack,
+    parse_cores,
+    pinned,
+    rate_after_first_batch,
+    spread,
+    start_worker,
+    wait_for_results,
+)
 from steelsight.clients import redis_client
 from steelsight.contract import Settings
-from steelsight.devstack import free_port, redis_server, s3_server, wait_until
+from steelsight.devstack import free_port
 from steelsight.producer.service import Producer, replay, run_producer
 
-SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
+NAME = "pipeline_throughput"
 
 
 def model_only_child(frames: int, batch: int, checkpoint: str | None, device: str) -> None:
@@ -73,51 +89,19 @@ def model_only_child(frames: int, batch: int, checkpoint: str | None, device: st
     print(json.dumps({"fps": frames / (time.perf_counter() - start)}))
 
 
-def worker_env(settings: Settings, threads: int) -> dict[str, str]:
-    return dict(os.environ) | settings.to_env() | {"OMP_NUM_THREADS": str(threads)}
-
-
-def pinned(cores: set[int] | None):
-    """preexec_fn that pins a child process to ``cores`` (None: no pinning)."""
-    return None if cores is None else (lambda: os.sched_setaffinity(0, cores))
-
-
-def pin_process(pid: int, cores: set[int] | None) -> None:
-    """Pin every thread of a running process."""
-    if cores is not None:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            os.sched_setaffinity(int(task.name), cores)
-
-
-def parse_cores(text: str | None) -> set[int] | None:
-    """'0', '0,2' or '0-7' (None: no pinning)."""
-    if text is None:
-        return None
-    cores = set()
-    for part in text.split(","):
-        first, _, last = part.partition("-")
-        cores.update(range(int(first), int(last or first) + 1))
-    return cores
-
-
 def start_model_only(workers: int, frames: int, batch: int, threads: int, checkpoint: str | None, device: str,
                      cores: set[int] | None = None) -> list[subprocess.Popen]:
     env = dict(os.environ) | {"OMP_NUM_THREADS": str(threads)}
-    args = [sys.executable, __file__, "--model-only-child", "--frames", str(frames // workers), "--batch", str(batch),
-            "--device", device]
+    args = [sys.executable, "-m", f"bench.{NAME}", "--model-only-child", "--frames", str(frames // workers),
+            "--batch", str(batch), "--device", device]
     if checkpoint:
         args += ["--checkpoint", checkpoint]
-    return [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, text=True, preexec_fn=pinned(cores))
+    return [subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, preexec_fn=pinned(cores))
             for _ in range(workers)]
 
 
 def model_only_fps(procs: list[subprocess.Popen]) -> float:
     return sum(json.loads(p.communicate()[0].strip().splitlines()[-1])["fps"] for p in procs)
-
-
-def model_only(workers: int, frames: int, batch: int, threads: int, checkpoint: str | None, device: str,
-               cores: set[int] | None = None) -> float:
-    return model_only_fps(start_model_only(workers, frames, batch, threads, checkpoint, device, cores))
 
 
 def model_only_beside_producer(settings: Settings, fps: float, workers: int, frames: int, batch: int, threads: int,
@@ -133,45 +117,6 @@ def model_only_beside_producer(settings: Settings, fps: float, workers: int, fra
                                                replay(SAMPLES, loop=True))
     run_producer(producer, frames_while_running, fps)
     return model_only_fps(procs)
-
-
-def rate_after_first_batch(finished: list[datetime], batch: int) -> float:
-    """Frames/s from the end of the first batch to the last result, counting the frames after it.
-
-    A batch's results land within milliseconds of each other (its overlay uploads), a
-    batch's compute apart, so the first batch ends at the widest gap among the first
-    two batches' finish times. Counting from the first result instead credits the rest
-    of the first batch without its time (+6 % at batch 16 over 240 frames).
-    """
-    head = finished[: 2 * batch + 1]
-    end = max(range(1, len(head)), key=lambda i: head[i] - head[i - 1])
-    return (len(finished) - end) / (finished[-1] - finished[end - 1]).total_seconds()
-
-
-def save_result(bench: str, payload: dict) -> Path:
-    """Write ``bench/results/<bench>-<UTC time>.json`` with the machine and the command line beside ``payload``."""
-    folder = Path(__file__).resolve().parent / "results"
-    folder.mkdir(exist_ok=True)
-    now = datetime.now().astimezone()
-    path = folder / f"{bench}-{now:%Y-%m-%dT%H%M%S}.json"
-    record = {"bench": bench, "date": now.isoformat(timespec="seconds"), "command": " ".join(sys.argv),
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", **payload}
-    path.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {path}", file=sys.stderr)
-    return path
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def cpu_split(pids: dict[str, list[int]], run) -> tuple[object, dict[str, float]]:
-    """Run ``run()``; return its value and each group's CPU seconds spent meanwhile."""
-    before = {name: sum(cpu_seconds(p) for p in group) for name, group in pids.items()}
-    value = run()
-    return value, {name: sum(cpu_seconds(p) for p in group) - before[name] for name, group in pids.items()}
 
 
 def batch_totals(ports: list[int]) -> tuple[float, float]:
@@ -190,33 +135,17 @@ def mean_batch(before: tuple[float, float], after: tuple[float, float]) -> float
     return (after[0] - before[0]) / max(after[1] - before[1], 1)
 
 
-def result_keys(settings: Settings, conn, line: str) -> list[bytes]:
-    return conn.keys(f"{settings.key_prefix}:result:{line}__*")
-
-
-def results(settings: Settings, conn, line: str) -> list[dict]:
-    return [json.loads(conn.get(k)) for k in result_keys(settings, conn, line)]
-
-
-def count_results(settings: Settings, conn, line: str) -> int:
-    """One KEYS call: the bench polls this, and polling must not load the service cores."""
-    return len(result_keys(settings, conn, line))
-
-
-def wait_for_results(settings: Settings, conn, line: str, frames: int) -> list[dict]:
-    wait_until(lambda: count_results(settings, conn, line) >= frames, 600, f"{frames} results", interval=0.05)
-    return results(settings, conn, line)
-
-
 def run_stream(settings: Settings, conn, line: str, frames: int, fps: float | None
                ) -> tuple[float, float, list[float]]:
     """Produce ``frames``; return frames/s from first upload to last result and from first result to last
     (the steady rate, without the pipeline's fill time), and capture-to-result seconds."""
+    from datetime import datetime
+
     producer = Producer(settings, line, "cam-1")
     started = datetime.now().astimezone()
     run_producer(producer, replay(SAMPLES, loop=True, limit=frames), fps)
     done = wait_for_results(settings, conn, line, frames)
-    finished = sorted(datetime.fromisoformat(r["finished_at"]) for r in done)
+    finished = finish_times(done)
     latency = [(datetime.fromisoformat(r["finished_at"]) - datetime.fromisoformat(r["captured_at"])).total_seconds()
                for r in done]
     steady = rate_after_first_batch(finished, settings.batch_size)
@@ -235,150 +164,146 @@ def run_prefilled(settings: Settings, conn, line: str, frames: int, workers: lis
         for p in workers:
             p.send_signal(signal.SIGCONT)
     done, cpu = cpu_split(pids, lambda: wait_for_results(settings, conn, line, frames))
-    finished = sorted(datetime.fromisoformat(r["finished_at"]) for r in done)
-    return rate_after_first_batch(finished, settings.batch_size), cpu
+    return rate_after_first_batch(finish_times(done), settings.batch_size), cpu
 
 
-def start_workers(settings: Settings, count: int, threads: int, cores: set[int] | None, workdir: Path
-                  ) -> tuple[list[subprocess.Popen], list[int]]:
-    procs, ports = [], []
-    for i in range(count):
-        ports.append(free_port())
-        env = worker_env(settings.model_copy(update={"metrics_port": ports[-1]}), threads)
-        procs.append(subprocess.Popen([sys.executable, "-m", "steelsight.cli", "worker", "--name", f"bench{i}"],
-                                      env=env, stdout=open(workdir / f"worker{i}.log", "wb"),  # noqa: SIM115
-                                      stderr=subprocess.STDOUT, preexec_fn=pinned(cores)))
-    return procs, ports
-
-
-def spread(values: list[float]) -> str:
-    return f"{np.median(values):.2f} ({min(values):.2f}–{max(values):.2f})" if len(values) > 1 else f"{values[0]:.2f}"
+def parser() -> BenchParser:
+    p = BenchParser(__doc__, quick={"workers": 1, "frames": 32, "rounds": 1})
+    p.add_argument("--workers", type=int, default=2, help="worker processes (default: 2)")
+    p.add_argument("--frames", type=int, default=240, help="frames per measurement (default: 240)")
+    p.add_argument("--batch", type=int, default=8, help="worker micro-batch size (default: 8)")
+    p.add_argument("--checkpoint", default=None, help="default: the shipped checkpoint")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default) or cuda: where the model-only processes and the workers run the model; "
+                        "on cuda, W workers share the one GPU")
+    p.add_argument("--worker-cores", default=None, metavar="LIST",
+                   help="pin model-only processes and workers to these cores, e.g. 0 or 0-7 (default: no pinning)")
+    p.add_argument("--service-cores", default=None, metavar="LIST",
+                   help="pin Redis, the S3 server and the producer to these cores, e.g. 1 or 8-15")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat workers only, end to end and model only this many times, interleaved, and "
+                        "report each ratio's median and range (default: 1)")
+    p.add_argument("--model-only-child", action="store_true", help=argparse.SUPPRESS)
+    return p
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--frames", type=int, default=240, help="frames per measurement")
-    parser.add_argument("--batch", type=int, default=8, help="worker micro-batch size")
-    parser.add_argument("--checkpoint", default=None, help="default: the shipped checkpoint")
-    parser.add_argument("--device", default="cpu",
-                        help="cpu (default) or cuda: where the model-only processes and the workers run the model; "
-                             "on cuda, W workers share the one GPU")
-    parser.add_argument("--worker-cores", default=None, metavar="LIST",
-                        help="pin model-only processes and workers to these cores, e.g. 0 or 0-7 (default: no pinning)")
-    parser.add_argument("--service-cores", default=None, metavar="LIST",
-                        help="pin Redis, the S3 server and the producer to these cores, e.g. 1 or 8-15")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="repeat workers only, end to end and model only this many times, interleaved, and "
-                             "report each ratio's median and range (default: 1)")
-    parser.add_argument("--model-only-child", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    p = parser()
+    args = p.parse_args()
     if args.model_only_child:
         return model_only_child(args.frames, args.batch, args.checkpoint, args.device)
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: no CUDA device is available here")
+        p.error(f"--device {args.device}: no CUDA device is available here")
     worker_cores, service_cores = parse_cores(args.worker_cores), parse_cores(args.service_cores)
     cores = len(worker_cores) if worker_cores else os.cpu_count() or 1
     threads = max(cores // args.workers, 1)
 
     def measure_model() -> float:
-        return model_only(args.workers, args.frames, args.batch, threads, args.checkpoint, args.device, worker_cores)
+        return model_only_fps(start_model_only(args.workers, args.frames, args.batch, threads, args.checkpoint,
+                                               args.device, worker_cores))
 
     model = [measure_model()]
-
     workdir = Path(tempfile.mkdtemp(prefix="steelsight-pipeline-"))
-    redis, s3 = redis_server(workdir).start(), s3_server(workdir).start()
-    for pid in (redis.proc.pid, s3.proc.pid, os.getpid()):
-        pin_process(pid, service_cores)
     procs, rounds = [], []
-    try:
-        settings = Settings(redis_url=f"redis://127.0.0.1:{redis.port}/0", s3_endpoint=f"127.0.0.1:{s3.port}",
-                            s3_access_key=s3.credentials.access_key, s3_secret_key=s3.credentials.secret_key,
-                            device=args.device, batch_size=args.batch,
-                            checkpoint=args.checkpoint, max_queue_depth=10_000)
-        conn = redis_client(settings)
-        procs, ports = start_workers(settings, args.workers, threads, worker_cores, workdir)
-        run_stream(settings, conn, "warmup", 4 * args.batch * args.workers, None)  # model load, first batches
-        pids = {"workers": [p.pid for p in procs], "S3 server (SeaweedFS)": [s3.proc.pid], "Redis": [redis.proc.pid],
-                "producer": [os.getpid()]}
-        for r in range(args.rounds):
-            start = batch_totals(ports)
-            workers_fps, cpu_prefilled = run_prefilled(settings, conn, f"prefilled{r}", args.frames, procs, pids)
-            prefilled = batch_totals(ports)
-            (e2e_fps, steady_fps, _), cpu = cpu_split(
-                pids, lambda r=r: run_stream(settings, conn, f"capacity{r}", args.frames, None))
-            streamed = batch_totals(ports)
-            model.append(measure_model())  # the workers wait on an empty queue meanwhile
-            print(f"round {r + 1}: model only {model[-2]:.1f} -> {model[-1]:.1f}, workers only {workers_fps:.1f}, "
-                  f"end to end {e2e_fps:.1f} frames/s", file=sys.stderr, flush=True)
-            rounds.append({"model": (model[-2] + model[-1]) / 2, "workers": workers_fps, "e2e": e2e_fps,
-                           "steady": steady_fps, "batch_prefilled": mean_batch(start, prefilled),
-                           "batch_e2e": mean_batch(prefilled, streamed), "cpu": cpu,
-                           "cpu_prefilled": cpu_prefilled})
-        e2e_median = float(np.median([r["e2e"] for r in rounds]))
-        latency = {share: run_stream(settings, conn, f"load{int(share * 100)}", max(args.frames // 2, 20),
-                                     share * e2e_median)[2] for share in (0.5, 0.9)}
-        for p in procs:  # the neighbour-load stream below must not be worked on
-            p.terminate()
-            p.wait(timeout=30)
-        procs = []
-        model_beside = model_only_beside_producer(settings, e2e_median, args.workers, args.frames, args.batch,
-                                                  threads, args.checkpoint, worker_cores)
-    finally:
-        for p in procs:
-            p.terminate()
-            p.wait(timeout=30)
-        redis.stop()
-        s3.stop()
-    print_report(args, threads, workdir, model, rounds, model_beside, latency, e2e_median)
-    save_result("pipeline_throughput", {
-        "workers": args.workers, "batch": args.batch, "frames": args.frames, "device": args.device,
-        "worker_cores": args.worker_cores, "service_cores": args.service_cores, "model_only": model,
-        "rounds": rounds, "model_only_beside_producer": model_beside,
+    with local_stack(workdir, service_cores, device=args.device, batch_size=args.batch, checkpoint=args.checkpoint,
+                     max_queue_depth=10_000) as (settings, servers):
+        try:
+            conn = redis_client(settings)
+            ports = [free_port() for _ in range(args.workers)]
+            procs = [start_worker(settings.model_copy(update={"metrics_port": port}), f"bench{i}", threads,
+                                  worker_cores, workdir / f"worker{i}.log") for i, port in enumerate(ports)]
+            run_stream(settings, conn, "warmup", 4 * args.batch * args.workers, None)  # model load, first batches
+            pids = {"workers": [p.pid for p in procs], "S3 server (SeaweedFS)": [servers["s3"].proc.pid],
+                    "Redis": [servers["redis"].proc.pid], "producer": [os.getpid()]}
+            for r in range(args.rounds):
+                start = batch_totals(ports)
+                workers_fps, cpu_prefilled = run_prefilled(settings, conn, f"prefilled{r}", args.frames, procs, pids)
+                prefilled = batch_totals(ports)
+                (e2e_fps, steady_fps, _), cpu = cpu_split(
+                    pids, lambda r=r: run_stream(settings, conn, f"capacity{r}", args.frames, None))
+                streamed = batch_totals(ports)
+                model.append(measure_model())  # the workers wait on an empty queue meanwhile
+                print(f"round {r + 1}: model only {model[-2]:.1f} -> {model[-1]:.1f}, workers only "
+                      f"{workers_fps:.1f}, end to end {e2e_fps:.1f} frames/s", file=sys.stderr, flush=True)
+                rounds.append({"model": (model[-2] + model[-1]) / 2, "workers": workers_fps, "e2e": e2e_fps,
+                               "steady": steady_fps, "batch_prefilled": mean_batch(start, prefilled),
+                               "batch_e2e": mean_batch(prefilled, streamed), "cpu": cpu,
+                               "cpu_prefilled": cpu_prefilled})
+            e2e_median = float(np.median([r["e2e"] for r in rounds]))
+            latency = {share: run_stream(settings, conn, f"load{int(share * 100)}", max(args.frames // 2, 20),
+                                         share * e2e_median)[2] for share in (0.5, 0.9)}
+            for p in procs:  # the neighbour-load stream below must not be worked on
+                p.terminate()
+                p.wait(timeout=30)
+            procs = []
+            model_beside = model_only_beside_producer(settings, e2e_median, args.workers, args.frames, args.batch,
+                                                      threads, args.checkpoint, worker_cores)
+        finally:
+            for p in procs:
+                p.terminate()
+                p.wait(timeout=30)
+    figures = {
+        "workers": args.workers, "threads": threads, "batch": args.batch, "frames": args.frames,
+        "device": args.device, "worker_cores": args.worker_cores, "service_cores": args.service_cores,
+        "model_only": model, "rounds": rounds, "model_only_beside_producer": model_beside,
         "e2e_over_model": [r["e2e"] / r["model"] for r in rounds],
         "workers_over_model": [r["workers"] / r["model"] for r in rounds],
-        "latency_p50_p95_s": {f"{share:.0%}": list(np.percentile(v, [50, 95])) for share, v in latency.items()}})
+        "latency_p50_p95_s": {f"{share:.0%}": list(np.percentile(v, [50, 95])) for share, v in latency.items()}}
+    print(f"# worker logs in {workdir}", file=sys.stderr)
+    emit(NAME, args, render(figures), figures)
 
 
-def print_report(args, threads: int, workdir: Path, model: list[float], rounds: list[dict], model_beside: float,
-                 latency: dict[float, list[float]], e2e_median: float) -> None:
+def render(record: dict) -> list[str]:
+    """The table, from the figures a run saves (older results without ``threads`` included)."""
+    rounds, model, workers = record["rounds"], record["model_only"], record["workers"]
+    machine = record.get("machine")  # older results: a string, "x86_64, 2 cores"
+    machine_line = describe(machine) if isinstance(machine, dict) else machine or describe()
+    if "threads" in record:
+        threads = record["threads"]
+    else:
+        pinned_to = parse_cores(record["worker_cores"])
+        cores = len(pinned_to) if pinned_to else int(re.search(r"(\d+) cores", machine_line).group(1))
+        threads = max(cores // workers, 1)
+
     def col(key: str) -> list[float]:
         return [r[key] for r in rounds]
 
     def ratio(key: str) -> str:
         return spread([r[key] / r["model"] for r in rounds])
 
-    placement = (f"workers on cores {args.worker_cores}, services on cores {args.service_cores}"
-                 if args.worker_cores or args.service_cores else "all processes on all cores")
-    device = f"{torch.cuda.get_device_name()}, " if args.device.startswith("cuda") else ""
-    print(f"# {device}{platform.processor() or platform.machine()}, {os.cpu_count()} cores ({placement}), "
-          f"{args.workers} workers x {threads} threads, batch {args.batch}, {args.frames} frames per measurement, "
-          f"torch {torch.__version__}; logs in {workdir}")
+    placement = (f"workers on cores {record['worker_cores']}, services on cores {record['service_cores']}"
+                 if record["worker_cores"] or record["service_cores"] else "all processes on all cores")
+    lines = [f"# {machine_line} ({placement}), {workers} workers x {threads} threads, batch {record['batch']}, "
+             f"{record['frames']} frames per measurement, device {record['device']}"]
     if len(rounds) > 1:
-        print(f"# {len(rounds)} rounds, each: workers only, end to end, model only; each round's ratios use the "
-              "mean of the model-only runs either side of it. Values: median (min–max).")
-    print("| measure | value |\n|---|---:|")
-    print(f"| model only, {args.workers} processes (explain, no I/O) | {spread(model)} frames/s |")
-    print(f"| workers only, queue prefilled (fetch → explain → overlay upload → publish) | {spread(col('workers'))} "
-          "frames/s |")
-    print(f"| end to end, producer → S3 → Redis → workers → results | {spread(col('e2e'))} frames/s |")
-    print(f"| **workers only / model only** | **{ratio('workers')}** |")
-    print(f"| **end to end / model only** | **{ratio('e2e')}** |")
-    print(f"| end to end, first result to last (no fill time) / model only | {ratio('steady')} |")
-    print(f"| model only beside the producer streaming at the end-to-end rate (no workers) | {model_beside:.2f} "
-          "frames/s |")
-    print(f"| mean micro-batch: workers only / end to end | {np.mean(col('batch_prefilled')):.1f} / "
-          f"{np.mean(col('batch_e2e')):.1f} frames |")
+        lines.append(f"# {len(rounds)} rounds, each: workers only, end to end, model only; each round's ratios use "
+                     "the mean of the model-only runs either side of it. Values: median (min–max).")
+    e2e_median = float(np.median(col("e2e")))
+    lines += [
+        "| measure | value |", "|---|---:|",
+        f"| model only, {workers} processes (explain, no I/O) | {spread(model)} frames/s |",
+        f"| workers only, queue prefilled (fetch → explain → overlay upload → publish) | {spread(col('workers'))} "
+        "frames/s |",
+        f"| end to end, producer → S3 → Redis → workers → results | {spread(col('e2e'))} frames/s |",
+        f"| **workers only / model only** | **{ratio('workers')}** |",
+        f"| **end to end / model only** | **{ratio('e2e')}** |",
+        f"| end to end, first result to last (no fill time) / model only | {ratio('steady')} |",
+        f"| model only beside the producer streaming at the end-to-end rate (no workers) / model only | "
+        f"{record['model_only_beside_producer'] / float(np.median(model)):.2f} |",
+        f"| mean micro-batch: workers only / end to end | {np.mean(col('batch_prefilled')):.1f} / "
+        f"{np.mean(col('batch_e2e')):.1f} frames |"]
     for phase, key in (("workers only", "cpu_prefilled"), ("end to end", "cpu")):
         cpu = {name: sum(r[key][name] for r in rounds) for name in rounds[0][key]}
         total = sum(cpu.values())
-        print(f"| CPU share during {phase}: " + ", ".join(f"{name} {100 * sec / total:.0f}%"
-                                                         for name, sec in cpu.items()) + f" | {total:.1f} CPU-s |")
-    for share, values in latency.items():
-        p50, p95 = np.percentile(values, [50, 95])
-        print(f"| capture-to-result at {share:.0%} of capacity ({share * e2e_median:.1f} fps), p50 / p95 | "
-              f"{p50 * 1000:.0f} / {p95 * 1000:.0f} ms |")
+        lines.append(f"| CPU share during {phase}: " + ", ".join(f"{name} {100 * sec / total:.0f}%"
+                                                                 for name, sec in cpu.items())
+                     + f" | {total:.1f} CPU-s |")
+    for share, (p50, p95) in record["latency_p50_p95_s"].items():
+        fps = float(share.rstrip("%")) / 100 * e2e_median
+        lines.append(f"| capture-to-result at {share} of capacity ({fps:.1f} fps), p50 / p95 | "
+                     f"{p50 * 1000:.0f} / {p95 * 1000:.0f} ms |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The object store's cost per request: SeaweedFS's `weed server` under the pipeline's request mix.
 
-    .venv/bin/python bench/s3_server.py
-    .venv/bin/python bench/s3_server.py --frames 1500 --rounds 3
+    python -m bench.s3_server --frames 600 --rounds 3
+    python -m bench.s3_server --quick
 
 ``steelsight up``, the tests and the benches run SeaweedFS (``steelsight.devstack``):
 master, volume server, filer and S3 gateway in one process. The client does what the
@@ -9,26 +9,25 @@ pipeline does per frame, one request after another through the product's
 ``ObjectStore``: the producer's PUT of a 40 KB frame, the worker's GET of it and its
 PUT of a 10 KB JPEG overlay. With two cores the client runs on core 0 and the server
 on core 1. Per round: requests/s, the server's and the client's CPU per request
-(/proc), and their ratio; the table gives medians. Results go to
-bench/results/s3_server-<date>.json.
+(/proc), and their ratio; the table gives medians.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import platform
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from pipeline_throughput import cpu_seconds, pin_process, save_result
 
+from bench.harness import BenchParser, cpu_seconds, describe, emit, pin_process
 from steelsight.clients import ObjectStore
 from steelsight.contract import Settings
-from steelsight.devstack import s3_server
+from steelsight.devstack import pinned_weed_version, s3_server
+
+NAME = "s3_server"
 
 
 def frame_traffic(store: ObjectStore, frames: int, tag: str) -> None:
@@ -51,7 +50,7 @@ def measure(server_pid: int, store: ObjectStore, frames: int, tag: str) -> tuple
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = BenchParser(__doc__, quick={"frames": 100, "rounds": 1})
     parser.add_argument("--frames", type=int, default=600, help="frames per round, 3 requests each (default: 600)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (default: 3)")
     args = parser.parse_args()
@@ -73,16 +72,28 @@ def main() -> None:
         server.stop()
         shutil.rmtree(workdir, ignore_errors=True)  # its data and credentials
 
-    rate, server_ms, client_ms = np.median(np.array(rounds), axis=0)
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-          f"{' (client on core 0, server on core 1)' if pinned else ''}, {args.frames} frames x 3 requests per "
-          f"round, median of {args.rounds} rounds")
-    print("| server | requests/s | server CPU per request | client CPU per request | server ÷ client |")
-    print("|---|---:|---:|---:|---:|")
-    print(f"| SeaweedFS {server.args[0]} | {rate:.0f} | {server_ms:.2f} ms | {client_ms:.2f} ms | "
-          f"**{server_ms / client_ms:.2f}** |")
-    save_result("s3_server", {"frames": args.frames, "rounds": [dict(zip(("requests_per_s", "server_cpu_ms",
-                "client_cpu_ms"), r, strict=True)) for r in rounds], "server_over_client": server_ms / client_ms})
+    figures = {"frames": args.frames, "pinned": pinned, "server": f"SeaweedFS {pinned_weed_version()}",
+               "rounds": [dict(zip(("requests_per_s", "server_cpu_ms", "client_cpu_ms"), r, strict=True))
+                          for r in rounds]}
+    _, server_ms, client_ms = np.median(np.array(rounds), axis=0)
+    figures["server_over_client"] = float(server_ms / client_ms)
+    emit(NAME, args, render(figures), figures)
+
+
+def render(record: dict) -> list[str]:
+    """The table, from the figures a run saves (older results included)."""
+    rounds = record["rounds"]
+    rate, server_ms, client_ms = (float(np.median([r[k] for r in rounds]))
+                                  for k in ("requests_per_s", "server_cpu_ms", "client_cpu_ms"))
+    machine = record.get("machine")
+    machine_line = describe(machine) if isinstance(machine, dict) else machine or describe()
+    pinned = record.get("pinned", True)
+    return [f"# {machine_line}{' (client on core 0, server on core 1)' if pinned else ''}, {record['frames']} "
+            f"frames x 3 requests per round, median of {len(rounds)} rounds",
+            "| server | requests/s | server CPU per request | client CPU per request | server ÷ client |",
+            "|---|---:|---:|---:|---:|",
+            f"| {record.get('server', 'SeaweedFS')} | {rate:.0f} | {server_ms:.2f} ms | {client_ms:.2f} ms | "
+            f"**{server_ms / client_ms:.2f}** |"]
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from steelsight.model.inference.cam import CAM_METHODS
 from steelsight.model.inference.imageio import DecodeLimits, ImageRejected, decode_gray
 from steelsight.model.inference.labels import CLASSES
 from steelsight.model.inference.predictor import Predictor
+from steelsight.model.inference.tiling import tile_count
 
 from . import metrics, uploads
 from .access import check_access
@@ -30,6 +31,7 @@ from .data import (
     ALL,
     REJECTED,
     UNKNOWN,
+    VERDICTS,
     Filters,
     LiveSource,
     Window,
@@ -39,16 +41,24 @@ from .data import (
     latency_quantiles,
     rate_over_time,
 )
+from .tiles import draw_tiles, legend_html, summary_html, summary_text
 
 GALLERY_SIZE = 12
 METRICS_RESULTS = 2000  # the metrics tab's counts and latency quantiles are over this many latest results
-VERDICTS = [*CLASSES, UNKNOWN, REJECTED]
 PLACEHOLDER = np.full((64, 64, 3), 90, np.uint8)
 CSS = """
 .unknown-banner {background:#b45309;color:white;padding:4px 8px;border-radius:4px;font-weight:600}
 .bar {background:#e5e7eb;border-radius:3px;height:14px;margin:2px 0 6px 0}
 .bar > div {background:#2563eb;height:14px;border-radius:3px}
 .upload-error {color:#b91c1c;font-weight:600}
+.swatch {display:inline-block;width:12px;height:12px;margin:0 4px 0 2px;vertical-align:middle}
+.legend-item {margin-right:10px;white-space:nowrap}
+.tile-summary ul {margin:2px 0 6px 0}
+/* Gradio's gallery cells are square: a wide frame contained in one would be a thin strip in its middle.
+   Thumbnails of one height instead, each as wide as its frame's aspect ratio makes it, in wrapping rows. */
+.frames-gallery .grid-container {display:flex;flex-wrap:wrap;align-items:flex-start}
+.frames-gallery .thumbnail-item {aspect-ratio:auto;width:auto;height:auto;max-width:100%}
+.frames-gallery .thumbnail-item > img {height:150px;width:auto;max-width:100%}
 """
 
 
@@ -75,7 +85,9 @@ def _counts_markdown(counts) -> str:
     return f"<span id='class-counts'>{cells}</span>"
 
 
-def _bars_html(name: str, pred, error: str | None = None, threshold: float | None = None) -> str:
+def _bars_html(name: str, pred, error: str | None = None, threshold: float | None = None, tiles_html: str = "") -> str:
+    """Label, unknown banner and probability bars; a tiled frame's summary (``tiles_html``) goes before its bars,
+    which are then its top defect tile's."""
     title = f"<h4>{html.escape(name)}</h4>"
     if error:
         return title + f"<p class='upload-error'>Rejected: {html.escape(error)}</p>"
@@ -88,11 +100,14 @@ def _bars_html(name: str, pred, error: str | None = None, threshold: float | Non
         f"<div>{html.escape(c)} — {p:.1%}</div><div class='bar'><div style='width:{100 * p:.1f}%'></div></div>"
         for c, p in sorted(pred.probabilities.items(), key=lambda kv: -kv[1])
     )
-    return f"{title}{banner}<p class='upload-label'><b>{html.escape(pred.label)}</b> {pred.confidence:.1%}</p>{rows}"
+    if tiles_html and rows:
+        tiles_html += "<p class='bars-note'>probabilities of the tile the label comes from:</p>"
+    return (f"{title}{banner}<p class='upload-label'><b>{html.escape(pred.label)}</b> {pred.confidence:.1%}</p>"
+            f"{tiles_html}{rows}")
 
 
 def _shrink(gray: np.ndarray, max_side: int) -> np.ndarray:
-    """At most ``max_side`` px on the longer side (INTER_AREA, as the model's own resize)."""
+    """(Gray or RGB) at most ``max_side`` px on the longer side (INTER_AREA, as the model's own resize)."""
     h, w = gray.shape[:2]
     if max(h, w) <= max_side:
         return gray
@@ -128,7 +143,9 @@ class Dashboard:
 
     def _thumb(self, r):
         image = self.source.overlay(r) if r.status == "ok" else self.source.original(r)
-        return image if image is not None else PLACEHOLDER
+        if image is None:
+            return PLACEHOLDER
+        return draw_tiles(image, r.tiles) if r.status == "ok" and r.tiles else image
 
     def select_frame(self, shown: dict[str, str], evt: gr.SelectData):
         """Find the result by the selected item's caption: the gallery may have refreshed since the click."""
@@ -139,7 +156,12 @@ class Dashboard:
             return None, None, {}, "that frame has scrolled out of the gallery; select another"
         r = FrameResult.model_validate_json(shown[selected])
         detail = caption(r) + (f"\n\nreason: `{r.reason}`" if r.reason else "")
-        return self.source.original(r), self.source.overlay(r), r.probabilities, detail
+        overlay = self.source.overlay(r)
+        if r.tiles:
+            detail += "\n\n**tiles:** " + summary_text(r.tiles, r.defect_counts, r.top_defect)
+            if overlay is not None:
+                overlay = draw_tiles(overlay, r.tiles)
+        return self.source.original(r), overlay, r.probabilities, detail
 
     # upload tab ------------------------------------------------------------------
     def explain_uploads(self, files, method: str):
@@ -150,23 +172,42 @@ class Dashboard:
             metrics.UPLOADS.labels(outcome="refused").inc()
             gr.Warning(f"Upload refused: {refused}")
             return [], f"<p class='upload-error'>Upload refused: {html.escape(refused)}</p>"
-        names, images, blocks = [], [], []
+        names, grays, blocks = [], [], []
+        tiling, max_side = self.settings.tiling(), self.settings.dashboard_image_max_side
         for path in files:
             name = Path(path).name
             try:
-                # the model sees input_size pixels and a screen no more than the display size
-                images.append(_shrink(decode_gray(Path(path).read_bytes(), self.limits),
-                                      self.settings.dashboard_image_max_side))
-                names.append(name)
+                gray = decode_gray(Path(path).read_bytes(), self.limits)
             except ImageRejected as exc:
                 metrics.UPLOADS.labels(outcome="rejected").inc()
                 gr.Warning(f"{name}: {exc}")
                 blocks.append(_bars_html(name, None, str(exc)))
+                continue
+            tiles = tile_count(*gray.shape[:2], tiling, self.predictor.input_size)
+            if tiles > tiling.max_tiles:  # refused from its size, before any tile runs
+                metrics.UPLOADS.labels(outcome="rejected").inc()
+                why = (f"too_many_tiles: {gray.shape[1]}x{gray.shape[0]} needs {tiles} tiles at the model's scale, "
+                       f"over the limit of {tiling.max_tiles} (STEELSIGHT_MAX_TILES_PER_FRAME)")
+                gr.Warning(f"{name}: {why}")
+                blocks.append(_bars_html(name, None, why))
+                continue
+            grays.append(gray)
+            names.append(name)
+        # at the frame's own size: the worker's path, where a frame larger than one tile is tiled at the
+        # model's scale (shrinking it first would change its pixels per mm); only the overlay is shrunk, to show
+        explained = self.predictor.explain_frames(grays, tiling, method) if grays else []
         gallery = []
-        for name, exp in zip(names, self.predictor.explain(images, method) if images else [], strict=True):
+        for name, gray, exp in zip(names, grays, explained, strict=True):
             metrics.UPLOADS.labels(outcome="unknown" if exp.unknown else "ok").inc()
-            gallery.append((exp.overlay, f"{name}: {UNKNOWN + ' · ' if exp.unknown else ''}{exp.label}"))
-            blocks.append(_bars_html(name, exp, threshold=self.predictor.ood_threshold))
+            overlay = _shrink(exp.overlay, max_side)
+            summary = ""
+            if exp.tiles:
+                overlay = draw_tiles(overlay, exp.tiles, (gray.shape[1], gray.shape[0]))
+                summary = summary_html(exp.tiles, exp.defect_counts, exp.top_defect)
+            block = _bars_html(name, exp, threshold=self.predictor.ood_threshold, tiles_html=summary)
+            said = f"{name}: {UNKNOWN + ' · ' if exp.unknown else ''}{exp.label}"
+            gallery.append((overlay, said + (f" · {len(exp.tiles)} tiles" if exp.tiles else "")))
+            blocks.append(block)
         return gallery, "".join(blocks)
 
     # metrics tab -----------------------------------------------------------------
@@ -208,12 +249,15 @@ class Dashboard:
         with gr.Row():
             line = gr.Dropdown([ALL], value=ALL, label="line", allow_custom_value=True)
             camera = gr.Dropdown([ALL], value=ALL, label="camera", allow_custom_value=True)
-            label = gr.Dropdown([ALL, *CLASSES, UNKNOWN, REJECTED], value=ALL, label="class")
+            label = gr.Dropdown([ALL, *VERDICTS], value=ALL, label="class")
             window = gr.Slider(1, 240, value=15, step=1, label="window (minutes)")
         stats = gr.Markdown(elem_id="live-stats")
         counts_text = gr.HTML(elem_id="live-counts")
-        gallery = gr.Gallery(label="latest frames (Grad-CAM overlays)", columns=6, height=420, elem_id="live-gallery",
-                             allow_preview=False)
+        # contain: a wide line-camera frame is shown whole at its own aspect ratio, never cropped to a square
+        gallery = gr.Gallery(label="latest frames (Grad-CAM overlays)", columns=6, height=420,
+                             elem_id="live-gallery", allow_preview=False, object_fit="contain",
+                             elem_classes=["frames-gallery"])
+        gr.HTML(legend_html(), elem_id="live-legend")
         with gr.Row():
             bars = gr.BarPlot(x="class", y="frames", title="frames per class in window", sort=VERDICTS)
             rates = gr.LinePlot(x="time", y="value", color="series", title="throughput and defect rate")
@@ -242,8 +286,9 @@ class Dashboard:
             files = gr.File(file_count="multiple", label="images", elem_id="upload-files")
             method = gr.Dropdown(list(CAM_METHODS), value="gradcam", label="CAM method")
         run = gr.Button("Explain", variant="primary", elem_id="upload-run")
-        gallery = gr.Gallery(label="overlays", columns=4, height=340, elem_id="upload-gallery", allow_preview=True,
-                             preview=False)
+        gallery = gr.Gallery(label="overlays", columns=4, height=340, elem_id="upload-gallery",
+                             allow_preview=True, preview=False, object_fit="contain", elem_classes=["frames-gallery"])
+        gr.HTML(legend_html(), elem_id="upload-legend")
         report = gr.HTML(elem_id="upload-report")
         run.click(self.explain_uploads, [files, method], [gallery, report], concurrency_limit=2)
         files.upload(self.explain_uploads, [files, method], [gallery, report], concurrency_limit=2)

@@ -22,9 +22,9 @@ from steelsight.clients import ObjectStore, redis_client
 from steelsight.contract import FrameResult, Settings
 from steelsight.model.inference.imageio import DecodeLimits, ImageRejected, decode_rgb
 from steelsight.model.inference.labels import CLASSES
+from steelsight.model.inference.tiling import BACKGROUND, UNKNOWN
 
 ALL = "all"
-UNKNOWN = "unknown"
 REJECTED = "rejected"
 
 
@@ -36,8 +36,11 @@ class Filters:
     window_s: int = 900
 
 
+VERDICTS = [*CLASSES, BACKGROUND, UNKNOWN, REJECTED]  # every word verdict() can say, in display order
+
+
 def verdict(result: FrameResult) -> str:
-    """The one word an operator reads: a class, 'unknown' or 'rejected'."""
+    """The one word an operator reads: a class, 'background' (a frame of margin only), 'unknown' or 'rejected'."""
     if result.status == "rejected":
         return REJECTED
     return UNKNOWN if result.unknown else result.label or UNKNOWN
@@ -57,7 +60,7 @@ def apply_filters(results: list[FrameResult], f: Filters, now: datetime | None =
 
 def class_counts(results: list[FrameResult]) -> pd.DataFrame:
     counts = Counter(verdict(r) for r in results)
-    names = [*CLASSES, UNKNOWN, REJECTED]
+    names = VERDICTS
     return pd.DataFrame({"class": names, "frames": [counts.get(n, 0) for n in names]})
 
 
@@ -92,6 +95,9 @@ def caption(r: FrameResult) -> str:
     if r.status == "rejected":
         return f"REJECTED ({(r.reason or '').split(':')[0]}) · {where} · {when}"
     head = f"⚠ UNKNOWN ({r.unknown_reason}; nearest {r.label})" if r.unknown else f"{r.label} {r.confidence:.2f}"
+    if r.tiles:  # a wide frame: its defect classes by tile count say more than the top one alone
+        counts = ", ".join(f"{c} {n}" for c, n in sorted(r.defect_counts.items(), key=lambda kv: (-kv[1], kv[0])) if n)
+        head += f" · {len(r.tiles)} tiles ({counts or 'no defect'})"
     return f"{head} · {where} · {when}"
 
 

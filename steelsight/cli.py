@@ -124,11 +124,25 @@ def _refit_ood_parser(sub) -> None:
 
 def _evaluate_parser(sub) -> None:
     p = sub.add_parser(
-        "evaluate", help="accuracy, macro-F1, calibration, latency and Grad-CAM localisation",
+        "evaluate", help="accuracy, macro-F1, calibration, latency and Grad-CAM localisation; tiles of wide frames",
         description="Writes report.json and confusion_matrix.png to --out; with --annotations also scores "
-                    "Grad-CAM on NEU-DET boxes (pointing game, energy in box) and writes gradcam_grid.png.",
+                    "Grad-CAM on NEU-DET boxes (pointing game, energy in box) and writes gradcam_grid.png. "
+                    "With --tiles it scores the tiled path on wide frames with per-tile ground truth instead; "
+                    "--make-strips builds such frames from NEU's held-out val split and scores them (docs/tiles.md).",
+        epilog="Per-tile ground truth (--tiles): one file beside each frame, <frame>.json (or <stem>.json) as "
+               '{"tiles": [{"x": 0, "y": 0, "w": 200, "h": 200, "label": "crazing"}, ...]} (frame pixels, top-left '
+               "corner and size; a region labelled background is defect-free; other keys are ignored), or "
+               "<stem>.xml with NEU-DET-style Pascal-VOC boxes (<object><name>, <bndbox> xmin/ymin/xmax/ymax, "
+               "1-based, inclusive). A predicted tile's truth is the class of the region covering the largest part "
+               "of it when that covers at least --min-cover of the tile, else background. Reported: per-tile "
+               "accuracy with a 95% Wilson interval (an unknown tile counts as wrong; also given ignoring the "
+               "unknown flag), the unknown rate, a tile confusion matrix (tile_confusion.png), and per frame the "
+               "all-classes-found rate (every class in the truth has at least one defect tile) and the exact "
+               "class-set rate (no extra class either).",
     )
-    p.add_argument("--data", type=Path, required=True, help="folder with one sub-folder per class")
+    p.add_argument("--data", type=Path, required=True,
+                   help="folder with one sub-folder per class; with --tiles: frames with truth files beside them "
+                        "(searched recursively); with --make-strips: the NEU folder the checkpoint was trained on")
     p.add_argument("--annotations", type=Path, default=None,
                    help="NEU-DET XML folder (annotations/<class>/<stem>.xml) for localisation scores")
     p.add_argument("--out", type=Path, required=True, help="output folder")
@@ -139,8 +153,36 @@ def _evaluate_parser(sub) -> None:
                    help="also score accuracy under noise, blur, motion blur, brightness/contrast and JPEG")
     p.add_argument("--ood", action="store_true",
                    help="also score the unknown verdict against blank, noise, pattern, photo and corrupted images")
+    tiles = p.add_argument_group(
+        "tiles", "Wide frames, tiled as `predict` and the worker tile them (STEELSIGHT_TILE_* settings unless given)")
+    mode = tiles.add_mutually_exclusive_group()
+    mode.add_argument("--tiles", action="store_true",
+                      help="score per-tile verdicts of the frames in --data against their truth files (format below)")
+    mode.add_argument("--make-strips", type=int, default=None, metavar="N",
+                      help="write N strips of 8 held-out val images side by side (NEU: 1600x200) with their JSON "
+                           "truth to --out/strips/ (a seeded shuffle of the checkpoint's val split; an image repeats "
+                           "only once val is used up), then score them as --tiles does")
+    tiles.add_argument("--strip-seed", type=int, default=0, help="shuffle seed of --make-strips (default: 0)")
+    tiles.add_argument("--min-cover", type=float, default=None, metavar="SHARE",
+                       help="share of a tile a truth region must cover to give it its class "
+                            "(default: MIN_COVER of model/evaluation/tiles.py)")
+    _add_tiling_args(tiles)
     _add_checkpoint_args(p)
     p.set_defaults(func=cmd_evaluate)
+
+
+def _add_tiling_args(group) -> None:
+    """The tiling options predict and evaluate share; unset, each falls back to its STEELSIGHT_* setting."""
+    group.add_argument("--tile-size", type=int, default=None, metavar="PX",
+                       help="tile side in pixels at the training images' scale (default: STEELSIGHT_TILE_SIZE, "
+                            "200: NEU's images)")
+    group.add_argument("--tile-overlap", type=int, default=None, metavar="PX",
+                       help="least overlap between neighbouring tiles in pixels (default: STEELSIGHT_TILE_OVERLAP_PX)")
+    group.add_argument("--frame-px-per-mm", type=float, default=None, metavar="PX",
+                       help="the images' resolution; with --model-px-per-mm an image is rescaled by model/frame "
+                            "before tiling, so a tile covers the surface a training image did")
+    group.add_argument("--model-px-per-mm", type=float, default=None, metavar="PX",
+                       help="the resolution of the images the checkpoint was trained on")
 
 
 def _predict_parser(sub) -> None:
@@ -158,6 +200,14 @@ def _predict_parser(sub) -> None:
                         "with a hash to fit the 255-byte file-name limit")
     p.add_argument("--cam-method", default="gradcam",
                    help="gradcam, gradcam++, hirescam, xgradcam, layercam or eigencam (default: gradcam)")
+    tiles = p.add_argument_group(
+        "tiling", "An image larger than one tile (after rescaling) is cut into tiles, each labelled on its own: "
+                  "its row then also has tiles, defect_counts and top_defect, its label is the most confident "
+                  "defect tile's class (else unknown, else background: dark or blown-out margins) and its "
+                  "overlay is the tiles' Grad-CAM stitched at the image's full size. Defaults: the "
+                  "STEELSIGHT_TILE_SIZE, _TILE_OVERLAP_PX, _FRAME_PIXELS_PER_MM, _MODEL_PIXELS_PER_MM and "
+                  "_MAX_TILES_PER_FRAME settings; an image needing more tiles is rejected (too_many_tiles).")
+    _add_tiling_args(tiles)
     _add_checkpoint_args(p)
     p.set_defaults(func=cmd_predict)
 
@@ -295,6 +345,10 @@ def _check_sizing_parser(sub) -> None:
     p.add_argument("--fps", type=float, required=True, help="frames per second over all lines and cameras")
     p.add_argument("--redis-maxmemory", default=None,
                    help="Redis maxmemory to check, e.g. 3gb or 3221225472 (default: ask the configured Redis)")
+    p.add_argument("--tiles-per-frame", type=int, default=0, metavar="N",
+                   help="tiles of a typical frame when the cameras send frames wider than one tile (a 1600x256 "
+                        "frame at the default 200 px tile: 16); each tile's verdict is kept with the result "
+                        "(default: 0, frames of one tile)")
     p.set_defaults(func=cmd_check_sizing)
 
 
@@ -381,6 +435,8 @@ def cmd_refit_ood(args) -> int:
 def cmd_evaluate(args) -> int:
     from steelsight.model.evaluation.evaluate import evaluate
 
+    if args.tiles or args.make_strips is not None:
+        return _evaluate_tiles(args)
     report = evaluate(_load_predictor(args), args.data, args.out, args.annotations, args.split, args.cam_method,
                       corruptions=args.corruptions, ood=args.ood)
     lo, hi = report["accuracy_ci95"]
@@ -398,6 +454,45 @@ def cmd_evaluate(args) -> int:
         print(f"OOD: far AUROC {far['auroc']:.4f} (max-softmax {far['auroc_max_softmax']:.4f}), "
               f"held-out far AUROC {held_out['auroc']:.4f}, "
               f"false-unknown rate {report['ood']['in_distribution']['false_unknown_rate']:.4f}")
+    print(f"wrote {args.out / 'report.json'}")
+    return 0
+
+
+def _tiling(args, predictor, command: str):
+    """The settings' tiling with the command's tiling options over it; a bad combination exits with why."""
+    try:  # model_copy does not validate: TilingConfig does
+        tiling = _settings_with(tile_size=args.tile_size, tile_overlap_px=args.tile_overlap,
+                                frame_pixels_per_mm=args.frame_px_per_mm,
+                                model_pixels_per_mm=args.model_px_per_mm).tiling()
+        tiling.size(predictor.input_size)
+    except ValueError as exc:
+        raise SystemExit(f"steelsight {command}: {exc}") from exc
+    return tiling
+
+
+def _evaluate_tiles(args) -> int:
+    from steelsight.model.evaluation.tiles import MIN_COVER, evaluate_tiles, make_strips
+
+    predictor = _load_predictor(args)
+    data = args.data
+    if args.make_strips is not None:
+        data = args.out / "strips"
+        strips = make_strips(predictor, args.data, data, args.make_strips, seed=args.strip_seed)
+        print(f"wrote {len(strips)} strips to {data}")
+    tiling = _tiling(args, predictor, "evaluate")
+    min_cover = MIN_COVER if args.min_cover is None else args.min_cover
+    if not 0 <= min_cover <= 1:
+        raise SystemExit("steelsight evaluate: --min-cover is a share of the tile, 0 to 1")
+    t = evaluate_tiles(predictor, data, args.out, tiling, min_cover)["tiles"]
+    lo, hi = t["tile_accuracy_ci95"]
+    flo, fhi = t["all_classes_found_ci95"]
+    print(f"{t['tiles']} tiles of {t['frames']} frames: tile accuracy {t['tile_accuracy']:.4f} "
+          f"(95% CI {lo:.4f}-{hi:.4f}; {t['tile_accuracy_ignoring_unknown']:.4f} ignoring the unknown flag), "
+          f"unknown {t['tile_unknown_rate']:.4f}")
+    print(f"all defect classes found in {t['all_classes_found_rate']:.4f} of frames (95% CI {flo:.4f}-{fhi:.4f}), "
+          f"exactly the truth's classes in {t['exact_class_set_rate']:.4f}")
+    if t["frames_without_truth"]:
+        print(f"skipped {len(t['frames_without_truth'])} frames without a truth file (listed in report.json)")
     print(f"wrote {args.out / 'report.json'}")
     return 0
 
@@ -441,22 +536,32 @@ def _write_overlay(folder: Path, stem: str, rgb) -> Path:
 
 def cmd_predict(args) -> int:
     from steelsight.model.inference.imageio import ImageRejected, read_gray
+    from steelsight.model.inference.tiling import tile_count
 
     predictor = _load_predictor(args)
+    tiling = _tiling(args, predictor, "predict")
     rows: list[dict] = []
     good: list[tuple[int, object]] = []
     for path in args.images:
         try:
-            good.append((len(rows), read_gray(path)))
-            rows.append({"path": str(path)})
+            gray = read_gray(path)
         except ImageRejected as exc:
             rows.append({"path": str(path), "error": {"reason": exc.reason.value, "detail": exc.detail}})
+            continue
+        tiles = tile_count(*gray.shape, tiling, predictor.input_size)
+        if tiles > tiling.max_tiles:
+            rows.append({"path": str(path), "error": {
+                "reason": "too_many_tiles", "detail": f"{gray.shape[1]}x{gray.shape[0]} needs {tiles} tiles "
+                                                      f"at the model's scale, over the limit of {tiling.max_tiles}"}})
+            continue
+        good.append((len(rows), gray))
+        rows.append({"path": str(path)})
     images = [img for _, img in good]
     if args.cam_out:
         args.cam_out.mkdir(parents=True, exist_ok=True)
-        results = predictor.explain(images, args.cam_method) if images else []
+        results = predictor.explain_frames(images, tiling, args.cam_method) if images else []
     else:
-        results = predictor.predict(images) if images else []
+        results = predictor.predict_frames(images, tiling) if images else []
     for (row_index, _), result in zip(good, results, strict=True):
         row = rows[row_index]
         row.update(result.to_dict())
@@ -482,6 +587,9 @@ def _print_table(rows: list[dict]) -> None:
         extra = f" overlay {row['overlay']}" if "overlay" in row else ""
         if "overlay_error" in row:
             extra = f" overlay NOT WRITTEN ({row['overlay_error']})"
+        if row.get("tiles"):
+            counts = ", ".join(f"{name} {n}" for name, n in sorted(row["defect_counts"].items())) or "no defects"
+            extra = f" ({len(row['tiles'])} tiles: {counts}){extra}"
         print(f"{row['path']}: {verdict}{row['label']} {row['confidence']:.3f}{ood}{extra}")
 
 
@@ -641,8 +749,8 @@ def cmd_check_sizing(args) -> int:
         print(f"Redis uses {mib(memory.used)} of maxmemory {mib(maxmemory) if maxmemory else 'unset'} "
               f"(policy {policy})")
     print(f"{args.fps:g} frames/s, results kept {settings.result_ttl_s} s, RQ jobs {settings.job_result_ttl_s} s: "
-          f"Redis needs {mib(redis_bytes_needed(settings, args.fps))}")
-    problems = sizing_problems(settings, args.fps, maxmemory, policy)
+          f"Redis needs {mib(redis_bytes_needed(settings, args.fps, tiles_per_frame=args.tiles_per_frame))}")
+    problems = sizing_problems(settings, args.fps, maxmemory, policy, tiles_per_frame=args.tiles_per_frame)
     for problem in problems:
         print(f"steelsight check-sizing: {problem}", file=sys.stderr)
     if not problems:

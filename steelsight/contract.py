@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import PurePosixPath
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from steelsight.model.inference.backends import BACKEND_NAMES
@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     frames_bucket: str = "steelsight-frames"
     overlays_bucket: str = "steelsight-overlays"
     presign_expiry_s: int = 900
-    # a worker rides out an S3 outage this long per attempt; keep it below job_timeout_s + heartbeat_grace_s
+    # a worker rides out an S3 outage this long per attempt; keep it below job_timeout_s
     s3_retry_window_s: float = 30.0
     # the object store deletes frames and overlays this many days after upload (a lifecycle rule on
     # both buckets); unset: as long as the result records (result_ttl_s, rounded up to whole days,
@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     # per-frame record (~1 KB in Redis), read by the dashboard, result and link; size Redis with
     # redis_bytes_needed (`steelsight check-sizing`): 1 day at 16 frames/s needs ~2.9 GiB
     result_ttl_s: int = 24 * 3600
-    # RQ's own copy of a finished job and its return value (6.9 KB per frame in Redis, measured): kept short
+    # RQ's own copy of a finished job and its return value (several times a record's size): kept short
     job_result_ttl_s: int = 3600
     failure_ttl_s: int = 30 * 24 * 3600
     stream_maxlen: int = 10_000
@@ -82,12 +82,11 @@ class Settings(BaseSettings):
     backend: Literal[BACKEND_NAMES] = "auto"
     batch_size: int = 8
     cam_method: str = "gradcam"
-    # Grad-CAM overlay file: JPEG (~0.08 ms, ~10 KB at 200 px and quality 90) or PNG for pixel-exact copies
+    # Grad-CAM overlay file: JPEG (fast and small) or PNG for pixel-exact copies (bench/explain_overhead.py)
     overlay_format: Literal["jpeg", "png"] = "jpeg"
     overlay_jpeg_quality: int = Field(default=90, ge=50, le=100)
-    # PNG deflate level: 0 stores it (~0.1-0.2 ms, ~120 KB at 200 px), 1-9 compress (~2.5 ms, ~75 KB)
+    # PNG deflate level: 0 stores it (fastest, largest), 1-9 compress (an order of magnitude slower)
     overlay_png_level: int = Field(default=0, ge=0, le=9)
-    heartbeat_grace_s: int = 15
     maintenance_interval_s: int = 30
     # a claimed frame's heartbeat lives claim_ttl_s and is renewed every second; every worker checks
     # for expired claims every reclaim_interval_s, so a dead worker's frames are re-queued within ~7 s
@@ -100,6 +99,18 @@ class Settings(BaseSettings):
     # decode_pixel_budget full-size pixels at once (~1 byte each, plus the decoder's copy)
     max_frame_side: int = Field(default=1024, ge=256)
     decode_pixel_budget: int = Field(default=80_000_000, ge=1_000_000)
+    # tiling (model/inference/tiling.py, docs/tiles.md)
+    tile_size: int = Field(default=200, ge=8, description=(
+        "a frame larger than one tile is cut into tiles of this side, each resized to the checkpoint's input and "
+        "labelled on its own; 200: NEU's images, the scale the shipped model learned at"))
+    tile_overlap_px: int = Field(default=0, ge=0, description="least overlap between neighbouring tiles, in pixels")
+    frame_pixels_per_mm: float | None = Field(default=None, gt=0, description=(
+        "the frames' resolution; with `model_pixels_per_mm` a frame is rescaled by model/frame before tiling, "
+        "so a tile covers the surface a training image did"))
+    model_pixels_per_mm: float | None = Field(default=None, gt=0, description=(
+        "the resolution of the training images (NEU's for the shipped model), in which `tile_size` is counted"))
+    max_tiles_per_frame: int = Field(default=256, ge=1, description=(
+        "a frame needing more tiles is rejected (`too_many_tiles`) instead of tying up a worker"))
 
     # dashboard
     dashboard_host: str = "127.0.0.1"
@@ -147,27 +158,48 @@ class Settings(BaseSettings):
     def result_key(self, job_id: str) -> str:
         return f"{self.key_prefix}:result:{job_id}"
 
+    @model_validator(mode="after")
+    def _coherent_tiling(self):
+        if self.tile_overlap_px >= self.tile_size:
+            raise ValueError(f"tile_overlap_px ({self.tile_overlap_px}) must be smaller than tile_size "
+                             f"({self.tile_size})")
+        if (self.frame_pixels_per_mm is None) != (self.model_pixels_per_mm is None):
+            raise ValueError("frame_pixels_per_mm and model_pixels_per_mm go together: set both or neither")
+        return self
 
-# Redis bytes per frame, measured with MEMORY USAGE after frames through a worker
-# (tests/test_redis_sizing.py fails when a measurement exceeds these)
-REDIS_RECORD_BYTES = 1_200  # steelsight:result:<job id>, kept result_ttl_s (largest measured: 1.0 KB)
-REDIS_JOB_BYTES = 7_500  # RQ's job hash and its result, kept job_result_ttl_s (largest measured: 6.9 KB)
-REDIS_STREAM_ENTRY_BYTES = 1_400  # one results-stream entry (30 entries: 1.3 KB each), capped at stream_maxlen
+    def tiling(self):
+        """The model's ``TilingConfig`` for these settings (imported here: the contract stays free of numpy)."""
+        from steelsight.model.inference.tiling import TilingConfig
+
+        return TilingConfig(tile_size=self.tile_size, overlap_px=self.tile_overlap_px,
+                            frame_pixels_per_mm=self.frame_pixels_per_mm,
+                            model_pixels_per_mm=self.model_pixels_per_mm, max_tiles=self.max_tiles_per_frame)
+
+
+# Redis bytes per frame, upper bounds of MEMORY USAGE after frames through a worker
+# (tests/integration/test_redis_sizing.py and test_wide_frames.py fail when a measurement exceeds them)
+REDIS_RECORD_BYTES = 1_200  # steelsight:result:<job id>, kept result_ttl_s
+REDIS_JOB_BYTES = 7_500  # RQ's job hash and its result, kept job_result_ttl_s
+REDIS_STREAM_ENTRY_BYTES = 1_400  # one results-stream entry, capped at stream_maxlen
+REDIS_TILE_BYTES = 200  # each tile of a tiled frame, in each of the record, RQ's result and the stream entry
 REDIS_BASE_BYTES = 16 * 1024**2  # an idle Redis with RQ's registries, scripts and clients
 REDIS_HEADROOM = 1.25  # allocator fragmentation and the copy-on-write of an AOF rewrite stay outside maxmemory
 # Redis evicts only keys with a TTL: results and finished or failed jobs, never a queue or a waiting job
 REDIS_MAXMEMORY_POLICY = "volatile-lru"
 
 
-def redis_bytes_needed(settings: Settings, fps: float, failed_fraction: float = 0.001) -> int:
+def redis_bytes_needed(settings: Settings, fps: float, failed_fraction: float = 0.001, tiles_per_frame: int = 0
+                       ) -> int:
     """Redis ``maxmemory`` for a steady ``fps`` frames/s: the one sizing formula.
 
     Every frame leaves a record for ``result_ttl_s`` and RQ's job for ``job_result_ttl_s``
     (``failure_ttl_s`` for the ``failed_fraction`` that fail); the stream and a full queue are bounded.
     """
-    per_frame = (REDIS_RECORD_BYTES * settings.result_ttl_s + REDIS_JOB_BYTES * settings.job_result_ttl_s
+    tiles = tiles_per_frame * REDIS_TILE_BYTES  # wide frames carry a verdict per tile
+    per_frame = ((REDIS_RECORD_BYTES + tiles) * settings.result_ttl_s
+                 + (REDIS_JOB_BYTES + tiles) * settings.job_result_ttl_s
                  + failed_fraction * REDIS_JOB_BYTES * settings.failure_ttl_s)
-    bounded = (settings.stream_maxlen * REDIS_STREAM_ENTRY_BYTES + settings.max_queue_depth * REDIS_JOB_BYTES
+    bounded = (settings.stream_maxlen * (REDIS_STREAM_ENTRY_BYTES + tiles) + settings.max_queue_depth * REDIS_JOB_BYTES
                + REDIS_BASE_BYTES)
     return int((fps * per_frame + bounded) * REDIS_HEADROOM)
 
@@ -238,7 +270,7 @@ class Frame(BaseModel):
     @property
     def object_key(self) -> str:
         """``{line}/{camera}/{yyyy}/{mm}/{dd}/{frame_id}.{ext}``, from validated parts only."""
-        t = self.captured_at.astimezone(UTC)  # from integers: 1.1 us against 4.5 with strftime, same text
+        t = self.captured_at.astimezone(UTC)  # from integers: several times faster than strftime, same text
         return f"{self.line_id}/{self.camera_id}/{t.year:04d}/{t.month:02d}/{t.day:02d}/{self.frame_id}.{self.ext}"
 
     def overlay_key(self, overlay_format: str) -> str:
@@ -261,6 +293,19 @@ class Timings(BaseModel):
     total_s: float
 
 
+class TileVerdict(BaseModel):
+    """One tile of a frame larger than the model's input: its window in frame pixels and its verdict."""
+
+    x: int = Field(ge=0)
+    y: int = Field(ge=0)
+    w: int = Field(ge=1)
+    h: int = Field(ge=1)
+    label: str  # a class or "background"; an unknown tile keeps its most probable class
+    confidence: float
+    unknown: bool = False
+    unknown_reason: str | None = None
+
+
 class FrameResult(BaseModel):
     """What a worker writes back for one frame."""
 
@@ -276,6 +321,11 @@ class FrameResult(BaseModel):
     ood_score: float | None = None
     unknown: bool = False
     unknown_reason: str | None = None  # "ood_score" or an input-quality issue
+    # frames larger than one tile (empty otherwise): label is then the most confident defect tile's class,
+    # else "unknown" when any tile is, else "background"; counts are of tiles neither background nor unknown
+    tiles: list[TileVerdict] = Field(default_factory=list)
+    defect_counts: dict[str, int] = Field(default_factory=dict)
+    top_defect: TileVerdict | None = None
     reason: str | None = None  # why a frame was rejected
     frame_key: str
     overlay_key: str | None = None

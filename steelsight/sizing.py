@@ -6,7 +6,14 @@ import logging
 import re
 from dataclasses import dataclass
 
-from .contract import REDIS_HEADROOM, REDIS_MAXMEMORY_POLICY, REDIS_RECORD_BYTES, Settings, redis_bytes_needed
+from .contract import (
+    REDIS_HEADROOM,
+    REDIS_MAXMEMORY_POLICY,
+    REDIS_RECORD_BYTES,
+    REDIS_TILE_BYTES,
+    Settings,
+    redis_bytes_needed,
+)
 
 log = logging.getLogger("steelsight.sizing")
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1024, "m": 1000**2, "mb": 1024**2, "g": 1000**3, "gb": 1024**3,
@@ -38,9 +45,10 @@ def redis_memory(connection) -> RedisMemory:
     return RedisMemory(int(info["used_memory"]), int(info["maxmemory"]), str(info["maxmemory_policy"]))
 
 
-def sizing_problems(settings: Settings, fps: float, maxmemory: int, policy: str | None = None) -> list[str]:
+def sizing_problems(settings: Settings, fps: float, maxmemory: int, policy: str | None = None,
+                    tiles_per_frame: int = 0) -> list[str]:
     """Why a Redis with ``maxmemory`` (and ``policy``, when known) cannot hold ``fps`` frames/s; empty if it can."""
-    needed = redis_bytes_needed(settings, fps)
+    needed = redis_bytes_needed(settings, fps, tiles_per_frame=tiles_per_frame)
     problems = []
     if maxmemory <= 0:
         problems.append(f"Redis has no maxmemory: it grows until the OOM killer restarts it, and the append-only "
@@ -48,7 +56,7 @@ def sizing_problems(settings: Settings, fps: float, maxmemory: int, policy: str 
                         f"maxmemory-policy {REDIS_MAXMEMORY_POLICY}")
     elif needed > maxmemory:
         # the formula is linear in result_ttl_s: solve it for the retention that fits
-        per_ttl_second = fps * REDIS_RECORD_BYTES * REDIS_HEADROOM
+        per_ttl_second = fps * (REDIS_RECORD_BYTES + tiles_per_frame * REDIS_TILE_BYTES) * REDIS_HEADROOM
         fitting_ttl = int(settings.result_ttl_s - (needed - maxmemory) / per_ttl_second) if per_ttl_second else 0
         advice = (f"lower STEELSIGHT_RESULT_TTL_S to {fitting_ttl} s or less, or raise maxmemory"
                   if fitting_ttl > 0 else "raise maxmemory (no result retention fits)")

@@ -68,6 +68,7 @@ class SlowEngine:
 
     def compute(self, frames, loads=None):
         from steelsight.contract import FrameResult, Timings
+        from steelsight.worker.outcome import Done, Pending
 
         self.events.append(("compute", len(frames), time.perf_counter()))
         time.sleep(self.compute_s)
@@ -77,18 +78,13 @@ class SlowEngine:
                                          label="crazing", frame_key=f.object_key,
                                          timings=Timings(queue_wait_s=0, inference_s=0, total_s=0)) for f in frames}
         if not self.upload_s:
-            return results
+            return {job_id: Done(result) for job_id, result in results.items()}
 
         def upload(result):
             time.sleep(self.upload_s)
             self.events.append(("uploaded", len(frames), time.perf_counter()))
             return result
-        return {job_id: self.io.submit(upload, result) for job_id, result in results.items()}
-
-    def process(self, frames, loads=None):
-        from steelsight.worker.engine import settle
-
-        return settle(self.compute(frames, loads))
+        return {job_id: Pending(self.io.submit(upload, result)) for job_id, result in results.items()}
 
 
 def enqueue_frames(settings: Settings, line: str, frames: int) -> None:
@@ -100,19 +96,14 @@ def enqueue_frames(settings: Settings, line: str, frames: int) -> None:
 
 def work_queue(settings: Settings, engine: SlowEngine, batch: int) -> list[tuple[str, float]]:
     """Work the queue in batches with ``engine`` until it is empty; (job id, time) of each heartbeat kept."""
-    from steelsight.worker import jobs
     from steelsight.worker.service import make_worker
 
-    jobs.install(engine, settings)
-    try:
-        worker = make_worker(settings.model_copy(update={"batch_size": batch}))
-        worker.claimed_heartbeat_s = 0.1
-        beats, beat = [], worker.maintain_heartbeats
-        worker.maintain_heartbeats = lambda job, execution: (beats.append((job.id, time.perf_counter())),
-                                                             beat(job, execution))
-        worker.work(burst=True, with_scheduler=False)
-    finally:
-        jobs.install(None, None)
+    worker = make_worker(settings.model_copy(update={"batch_size": batch}), engine)
+    worker.claimed_heartbeat_s = 0.1
+    beats, beat = [], worker.maintain_heartbeats
+    worker.maintain_heartbeats = lambda job, execution: (beats.append((job.id, time.perf_counter())),
+                                                         beat(job, execution))
+    worker.work(burst=True, with_scheduler=False)
     return beats
 
 

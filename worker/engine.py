@@ -1,12 +1,14 @@
 """Frame engine: fetch frames, run one batched predict + Grad-CAM, upload overlays.
 
-It turns frames into results and knows nothing about RQ; the job function and
-the worker class hand it work.
+It turns frames into outcomes (:mod:`worker.outcome`) and knows nothing about RQ;
+the worker and the plain job function hand it work and settle what it hands back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import socket
 import threading
 import time
@@ -23,15 +25,28 @@ from steelsight.clients import PERMANENT, MissingObject, ObjectStore, s3_transie
 from steelsight.contract import OVERLAY_FORMATS, Frame, FrameResult, Settings, Timings
 from steelsight.model.inference.imageio import DecodeLimits, ImageRejected, decode_gray, encode_overlay
 from steelsight.model.inference.predictor import Predictor
+from steelsight.model.inference.tiling import TooManyTiles, plan_frame, tile_count
 from steelsight.retry import with_backoff
 
 from . import metrics
+from .health import Liveness
+from .outcome import Done, Failed, Outcome, Pending
+
+log = logging.getLogger("steelsight.worker")
+
+
+@dataclass
+class Loaded:
+    """A fetched frame, decoded and planned: the model will run ``tiles`` inputs for it."""
+
+    gray: np.ndarray
+    tiles: int
 
 
 @dataclass
 class Decoded:
     frame: Frame
-    gray: object  # np.ndarray
+    gray: np.ndarray
 
 
 class PixelBudget:
@@ -55,13 +70,13 @@ class PixelBudget:
                 self._cond.notify_all()
 
 
-def header_pixels(data: bytes) -> int:
-    """Width x height from the image header, without decoding; 0 when unreadable (the decoder says why)."""
+def header_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the image header, without decoding; (0, 0) when unreadable (the decoder says why)."""
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return img.size[0] * img.size[1]
+            return img.size
     except Exception:
-        return 0
+        return 0, 0
 
 
 def shrink(gray: np.ndarray, max_side: int) -> np.ndarray:
@@ -83,6 +98,8 @@ class FrameEngine:
         self.worker_name = socket.gethostname()
         self.io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="s3-io")
         self.decoding = PixelBudget(settings.decode_pixel_budget)
+        self.tiling = settings.tiling()
+        self.tiling.size(predictor.input_size)  # a tiling the checkpoint cannot use stops the worker at start
         metrics.MODEL.info({"checkpoint_sha256": predictor.checkpoint.sha256,
                             "checkpoint": predictor.checkpoint.path.name,
                             "input_size": str(predictor.input_size), "device": str(predictor.device)})
@@ -98,10 +115,30 @@ class FrameEngine:
         return self._s3_retry(lambda: self.store.get(self.settings.frames_bucket, key, self.settings.max_frame_bytes),
                               f"fetch {key}")
 
-    def _load(self, frame: Frame):
+    def _load(self, frame: Frame) -> Loaded:
+        """The frame decoded: at full size when it will be tiled, else shrunk (it is resized to one input anyway).
+
+        A frame needing more tiles than allowed is refused from its header, before decoding. The frame is
+        planned here, on its own, so a frame the tiling cannot plan fails its job alone, not the batch.
+        """
         data = self._fetch(frame)
-        with self.decoding.hold(header_pixels(data)):
-            return shrink(decode_gray(data, self.limits), self.settings.max_frame_side)
+        width, height = header_size(data)
+        if width and height:
+            self._tile_count(height, width)
+        with self.decoding.hold(width * height):
+            gray = decode_gray(data, self.limits)
+        tiles = self._tile_count(*gray.shape[:2])
+        if tiles == 1:
+            return Loaded(shrink(gray, self.settings.max_frame_side), 1)
+        plan_frame(gray, self.tiling, self.predictor.input_size)
+        return Loaded(gray, tiles)
+
+    def _tile_count(self, height: int, width: int) -> int:
+        """Tiles a frame this size takes; raises :class:`TooManyTiles` past ``max_tiles_per_frame``."""
+        tiles = tile_count(height, width, self.tiling, self.predictor.input_size)
+        if tiles > self.tiling.max_tiles:
+            raise TooManyTiles(tiles, self.tiling.max_tiles, (height, width))
+        return tiles
 
     def _upload_overlay(self, frame: Frame, overlay) -> str:
         fmt = self.settings.overlay_format
@@ -125,53 +162,51 @@ class FrameEngine:
         )
 
     def prefetch(self, frames: list[Frame]) -> dict[str, Future]:
-        """Start fetching and decoding ``frames`` on the I/O threads; hand the futures to :meth:`process`.
+        """Start fetching and decoding ``frames`` on the I/O threads; hand the futures to :meth:`compute`.
 
         Concurrent, so a batch's S3 round trips overlap instead of adding up, and the
         worker can fetch the next batch while this one computes.
         """
         return {frame.job_id: self.io.submit(self._load, frame) for frame in frames}
 
-    def process(self, frames: list[Frame], loads: dict[str, Future] | None = None
-                ) -> dict[str, FrameResult | Exception]:
-        """One outcome per job id: a result (ok or rejected) or the exception to fail the job with."""
-        return settle(self.compute(frames, loads))
+    def compute(self, frames: list[Frame], loads: dict[str, Future] | None = None) -> dict[str, Outcome | Pending]:
+        """One outcome per job id, without waiting for the overlay uploads: an ok frame's is :class:`Pending`.
 
-    def compute(self, frames: list[Frame], loads: dict[str, Future] | None = None
-                ) -> dict[str, FrameResult | Exception | Future]:
-        """:meth:`process` without waiting for the overlay uploads: an ok frame's outcome is a future.
-
-        The batching worker settles them on its own thread, so the model starts the next
-        batch while this one's overlays are still on their way to S3.
+        The caller settles them (:func:`worker.outcome.settle`), so the model can start
+        the next batch while this one's overlays are still on their way to S3.
         """
         started, batch_start = time.perf_counter(), datetime.now(UTC)
-        outcomes: dict[str, FrameResult | Exception | Future] = {}
+        outcomes: dict[str, Outcome | Pending] = {}
         decoded: list[Decoded] = []
         loads = loads if loads is not None else self.prefetch(frames)
         for frame in frames:
             load = loads[frame.job_id]
             metrics.QUEUE_WAIT_SECONDS.observe(max((batch_start - frame.enqueued_at).total_seconds(), 0.0))
             try:
-                decoded.append(Decoded(frame, load.result()))
+                decoded.append(Decoded(frame, load.result().gray))
             except ImageRejected as exc:
-                outcomes[frame.job_id] = self._rejected(frame, f"{exc.reason.value}: {exc.detail}", started,
-                                                        batch_start)
+                outcomes[frame.job_id] = Done(self._rejected(frame, f"{exc.reason.value}: {exc.detail}", started,
+                                                             batch_start))
             except MissingObject as exc:
-                outcomes[frame.job_id] = self._rejected(frame, f"missing_object: {exc}", started, batch_start)
+                outcomes[frame.job_id] = Done(self._rejected(frame, f"missing_object: {exc}", started, batch_start))
+            except TooManyTiles as exc:
+                outcomes[frame.job_id] = Done(self._rejected(frame, f"too_many_tiles: {exc}", started, batch_start))
             except Exception as exc:  # transient after retries, or unexpected: fail this job only
-                outcomes[frame.job_id] = exc
+                outcomes[frame.job_id] = Failed(exc)
         if decoded:
             outcomes.update(self._infer(decoded, started, batch_start))
         metrics.BATCH_SIZE.observe(len(frames))
         return outcomes
 
-    def _infer(self, decoded: list[Decoded], started: float, batch_start: datetime) -> dict[str, Future]:
+    def _infer(self, decoded: list[Decoded], started: float, batch_start: datetime) -> dict[str, Pending]:
         t0 = time.perf_counter()
-        explained = self.predictor.explain([d.gray for d in decoded], self.settings.cam_method)
+        # a wide frame's tiles share the model's batches with the other frames' tiles
+        explained = self.predictor.explain_frames([d.gray for d in decoded], self.tiling, self.settings.cam_method)
         inference_s = time.perf_counter() - t0
         metrics.INFERENCE_SECONDS.observe(inference_s)
         share = inference_s / len(decoded)
-        return {item.frame.job_id: self.io.submit(self._upload_and_report, item.frame, exp, started, batch_start, share)
+        return {item.frame.job_id: Pending(self.io.submit(self._upload_and_report, item.frame, exp, started,
+                                                          batch_start, share))
                 for item, exp in zip(decoded, explained, strict=True)}
 
     def _upload_and_report(self, frame: Frame, exp, started: float, batch_start: datetime,
@@ -181,17 +216,25 @@ class FrameEngine:
             frame, started, batch_start, inference_s, status="ok", label=exp.label, confidence=exp.confidence,
             probabilities=exp.probabilities, ood_score=exp.ood_score, unknown=exp.unknown,
             unknown_reason=exp.unknown_reason, overlay_key=overlay_key,
+            tiles=[t.to_dict() for t in exp.tiles], defect_counts=exp.defect_counts,
+            top_defect=exp.top_defect.to_dict() if exp.top_defect else None,
         )
 
 
-def settle(outcomes: dict[str, FrameResult | Exception | Future]) -> dict[str, FrameResult | Exception]:
-    """Wait for the futures among ``outcomes``; a failed upload becomes the exception that fails its job."""
-    settled = {}
-    for job_id, outcome in outcomes.items():
-        if isinstance(outcome, Future):
-            try:
-                outcome = outcome.result()
-            except Exception as exc:
-                outcome = exc
-        settled[job_id] = outcome
-    return settled
+
+def tiles_in(loads: dict[str, Future]) -> int:
+    """Model inputs the loaded frames of a batch take (a frame not loaded yet, or failed, counts one)."""
+    return sum(getattr(f.result(), "tiles", 1) if f.done() and f.exception() is None else 1
+               for f in loads.values())
+
+
+def build_engine(settings: Settings, liveness: Liveness | None = None) -> FrameEngine:
+    """Load the model once and make sure the buckets exist (waiting out an object store that is not up yet)."""
+    predictor = Predictor.load(settings.checkpoint, device=settings.device, batch_size=max(settings.batch_size, 1),
+                               backend=settings.backend)
+    store = ObjectStore(settings)
+    with liveness.waiting("the object store") if liveness else contextlib.nullcontext():
+        with_backoff(store.ensure_buckets, "create buckets", s3_transient, attempts=None, permanent=PERMANENT)
+    log.info("model %s loaded on %s (sha256 %s…)", predictor.checkpoint.path.name, predictor.device,
+             predictor.checkpoint.sha256[:12])
+    return FrameEngine(predictor, store, settings)

@@ -9,12 +9,9 @@ lock that lapses within seconds; one pass at a time, so no job is re-queued twic
 
 from __future__ import annotations
 
-import logging
+from rq.registry import StartedJobRegistry
 
-from rq.registry import ScheduledJobRegistry, StartedJobRegistry
-from rq.utils import current_timestamp
-
-log = logging.getLogger("steelsight.worker")
+from .rq_compat import enqueue_due
 
 LOCK_S = 3  # a pass takes milliseconds; a worker killed in one delays the next by at most this
 
@@ -43,20 +40,3 @@ def reclaim(queue, holder: str, job_class, serializer) -> None:
     finally:
         connection.eval(RELEASE, 1, lock_key(queue), holder)
 
-
-def enqueue_due(queue, job_class, serializer) -> int:
-    """Move scheduled jobs whose time has come onto the queue, as RQ's scheduler does; how many moved."""
-    registry = ScheduledJobRegistry(queue.name, connection=queue.connection, job_class=job_class,
-                                    serializer=serializer)
-    ids = registry.get_jobs_to_schedule(current_timestamp())
-    if not ids:
-        return 0
-    found = job_class.fetch_many(ids, connection=queue.connection, serializer=serializer)
-    with queue.connection.pipeline() as pipe:
-        for job_id, job in zip(ids, found, strict=True):
-            if job is not None:
-                queue._enqueue_job(job, pipeline=pipe, at_front=job.should_enqueue_at_front())
-            registry.remove(job_id, pipeline=pipe)
-        pipe.execute()
-    log.info("re-queued %d job%s due for retry", len(ids), "s" * (len(ids) > 1))
-    return len(ids)

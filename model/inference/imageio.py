@@ -12,7 +12,7 @@ Documented conversions (everything else is rejected with a reason):
 :func:`decode_rgb` applies the same checks and gives RGB at display size, for the dashboard.
 
 Uncompressed 8-bit gray BMPs (NEU's format) are decoded by OpenCV: the same pixels,
-~5x faster than Pillow's BMP reader. Everything else goes through Pillow.
+several times faster than Pillow's BMP reader. Everything else goes through Pillow.
 """
 
 from __future__ import annotations
@@ -105,9 +105,9 @@ def _check_size(width: int, height: int, limits: DecodeLimits) -> None:
 def _gray_bmp_fast(data: bytes, limits: DecodeLimits) -> np.ndarray | None:
     """Uncompressed 8-bit BMP with a gray palette (NEU's format) through OpenCV.
 
-    Pillow's BMP reader checks the 256-entry palette in Python, ~55 us of the ~75 us a
-    200 px frame takes; OpenCV decodes the same pixels in ~15 us. Anything else (colour
-    palette, RLE, other depths, damaged headers) returns None and takes Pillow's path.
+    Pillow's BMP reader checks the 256-entry palette in Python, most of a small frame's
+    decode time; OpenCV decodes the same pixels directly. Anything else (colour palette,
+    RLE, other depths, damaged headers) returns None and takes Pillow's path.
     """
     if len(data) < 54 or data[:2] != b"BM":
         return None
@@ -212,7 +212,7 @@ def encode_png(rgb: np.ndarray, level: int = 0) -> bytes:
     """(H, W, 3) uint8 RGB -> PNG bytes.
 
     Colour-mapped texture barely deflates, so level 0 (stored, no filter) is the
-    default: ~10x faster than level 1 for ~1.5x the bytes (``bench/results/history-0.1.md``).
+    default: much faster than level 1 for somewhat more bytes (``bench/explain_overhead.py``).
     """
     filter_ = cv2.IMWRITE_PNG_FILTER_UP if level else cv2.IMWRITE_PNG_FILTER_NONE
     ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),

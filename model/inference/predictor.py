@@ -8,7 +8,7 @@ queues or storage.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import cv2
@@ -21,6 +21,7 @@ from steelsight.model.inference.checkpoint import LoadedCheckpoint, load_checkpo
 from steelsight.model.inference.device import resolve_device
 from steelsight.model.inference.preprocess import eval_batch
 from steelsight.model.inference.quality import quality_issue
+from steelsight.model.inference.tiling import BACKGROUND, FramePlan, Tile, TilingConfig, plan_frame, stitch, summarise
 
 
 @dataclass
@@ -49,6 +50,42 @@ class Explanation(Prediction):
         return data
 
 
+@dataclass
+class FramePrediction(Prediction):
+    """A frame's verdict; for a frame larger than one tile, also its tiles' verdicts.
+
+    Tiled frames: ``label`` is the most confident defect tile's class, else ``unknown`` when any
+    tile is unknown, else ``background`` (tiling.summarise). ``confidence``, ``probabilities`` and
+    ``ood_score`` are those of ``top_defect``; without one, those of the most out-of-distribution
+    unknown tile; for an all-background frame confidence 1.0, no probabilities. A frame that fits
+    one tile is predicted whole, exactly as :meth:`Predictor.predict`/``explain``, with no tiles.
+    """
+
+    tiles: list[Tile] = field(default_factory=list)
+    defect_counts: dict[str, int] = field(default_factory=dict)  # class -> tiles neither background nor unknown
+    top_defect: Tile | None = None
+
+    def to_dict(self) -> dict:
+        """Without heatmap and overlay; tiles, defect_counts and top_defect only for a tiled frame."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("heatmap", "overlay")}
+        if self.tiles:
+            data["tiles"] = [t.to_dict() for t in self.tiles]
+            data["top_defect"] = None if self.top_defect is None else self.top_defect.to_dict()
+            data["defect_counts"] = dict(self.defect_counts)
+        else:
+            for name in ("tiles", "defect_counts", "top_defect"):
+                data.pop(name)
+        data["probabilities"] = dict(self.probabilities)
+        return data
+
+
+@dataclass
+class FrameExplanation(FramePrediction, Explanation):
+    """A frame's verdict with the heatmap and overlay at the frame's own size (tiled: the tiles' CAMs
+    stitched, averaged where tiles overlap, zero on background; ``cam_class`` is the top defect's class,
+    empty without one)."""
+
+
 def as_gray(image: np.ndarray) -> np.ndarray:
     if image.ndim == 3:
         image = cv2.cvtColor(image[..., :3], cv2.COLOR_RGB2GRAY)
@@ -59,7 +96,7 @@ def as_gray(image: np.ndarray) -> np.ndarray:
 
 def overlay_heatmap(gray: np.ndarray, heatmap: np.ndarray, image_weight: float = 0.55) -> np.ndarray:
     """JET heatmap blended over the surface, rescaled to full range: grad-cam's
-    ``show_cam_on_image`` (within 1 gray level) in uint8 OpenCV ops, ~1.6x faster."""
+    ``show_cam_on_image`` (within 1 gray level) in uint8 OpenCV ops, which are faster."""
     color = cv2.cvtColor(cv2.applyColorMap(np.uint8(255 * heatmap), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
     mix = cv2.addWeighted(cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB), image_weight, color, 1 - image_weight, 0.0,
                           dtype=cv2.CV_32F)
@@ -72,9 +109,9 @@ class Predictor:
         self.device = device
         self.batch_size = batch_size
         if device.type == "cuda":
-            # PyTorch lets cuDNN run float32 convolutions in TF32: on an H100 that moved probabilities by up
-            # to 5e-2 from the CPU's float32. Full float32 still ran ~4,900 frames/s there, far above what a
-            # worker feeds it; torch-fp16 is the fast path (bench/results/history-0.1.md, micro-batching).
+            # PyTorch lets cuDNN run float32 convolutions in TF32, which moves probabilities visibly away from
+            # the CPU's float32; full float32 is still far faster than a worker feeds it, and torch-fp16 is
+            # the fast path (bench/batch_sweep.py).
             torch.backends.cudnn.allow_tf32 = False
         self.checkpoint = checkpoint
         self.meta = checkpoint.meta
@@ -154,16 +191,19 @@ class Predictor:
 
         ``targets`` picks the class to explain per image; by default the predicted one.
         """
+        return self._explain(images, method, targets, overlays=True)
+
+    def _explain(self, images, method, targets, overlays: bool) -> list[Explanation]:
         results: list[Explanation] = []
         for offset, chunk in enumerate(self._chunks(images)):
             chunk_targets = None
             if targets is not None:
                 start = offset * self.batch_size
                 chunk_targets = list(targets[start : start + len(chunk)])
-            results.extend(self._explain_batch(chunk, method, chunk_targets))
+            results.extend(self._explain_batch(chunk, method, chunk_targets, overlays))
         return results
 
-    def _explain_batch(self, images, method, targets) -> list[Explanation]:
+    def _explain_batch(self, images, method, targets, overlays: bool = True) -> list[Explanation]:
         batch = self.preprocess(images)
         heatmaps, logits, feats, texture = self.cam(batch, targets, method)
         feats = feats.to(self.device)
@@ -176,5 +216,80 @@ class Predictor:
             heat = np.clip(heat, 0.0, 1.0).astype(np.float32)
             target = self.classes[targets[i]] if targets is not None else pred.label
             out.append(Explanation(**asdict(pred), cam_class=target, heatmap=heat,
-                                   overlay=overlay_heatmap(gray, heat)))
+                                   overlay=overlay_heatmap(gray, heat) if overlays else None))
         return out
+
+    # frames of any size: tiled at the model's scale (tiling.py) -------------------------------------
+    def _plans(self, grays: Sequence[np.ndarray], tiling: TilingConfig) -> list[FramePlan]:
+        return [plan_frame(as_gray(gray), tiling, self.input_size) for gray in grays]
+
+    def predict_frames(self, grays: Sequence[np.ndarray], tiling: TilingConfig
+                       ) -> list[FramePrediction]:
+        """:meth:`predict` for frames of any size: a frame larger than one tile is tiled (tiling.py) and
+        its tiles of all frames go through the network in shared batches.
+
+        Raises ``tiling.TooManyTiles`` (a ValueError) for a frame over ``tiling.max_tiles``, before any
+        inference; callers that must answer the other frames plan each one first (``tiling.plan_frame``).
+        """
+        plans = self._plans(grays, tiling)
+        crops = [crop for plan in plans for crop in plan.crops()]
+        preds = iter(self.predict(crops) if crops else [])
+        out = []
+        for plan in plans:
+            if plan.single:
+                out.append(FramePrediction(**asdict(next(preds))))
+                continue
+            tiles = [self._tile(plan, window, None if window.background else next(preds))
+                     for window in plan.windows]
+            out.append(FramePrediction(**self._frame_fields(tiles)))
+        return out
+
+    def explain_frames(self, grays: Sequence[np.ndarray], tiling: TilingConfig,
+                       method: str = "gradcam") -> list[FrameExplanation]:
+        """:meth:`explain` for frames of any size (see :meth:`predict_frames`): each tile is explained for
+        its own predicted class; the heatmap is stitched at the frame's size and overlaid on the frame."""
+        plans = self._plans(grays, tiling)
+        crops = [crop for plan in plans for crop in plan.crops()]
+        exps = iter(self._explain(crops, method, None, overlays=False) if crops else [])
+        out = []
+        for plan in plans:
+            if plan.single:
+                exp = next(exps)
+                exp.overlay = overlay_heatmap(plan.gray, exp.heatmap)
+                out.append(FrameExplanation(**{f.name: getattr(exp, f.name) for f in fields(exp)}))
+                continue
+            heatmaps, tiles = [], []
+            for window in plan.windows:
+                exp = None if window.background else next(exps)
+                tiles.append(self._tile(plan, window, exp))
+                heatmaps.append(None if exp is None else exp.heatmap)
+            frame = self._frame_fields(tiles)
+            heat = stitch(plan, heatmaps)
+            top = frame["top_defect"]
+            out.append(FrameExplanation(**frame, cam_class="" if top is None else top.label, heatmap=heat,
+                                        overlay=overlay_heatmap(plan.gray, heat)))
+        return out
+
+    @staticmethod
+    def _tile(plan: FramePlan, window, pred: Prediction | None) -> Tile:
+        x, y, w, h = plan.frame_box(window)
+        if pred is None:
+            return Tile(x, y, w, h, BACKGROUND, 1.0)
+        return Tile(x, y, w, h, pred.label, pred.confidence, pred.unknown, pred.unknown_reason,
+                    dict(pred.probabilities), pred.ood_score)
+
+    @staticmethod
+    def _frame_fields(tiles: list[Tile]) -> dict:
+        summary = summarise(tiles)
+        rep = summary.representative
+        return {
+            "label": summary.label,
+            "confidence": 1.0 if rep is None else rep.confidence,
+            "probabilities": {} if rep is None or rep.probabilities is None else dict(rep.probabilities),
+            "ood_score": None if rep is None else rep.ood_score,
+            "unknown": rep is not None and summary.top_defect is None,
+            "unknown_reason": None if rep is None or summary.top_defect is not None else rep.unknown_reason,
+            "tiles": tiles,
+            "defect_counts": summary.defect_counts,
+            "top_defect": summary.top_defect,
+        }

@@ -344,7 +344,7 @@ def refit_ood(checkpoint: Path, data: Path, out: Path, device: str = "auto", bat
 
     ``with_corruptions`` also fits on the training images under the five moderate
     corruptions, so that blurred or noisy steel stops looking foreign: fewer unknowns on
-    degraded frames, for a lower AUROC on noise-like OOD frames (measured in bench/results/history-0.1.md).
+    degraded frames, for a lower AUROC on noise-like OOD frames (docs/model_card/history-0.1.md).
     """
     from steelsight.model.inference.checkpoint import load_checkpoint
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # albumentations takes ~2 s to import and cv2 a fraction; --help needs neither
+if TYPE_CHECKING:  # albumentations and cv2 are slow to import; --help needs neither
     import albumentations as A
 
 _STANDARD = dict(photometric_p=0.3, light=0.25, noise_std=(0.02, 0.12), motion=(3, 9), jpeg_p=0.2)

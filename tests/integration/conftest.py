@@ -53,7 +53,7 @@ def settings(services, pipeline_checkpoint) -> Settings:
         s3_access_key=s3.credentials.access_key, s3_secret_key=s3.credentials.secret_key,
         queue_name=f"frames-{n}", key_prefix=f"t{n}",
         frames_bucket=f"frames-{n}", overlays_bucket=f"overlays-{n}", checkpoint=str(pipeline_checkpoint),
-        device="cpu", batch_size=4, job_timeout_s=10, heartbeat_grace_s=2, maintenance_interval_s=1,
+        device="cpu", batch_size=4, job_timeout_s=10, maintenance_interval_s=1,
         metrics_port=free_port(), dashboard_port=free_port(), dashboard_metrics_port=free_port(),
         dashboard_refresh_s=1.0,
     )

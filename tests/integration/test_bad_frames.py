@@ -20,8 +20,8 @@ from steelsight.contract import Frame, validate_id
 from steelsight.devstack import wait_until
 from steelsight.producer.service import Producer, safe_frame_id
 
-from ..helpers import SAMPLES, ChildProcess, WorkerProcess, records
 from .. import corpus
+from ..helpers import SAMPLES, ChildProcess, WorkerProcess, records
 
 GOOD = SAMPLES / "scratches" / "Sc_1.bmp"
 SIZE_LIMIT = 200_000

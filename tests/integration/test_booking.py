@@ -1,4 +1,7 @@
-"""The batch booking leaves Redis as RQ's own per-job path does, with far fewer commands."""
+"""The contract test of ``worker/rq_compat.py``: the batch booking leaves Redis as RQ's own per-job path does.
+
+Run it on any RQ upgrade; it also checks the batch path costs far fewer Redis commands.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from rq.serializers import JSONSerializer
 from steelsight.clients import redis_client
 from steelsight.contract import JOB_FUNCTION, Frame
 from steelsight.producer.service import Producer
-from steelsight.worker import booking
+from steelsight.worker import rq_compat
 
 from ..helpers import SlowEngine, enqueue_frames, records, run_slow_worker, work_queue
 
@@ -29,7 +32,7 @@ def run(settings, line: str, frames: int, rq_path: bool, monkeypatch) -> int:
     """Work ``frames`` queued frames of ``line`` in batches of 8 (the default); the Redis commands the worker sent."""
     enqueue_frames(settings, line, frames)
     if rq_path:
-        monkeypatch.setattr(booking, "plain", lambda job, outcome: False)
+        monkeypatch.setattr(rq_compat, "plain", lambda job, outcome: False)
     conn = redis_client(settings)
     before = commands(conn)
     work_queue(settings, SlowEngine(compute_s=0), batch=8)
@@ -93,7 +96,7 @@ def test_a_job_with_dependents_is_booked_by_rq_and_releases_them(settings):
     """A frame with dependents finishes through RQ, which releases them; a dependent is then refused.
 
     The producer never sets ``depends_on``, so a job that carries it was written by
-    someone else: the worker's guard refuses it (tests/test_worker_guard.py).
+    someone else: the worker's guard refuses it (tests/integration/test_worker_guard.py).
     """
     conn = redis_client(settings)
     producer = Producer(settings, "line-d", "cam-1")
@@ -115,11 +118,11 @@ def test_waiting_jobs_are_claimed_together_and_vanished_ones_skipped(settings):
     conn = redis_client(settings)
     enqueue_frames(settings, "line-w", 3)
     conn.delete(Job.key_for("line-w__cam-1__f1"))  # deleted while queued, as by a queue cleanup
-    worker = make_worker(settings)
+    worker = make_worker(settings, SlowEngine())
     queue = worker.queues[0]
-    claimed = booking.dequeue_waiting(worker, queue, room=8)
+    claimed = rq_compat.dequeue_waiting(worker, queue, room=8)
     assert [job.id for job, _ in claimed] == ["line-w__cam-1__f0", "line-w__cam-1__f2"]
     assert queue.count == 0
     assert conn.lrange(queue.intermediate_queue_key, 0, -1) == [b"line-w__cam-1__f0", b"line-w__cam-1__f1",
                                                                  b"line-w__cam-1__f2"]
-    assert booking.dequeue_waiting(worker, queue, room=8) == []
+    assert rq_compat.dequeue_waiting(worker, queue, room=8) == []

@@ -130,3 +130,106 @@ def test_unknown_banner_gives_the_score_against_its_threshold():
     banner = _bars_html("drawing.png", pred, threshold=10.98)
     assert "UNKNOWN" in banner and "OOD score 22.86 against a threshold of 10.98" in banner
     assert "UNKNOWN" not in _bars_html("steel.png", Prediction("crazing", 1.0, {"crazing": 1.0}, 1.2), threshold=10.98)
+
+
+def _near(pixels, rgb, tolerance=40):
+    """Pixels within ``tolerance`` of a colour on every channel (the browser gets lossy WebP)."""
+    import numpy as np
+
+    return int((np.abs(pixels[..., :3].astype(int) - np.array(rgb)).max(axis=-1) <= tolerance).sum())
+
+
+def _aspect_on_screen(page, selector) -> float:
+    """Width over height of the image element as laid out, once it has loaded."""
+    page.wait_for_function(f"(() => {{ const e = document.querySelector({selector!r}); "
+                           "return e && e.complete && e.naturalWidth > 0 && e.clientHeight > 0; })()",
+                           timeout=30_000)
+    return page.eval_on_selector(selector, "e => e.clientWidth / e.clientHeight")
+
+
+def _shown_image(page, selector):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    src = page.get_attribute(selector, "src")
+    return np.asarray(Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB"))
+
+
+def test_wide_frame_tiles_are_boxed_and_summed_live_and_on_upload(settings, tmp_path, browser):
+    """A 1600x256 frame's tiled result: class-coloured boxes over its overlay, whole (not cropped), and its
+    defect classes by tile count, on the live tab (a result as a worker writes it) and the upload tab."""
+    from datetime import UTC, datetime
+
+    import cv2
+    import numpy as np
+
+    from steelsight.clients import ObjectStore
+    from steelsight.contract import Frame, FrameResult, TileVerdict, Timings
+    from steelsight.dashboard.tiles import CLASS_COLOURS, UNKNOWN_COLOUR
+    from steelsight.model.inference.imageio import encode_png
+    from steelsight.worker.jobs import publish
+
+    frame = Frame(frame_id="wide-1", line_id="line-w", camera_id="cam-w", captured_at=datetime.now(UTC), ext="png")
+    store = ObjectStore(settings)
+    store.ensure_buckets()
+    store.put(settings.overlays_bucket, frame.overlay_key("png"), encode_png(np.full((256, 1600, 3), 128, np.uint8)),
+              "image/png")
+    labels = ["crazing", "crazing", "background", "background", "background", "scratches", "background",
+              "background", "background", "background"]
+    tiles = [TileVerdict(x=160 * i, y=0, w=160, h=256, label=label, confidence=0.9 - 0.01 * i,
+                         unknown=i == 8, unknown_reason="ood_score" if i == 8 else None)
+             for i, label in enumerate(labels)]
+    publish(FrameResult(frame_id=frame.frame_id, job_id=frame.job_id, line_id=frame.line_id,
+                        camera_id=frame.camera_id, captured_at=frame.captured_at, status="ok", label="crazing",
+                        confidence=0.9, frame_key=frame.object_key, overlay_key=frame.overlay_key("png"),
+                        timings=Timings(queue_wait_s=0, inference_s=0, total_s=0), tiles=tiles,
+                        defect_counts={"crazing": 2, "scratches": 1}, top_defect=tiles[0]),
+            redis_client(settings), settings)
+    dashboard = ChildProcess(settings, tmp_path, "dashboard-tiles", ["dashboard"])
+    try:
+        url = f"http://127.0.0.1:{settings.dashboard_port}/"
+        wait_until(lambda: urllib.request.urlopen(url, timeout=2).status == 200, 120, "the dashboard")
+        page = browser.new_page(viewport={"width": 1400, "height": 1400})
+        page.goto(url)
+        page.wait_for_function("document.querySelectorAll('#live-gallery img').length >= 1", timeout=30_000)
+        assert "10 tiles (crazing 2, scratches 1)" in page.inner_text("#live-gallery")
+        assert "scratches" in page.inner_text("#live-legend")
+        thumb = "#live-gallery img"
+        assert page.eval_on_selector(thumb, "e => getComputedStyle(e).objectFit") == "contain"
+        # shown at its own aspect ratio, not in a square cell
+        assert _aspect_on_screen(page, thumb) == pytest.approx(1600 / 256, rel=0.1)
+        shown = _shown_image(page, thumb)
+        assert shown.shape[1] / shown.shape[0] == pytest.approx(1600 / 256, rel=0.02)  # the whole frame
+        scale = shown.shape[1] / 1600
+        column = lambda i: shown[:, round(160 * i * scale): round(160 * (i + 1) * scale)]  # noqa: E731
+        assert _near(column(0), CLASS_COLOURS["crazing"]) > 50 and _near(column(1), CLASS_COLOURS["crazing"]) > 50
+        assert _near(column(5), CLASS_COLOURS["scratches"]) > 50
+        assert _near(column(8), UNKNOWN_COLOUR, 25) > 20  # the unknown tile: dashed grey
+        background = column(3)[10:-10, 10:-10]
+        assert all(_near(background, rgb) == 0 for rgb in CLASS_COLOURS.values())  # background: no box
+        page.locator("#live-gallery .thumbnail-item").first.click()
+        page.wait_for_function("document.querySelector('#selected-detail').innerText.includes('top defect')",
+                               timeout=20_000)
+        detail = page.inner_text("#selected-detail")
+        assert "defect tiles: crazing 2, scratches 1" in detail and "top defect: crazing" in detail
+        page.screenshot(path=str(ARTIFACTS / "dashboard-live-tiles.png"), full_page=True)
+
+        # upload tab: a 1600x256 frame of eight samples runs the tiled path of the dashboard's predictor
+        samples = sorted((SAMPLES / "scratches").glob("*.bmp"))[:4] + sorted((SAMPLES / "inclusion").glob("*.bmp"))[:4]
+        strip = np.hstack([cv2.resize(cv2.imread(str(p), cv2.IMREAD_GRAYSCALE), (200, 256)) for p in samples])
+        assert strip.shape == (256, 1600)
+        wide = tmp_path / "wide.png"
+        cv2.imwrite(str(wide), strip)
+        page.get_by_role("tab", name="Upload").click()
+        page.locator("#upload-files input[type=file]").set_input_files(str(wide))
+        page.wait_for_selector("#upload-report .tile-summary", timeout=120_000)
+        report = page.inner_text("#upload-report")
+        assert "wide.png" in report and re.search(r"\d+ tiles", report)
+        assert _aspect_on_screen(page, "#upload-gallery img") == pytest.approx(1600 / 256, rel=0.1)
+        uploaded = _shown_image(page, "#upload-gallery img")
+        assert uploaded.shape[1] / uploaded.shape[0] == pytest.approx(1600 / 256, rel=0.02)
+        page.screenshot(path=str(ARTIFACTS / "dashboard-upload-tiles.png"), full_page=True)
+    finally:
+        dashboard.kill(signal.SIGTERM)

@@ -266,6 +266,9 @@ def test_redis_and_dashboard_memory_with_large_frames_in_the_mix(settings, tmp_p
 
     from ..helpers import WorkerProcess, records
 
+    # frames of one tile, so the largest allowed frame is answered (tiled, it would need over 1,000 tiles and be
+    # refused): the dashboard then shows every large frame of the mix
+    settings = settings.model_copy(update={"tile_size": LARGEST_SIDE})
     conn = redis_client(settings)
     producer = Producer(settings, "line-mem", "cam-1")
     small = sorted(SAMPLES.rglob("*.bmp"))[:12]

@@ -18,8 +18,8 @@ from steelsight.devstack import wait_until
 from steelsight.producer import watch as watch_module
 from steelsight.producer.watch import FolderWatcher, SentLog
 
-from ..helpers import ChildProcess, WorkerProcess, records
 from .. import corpus
+from ..helpers import ChildProcess, WorkerProcess, records
 
 
 def frame_bytes(seed: int, fmt: str = "PNG", side: int = 64) -> bytes:

@@ -21,7 +21,9 @@ class BrokenEngine(SlowEngine):
     """Every frame fails, as when S3 stayed down longer than the retries last."""
 
     def compute(self, frames, loads=None):
-        return {f.job_id: OSError("S3 unreachable for too long") for f in frames}
+        from steelsight.worker.outcome import Failed
+
+        return {f.job_id: Failed(OSError("S3 unreachable for too long")) for f in frames}
 
 
 def failed_ids(settings, conn) -> set[str]:

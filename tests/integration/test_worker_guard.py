@@ -135,7 +135,7 @@ def test_a_worker_that_quits_on_an_unhandled_error_exits_non_zero(settings, tmp_
 def test_jobs_asking_to_repeat_outlive_their_ttls_or_claim_another_frames_id_are_refused(settings):
     from rq import Repeat
 
-    from steelsight.worker import jobs, service
+    from steelsight.worker import service
 
     from ..helpers import SlowEngine
 
@@ -155,11 +155,7 @@ def test_jobs_asking_to_repeat_outlive_their_ttls_or_claim_another_frames_id_are
         queue.enqueue(JOB_FUNCTION, frame=payload(name), job_id=f"line-t__cam-1__{name}", **(ttls | extra))
     queue.enqueue(JOB_FUNCTION, frame=payload("other"), job_id="line-t__cam-1__impostor", **ttls)
     queue.enqueue(JOB_FUNCTION, frame=payload("good"), job_id="line-t__cam-1__good", **ttls)
-    jobs.install(SlowEngine(compute_s=0.01), settings)
-    try:
-        assert service.work(settings, burst=True) is True
-    finally:
-        jobs.install(None, None)
+    assert service.work(settings, SlowEngine(compute_s=0.01), burst=True) is True
     refused = failed(settings, conn)
     assert set(refused) == {f"line-t__cam-1__{name}" for name in [*odd, "impostor"]}, refused
     assert all("refusing" in reason for reason in refused.values()), refused

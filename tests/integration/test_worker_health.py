@@ -31,7 +31,7 @@ def status(url: str) -> int:
 
 
 def test_a_hung_work_loop_reports_unhealthy_and_recovers(settings):
-    from steelsight.worker import health, jobs
+    from steelsight.worker import health
     from steelsight.worker.service import make_worker
 
     settings = settings.model_copy(update={"job_timeout_s": 1, "health_stale_s": 2.0})
@@ -39,8 +39,7 @@ def test_a_hung_work_loop_reports_unhealthy_and_recovers(settings):
     server = health.serve(settings.metrics_host, free_port(), liveness)
     base = f"http://127.0.0.1:{server.server_address[1]}"
     engine = HungEngine()
-    jobs.install(engine, settings)
-    worker = make_worker(settings, liveness=liveness)
+    worker = make_worker(settings, engine, liveness=liveness)
     worker._install_signal_handlers = lambda: None  # signals belong to the main thread
     loop = threading.Thread(target=worker.work, kwargs={"max_idle_time": 4, "with_scheduler": False}, daemon=True)
     try:
@@ -56,7 +55,6 @@ def test_a_hung_work_loop_reports_unhealthy_and_recovers(settings):
     finally:
         engine.release.set()
         server.shutdown()
-        jobs.install(None, None)
     assert not loop.is_alive()
 
 
@@ -74,7 +72,8 @@ def test_a_worker_waiting_for_redis_stays_healthy_and_says_so(settings, tmp_path
     liveness = health.Liveness(settings.health_stale_s)
     server = health.serve(settings.metrics_host, free_port(), liveness)
     url = f"http://127.0.0.1:{server.server_address[1]}/healthz"
-    made = threading.Thread(target=make_worker, args=(settings,), kwargs={"liveness": liveness}, daemon=True)
+    made = threading.Thread(target=make_worker, args=(settings, SlowEngine()), kwargs={"liveness": liveness},
+                            daemon=True)
     redis = None
     try:
         made.start()

@@ -10,7 +10,7 @@ from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from steelsight.clients import redis_client
-from steelsight.worker import jobs, reclaim, service
+from steelsight.worker import reclaim, rq_compat, service
 
 from ..helpers import SlowEngine, enqueue_frames, records
 
@@ -29,23 +29,20 @@ def test_a_malformed_job_hash_is_set_aside_and_its_batch_mates_finish(settings, 
     ids = queue.get_job_ids()
     bad = ids[0] if where == "head" else ids[5]  # 5: second in the second batch of 4
     conn.hset(f"rq:job:{bad}", field, MALFORMED[field])
-    jobs.install(SlowEngine(compute_s=0.01), settings)
-    kept = jobs.unreadable_key(bad)
+    job_class = rq_compat.FrameJob.bound(settings)
+    kept = rq_compat.unreadable_key(settings, bad)
     caplog.set_level(logging.INFO, logger="steelsight.worker")
     good = set(ids) - {bad}
-    try:
-        if where in ("started", "scheduled"):  # a job a dead worker held, or one due for retry
-            conn.lrem(queue.key, 1, bad)
-            registry = (StartedJobRegistry if where == "started" else ScheduledJobRegistry)(
-                settings.queue_name, connection=conn, serializer=JSONSerializer)
-            conn.zadd(registry.key, {bad: 1})  # expired / due long ago
-            reclaim.reclaim(queue, "test", jobs.FrameJob, JSONSerializer)  # the worker's own pass: must not raise
-        assert service.work(settings, burst=True) is True  # no WorkerCrashed
-        assert queue.count == 0
-        # anything left of the bad job is read again by maintenance: it must not crash either
-        reclaim.reclaim(queue, "test", jobs.FrameJob, JSONSerializer)
-    finally:
-        jobs.install(None, None)
+    if where in ("started", "scheduled"):  # a job a dead worker held, or one due for retry
+        conn.lrem(queue.key, 1, bad)
+        registry = (StartedJobRegistry if where == "started" else ScheduledJobRegistry)(
+            settings.queue_name, connection=conn, serializer=JSONSerializer)
+        conn.zadd(registry.key, {bad: 1})  # expired / due long ago
+        reclaim.reclaim(queue, "test", job_class, JSONSerializer)  # the worker's own pass: must not raise
+    assert service.work(settings, SlowEngine(compute_s=0.01), burst=True) is True  # no WorkerCrashed
+    assert queue.count == 0
+    # anything left of the bad job is read again by maintenance: it must not crash either
+    reclaim.reclaim(queue, "test", job_class, JSONSerializer)
     assert set(records(settings, conn)) == good
     assert not conn.exists(f"rq:job:{bad}")  # set aside, kept a while for inspection
     assert 0 < conn.ttl(kept) <= settings.failure_ttl_s

@@ -21,21 +21,18 @@ class FlakyEngine(SlowEngine):
         self.failures, self.attempts = failures, []
 
     def compute(self, frames, loads=None):
+        from steelsight.worker.outcome import Failed
+
         self.attempts.append(time.monotonic())
         if len(self.attempts) <= self.failures:
-            return {f.job_id: ConnectionError("S3 still down") for f in frames}
+            return {f.job_id: Failed(ConnectionError("S3 still down")) for f in frames}
         return super().compute(frames, loads)
 
 
 def work_until_idle(settings, engine, idle_s: int) -> None:
-    from steelsight.worker import jobs
     from steelsight.worker.service import make_worker
 
-    jobs.install(engine, settings)
-    try:
-        make_worker(settings).work(max_idle_time=idle_s, with_scheduler=False)
-    finally:
-        jobs.install(None, None)
+    make_worker(settings, engine).work(max_idle_time=idle_s, with_scheduler=False)
 
 
 def test_retries_back_off(settings):

@@ -100,8 +100,8 @@ def test_explanations_concentrate_on_the_defect(shipped, neu_dir):
         hits += int(mask[heatmap_peak(exp.heatmap)])
         chance += float(mask.mean())
         gains.append(float(exp.heatmap[mask].sum() / exp.heatmap.sum() - mask.mean()))
-    assert float(np.mean(gains)) > 0.03  # measured 0.069 on the shipped checkpoint
-    assert hits > chance  # measured 18 hits of 30 against 13.1 expected by chance
+    assert float(np.mean(gains)) > 0.03  # heat concentrates in the box beyond its area share
+    assert hits > chance  # the peak lands in the box more often than a random point would
 
 
 def test_far_ood_report_counts_the_verdict_not_only_the_score(shipped, tmp_path):

@@ -16,9 +16,9 @@ from steelsight.model.inference.imageio import (
     read_gray,
 )
 
+from .. import corpus
 from ..corpus import GRAY, RGB, encode
 from ..helpers import SAMPLES
-from .. import corpus
 
 REJECTED = {frame.kind: (frame.data, frame.reason) for frame in corpus.REJECTED}
 
