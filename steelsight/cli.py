@@ -334,6 +334,13 @@ def _link_parser(sub) -> None:
     p.set_defaults(func=cmd_link)
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
 def _check_sizing_parser(sub) -> None:
     p = sub.add_parser(
         "check-sizing", help="check that Redis can hold the results of a line running at N frames/s",
@@ -345,7 +352,7 @@ def _check_sizing_parser(sub) -> None:
     p.add_argument("--fps", type=float, required=True, help="frames per second over all lines and cameras")
     p.add_argument("--redis-maxmemory", default=None,
                    help="Redis maxmemory to check, e.g. 3gb or 3221225472 (default: ask the configured Redis)")
-    p.add_argument("--tiles-per-frame", type=int, default=0, metavar="N",
+    p.add_argument("--tiles-per-frame", type=_non_negative, default=0, metavar="N",
                    help="tiles of a typical frame when the cameras send frames wider than one tile (a 1600x256 "
                         "frame at the default 200 px tile: 16); each tile's verdict is kept with the result "
                         "(default: 0, frames of one tile)")
@@ -699,11 +706,15 @@ def cmd_requeue(args) -> int:
 
 
 def cmd_dashboard(args) -> int:
-    from steelsight.dashboard.app import launch
+    from steelsight.dashboard.access import check_access
 
     _logging()
     settings = _settings_with(dashboard_host=args.host, dashboard_port=args.port,
                               dashboard_metrics_port=args.metrics_port, checkpoint=args.checkpoint)
+    check_access(settings, args.insecure_no_auth)  # refuse in a second, before Gradio and the model load
+
+    from steelsight.dashboard.app import launch
+
     launch(settings, insecure_no_auth=args.insecure_no_auth)
     return 0
 

@@ -27,6 +27,7 @@ IMAGE_EXTENSIONS = ("bmp", "png", "jpg", "jpeg", "tif", "tiff", "webp", "gif", "
 CONTENT_TYPES = {"bmp": "image/bmp", "png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg",
                  "tif": "image/tiff", "tiff": "image/tiff", "webp": "image/webp", "gif": "image/gif",
                  "pgm": "image/x-portable-graymap", "ppm": "image/x-portable-pixmap"}
+MAX_FRAME_BYTES = 20 * 1024 * 1024  # a frame file larger than this is refused (the decoder's default too)
 OVERLAY_FORMATS = {"jpeg": ("jpg", "image/jpeg"), "png": ("png", "image/png")}  # extension, content type
 
 
@@ -73,7 +74,7 @@ class Settings(BaseSettings):
     failure_ttl_s: int = 30 * 24 * 3600
     stream_maxlen: int = 10_000
     max_queue_depth: int = 1_000
-    max_frame_bytes: int = 20 * 1024 * 1024
+    max_frame_bytes: int = MAX_FRAME_BYTES
 
     # worker
     checkpoint: str | None = None

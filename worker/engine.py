@@ -125,12 +125,12 @@ class FrameEngine:
         width, height = header_size(data)
         if width and height:
             self._tile_count(height, width)
-        with self.decoding.hold(width * height):
+        with self.decoding.hold(width * height):  # planning's float copies count against the budget too
             gray = decode_gray(data, self.limits)
-        tiles = self._tile_count(*gray.shape[:2])
-        if tiles == 1:
-            return Loaded(shrink(gray, self.settings.max_frame_side), 1)
-        plan_frame(gray, self.tiling, self.predictor.input_size)
+            tiles = self._tile_count(*gray.shape[:2])
+            if tiles == 1:
+                return Loaded(shrink(gray, self.settings.max_frame_side), 1)
+            plan_frame(gray, self.tiling, self.predictor.input_size)
         return Loaded(gray, tiles)
 
     def _tile_count(self, height: int, width: int) -> int:
@@ -219,7 +219,6 @@ class FrameEngine:
             tiles=[t.to_dict() for t in exp.tiles], defect_counts=exp.defect_counts,
             top_defect=exp.top_defect.to_dict() if exp.top_defect else None,
         )
-
 
 
 def tiles_in(loads: dict[str, Future]) -> int:

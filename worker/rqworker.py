@@ -16,7 +16,7 @@ The worker also sets RQ's policies through RQ's hooks:
 - maintenance: every ``reclaim_interval_s``, idle or busy, a pass re-queues abandoned jobs
   and due retries (:mod:`worker.reclaim`).
 - ``heartbeat``: also beats the health endpoint's :class:`~worker.health.Liveness`, until
-  a batch has computed longer than ``job_timeout_s``.
+  a batch has computed longer than ``job_timeout_s`` per ``batch_size`` model inputs (tiles).
 - RQ's loop logs an unhandled exception and returns as if it had finished; :attr:`crash`
   keeps it, so the process can exit non-zero.
 

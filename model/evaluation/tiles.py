@@ -7,8 +7,9 @@ Ground truth sits beside each frame, one file per frame (docs/tiles.md):
 * ``<frame>.xml``: Pascal-VOC boxes as in NEU-DET (``<object><name>``, ``<bndbox>`` with 1-based inclusive
   ``xmin/ymin/xmax/ymax``).
 
-A predicted tile's truth is the class of the region covering the largest part of it, when that region
-covers at least ``min_cover`` of the tile; otherwise ``background``. A frame's truth classes are every
+A predicted tile's truth is the label of the region covering the largest part of it, when that region
+covers at least ``min_cover`` of the tile; otherwise the tile is not scored. A frame that fits one tile is
+scored as one tile covering it. A frame's truth classes are every
 non-background class among its regions; the frame "finds all classes" when each of them has at least
 one defect tile (``defect_counts``).
 """

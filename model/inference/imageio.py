@@ -28,7 +28,9 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-DEFAULT_MAX_BYTES = 20 * 1024 * 1024
+from steelsight.contract import MAX_FRAME_BYTES
+
+DEFAULT_MAX_BYTES = MAX_FRAME_BYTES
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MIN_SIDE = 16
 

@@ -75,6 +75,8 @@ class TilingConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be > 0")
+        if (self.frame_pixels_per_mm is None) != (self.model_pixels_per_mm is None):
+            raise ValueError("frame_pixels_per_mm and model_pixels_per_mm go together: set both or neither")
         if self.max_tiles is not None and self.max_tiles < 1:
             raise ValueError("max_tiles must be >= 1")
 

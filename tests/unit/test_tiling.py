@@ -256,3 +256,28 @@ def test_a_dark_frame_whose_rows_are_flat_but_columns_are_not_is_background(tiny
     out = tiny_predictor.predict_frames([good, frame], TilingConfig(tile_size=200))  # the product's tile
     assert out[1].label == BACKGROUND and [t.label for t in out[1].tiles] == [BACKGROUND]
     assert out[0].tiles and all(t.label != BACKGROUND for t in out[0].tiles)
+
+
+def test_a_tiling_that_cannot_work_is_refused_where_it_is_configured():
+    with pytest.raises(ValueError, match="tile_overlap_px"):
+        Settings(tile_size=100, tile_overlap_px=100)
+    with pytest.raises(ValueError, match="go together"):
+        Settings(frame_pixels_per_mm=20.0)
+    with pytest.raises(ValueError, match="go together"):  # the CLI's options build a TilingConfig directly
+        TilingConfig(tile_size=200, frame_pixels_per_mm=20.0)
+
+
+def test_a_batch_of_wide_frames_gets_time_for_its_tiles():
+    from concurrent.futures import Future
+
+    from steelsight.worker.engine import Loaded, tiles_in
+
+    def done(value=None, error=None) -> Future:
+        future = Future()
+        future.set_exception(error) if error else future.set_result(value)
+        return future
+
+    gray = np.zeros((1, 1), np.uint8)
+    loads = {"a": done(Loaded(gray, 16)), "b": done(Loaded(gray, 1)), "c": done(error=OSError("gone")),
+             "d": Future()}  # still loading
+    assert tiles_in(loads) == 16 + 1 + 1 + 1
