@@ -14,9 +14,8 @@ import cv2
 import numpy as np
 
 from steelsight.model.inference.labels import CLASSES
+from steelsight.model.inference.tiling import BACKGROUND, UNKNOWN
 
-BACKGROUND = "background"
-UNKNOWN = "unknown"
 # Okabe-Ito: distinguishable with the common colour-vision deficiencies, and none is a JET heatmap's pure red or blue
 CLASS_COLOURS: dict[str, tuple[int, int, int]] = dict(zip(CLASSES, [
     (230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (204, 121, 167), (213, 94, 0)], strict=True))
