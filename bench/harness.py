@@ -137,12 +137,21 @@ def save_result(name: str, payload: dict) -> Path:
     return path
 
 
+def portable(path: Path) -> str:
+    """A path as it means something on another machine: relative to the repository, else its name."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return path.name
+
+
 def emit(name: str, args: argparse.Namespace, lines: list[str], figures: dict) -> Path | None:
     """Print the table, then save it with the figures behind it (unless ``--no-save``)."""
     print("\n".join(lines), flush=True)
     if args.no_save:
         return None
-    path = save_result(name, {"quick": args.quick, "options": vars(args), **figures, "table": lines})
+    options = {k: portable(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    path = save_result(name, {"quick": args.quick, "options": options, **figures, "table": lines})
     print(f"wrote {path.relative_to(ROOT)}", file=sys.stderr)
     return path
 

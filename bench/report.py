@@ -50,15 +50,13 @@ def section(record: dict | None, spec: str) -> str:
     commit = record.get("commit")
     source = f"commit `{commit[:10]}`{' with uncommitted changes' if record.get('dirty') else ''}" if commit \
         else "commit not recorded"
-    lines = [f"Newest result: {record['date']}, {source}"
-             + (", **a quick run** (`--quick`: smoke-sized, its figures are rough)" if record.get("quick") else "")
-             + ":", "", f"    {record['command']}", ""]
+    quick = ", a `--quick` run (rough)" if record.get("quick") else ""
     body = table(record)
-    first_row = next((i for i, line in enumerate(body) if not line.startswith("# ")), len(body))
-    notes, rows = [line.removeprefix("# ") for line in body[:first_row]], body[first_row:]
-    if notes:
-        lines += [*(f"{note}  " for note in notes[:-1]), notes[-1], ""]
-    return "\n".join(lines + rows) + "\n\n"
+    first_row = next((i for i, line in enumerate(body) if line.startswith("|")), len(body))
+    notes = [line.removeprefix("# ").strip() for line in body[:first_row] if line.strip()]
+    lines = [f"`{record['command']}` ({record['date'][:10]}, {source}{quick})", "", *(["; ".join(notes), ""]
+                                                                                    if notes else [])]
+    return "\n".join(lines + body[first_row:]) + "\n\n"
 
 
 def rewrite(text: str) -> str:

@@ -1,6 +1,6 @@
 """Strips of held-out NEU images read tile by tile against the same images alone: accuracy, in one run.
 
-    python -m bench.tile_accuracy --data ../shared/data/neu --strips 45
+    python -m bench.tile_accuracy --data /path/to/neu --strips 45
     python -m bench.tile_accuracy --quick
 
 ``steelsight evaluate --make-strips`` lays the checkpoint's own val images side by side
@@ -17,7 +17,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from bench.harness import ROOT, BenchParser, describe, emit
+from bench.harness import BenchParser, describe, emit
 from steelsight.contract import Settings
 from steelsight.model.evaluation.metrics import wilson_interval
 from steelsight.model.evaluation.tiles import evaluate_tiles, make_strips
@@ -44,8 +44,8 @@ def single_image_scores(predictor: Predictor, data: Path, strips_dir: Path) -> d
 
 def main() -> None:
     parser = BenchParser(__doc__, quick={"strips": 6})
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "neu",
-                        help="NEU folder: one sub-folder per class (default: ../shared/data/neu)")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="the NEU folder the checkpoint was trained on: one sub-folder per class")
     parser.add_argument("--checkpoint", type=Path, default=None, help="default: the shipped checkpoint")
     parser.add_argument("--strips", type=int, default=45, help="strips of 8 val images (default: 45)")
     parser.add_argument("--backend", default="auto", help="trunk runtime (default: auto)")

@@ -220,13 +220,13 @@ def replay(folder: Path, loop: bool = False, limit: int | None = None) -> Iterat
     files = image_files(folder)
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
-    session, n, passes = datetime.now(UTC).isoformat(), 0, 0
+    started, n, passes = datetime.now(UTC).isoformat(), 0, 0
     while True:
         for path in files:
             if limit is not None and n >= limit:
                 return
             name = path.relative_to(folder).as_posix()
-            yield FrameFile(path, safe_frame_id(name, file_time(path), f"{session} pass {passes}" if loop else ""))
+            yield FrameFile(path, safe_frame_id(name, file_time(path), f"{started} pass {passes}" if loop else ""))
             n += 1
         passes += 1
         if not loop:

@@ -177,7 +177,7 @@ class SeaweedFS(Service):
     """``weed server``: master, volume server, filer and S3 gateway in one process, data under ``data_dir``.
 
     Every port is given explicitly (gRPC ones included, and the Iceberg and Lance
-    endpoints switched off) so that several stacks and test sessions can run side by
+    endpoints switched off) so that several stacks and test runs can run side by
     side on loopback.
     """
 

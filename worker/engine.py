@@ -25,7 +25,7 @@ from steelsight.clients import PERMANENT, MissingObject, ObjectStore, s3_transie
 from steelsight.contract import OVERLAY_FORMATS, Frame, FrameResult, Settings, Timings
 from steelsight.model.inference.imageio import DecodeLimits, ImageRejected, decode_gray, encode_overlay
 from steelsight.model.inference.predictor import Predictor
-from steelsight.model.inference.tiling import TooManyTiles, plan_frame, tile_count
+from steelsight.model.inference.tiling import FramePlan, TooManyTiles, plan_frame, tile_count
 from steelsight.retry import with_backoff
 
 from . import metrics
@@ -39,14 +39,14 @@ log = logging.getLogger("steelsight.worker")
 class Loaded:
     """A fetched frame, decoded and planned: the model will run ``tiles`` inputs for it."""
 
-    gray: np.ndarray
+    plan: FramePlan
     tiles: int
 
 
 @dataclass
 class Decoded:
     frame: Frame
-    gray: np.ndarray
+    plan: FramePlan
 
 
 class PixelBudget:
@@ -129,9 +129,8 @@ class FrameEngine:
             gray = decode_gray(data, self.limits)
             tiles = self._tile_count(*gray.shape[:2])
             if tiles == 1:
-                return Loaded(shrink(gray, self.settings.max_frame_side), 1)
-            plan_frame(gray, self.tiling, self.predictor.input_size)
-        return Loaded(gray, tiles)
+                gray = shrink(gray, self.settings.max_frame_side)
+            return Loaded(plan_frame(gray, self.tiling, self.predictor.input_size), tiles)
 
     def _tile_count(self, height: int, width: int) -> int:
         """Tiles a frame this size takes; raises :class:`TooManyTiles` past ``max_tiles_per_frame``."""
@@ -183,7 +182,7 @@ class FrameEngine:
             load = loads[frame.job_id]
             metrics.QUEUE_WAIT_SECONDS.observe(max((batch_start - frame.enqueued_at).total_seconds(), 0.0))
             try:
-                decoded.append(Decoded(frame, load.result().gray))
+                decoded.append(Decoded(frame, load.result().plan))
             except ImageRejected as exc:
                 outcomes[frame.job_id] = Done(self._rejected(frame, f"{exc.reason.value}: {exc.detail}", started,
                                                              batch_start))
@@ -201,7 +200,7 @@ class FrameEngine:
     def _infer(self, decoded: list[Decoded], started: float, batch_start: datetime) -> dict[str, Pending]:
         t0 = time.perf_counter()
         # a wide frame's tiles share the model's batches with the other frames' tiles
-        explained = self.predictor.explain_frames([d.gray for d in decoded], self.tiling, self.settings.cam_method)
+        explained = self.predictor.explain_plans([d.plan for d in decoded], self.settings.cam_method)
         inference_s = time.perf_counter() - t0
         metrics.INFERENCE_SECONDS.observe(inference_s)
         share = inference_s / len(decoded)

@@ -218,24 +218,23 @@ def evaluate_tiles(predictor, data: Path, out: Path, tiling, min_cover: float = 
     score = TileScore([*predictor.classes, BACKGROUND, UNKNOWN])
     per_frame, errors = {}, {}
     for start in tqdm(range(0, len(paired), FRAMES_PER_CALL), desc="tiles", unit="batch", leave=False):
-        chunk, grays = [], []
+        chunk, plans = [], []
         for frame, truth in paired[start : start + FRAMES_PER_CALL]:
             try:  # one unreadable or oversized frame is reported, not the end of the run
-                gray = read_gray(frame)
-                plan_frame(gray, tiling, predictor.input_size)
+                plan = plan_frame(read_gray(frame), tiling, predictor.input_size)
                 regions = read_truth(truth)
             except Exception as exc:
                 errors[str(frame.relative_to(data))] = f"{type(exc).__name__}: {exc}"
                 continue
             chunk.append((frame, truth, regions))
-            grays.append(gray)
-        results = predictor.predict_frames(grays, tiling) if grays else []
-        for (frame, truth, regions), gray, result in zip(chunk, grays, results, strict=True):
-            row = score.add(result, regions, gray.shape[:2], min_cover)
-            per_frame[str(frame.relative_to(data))] = {"size": [gray.shape[1], gray.shape[0]],
-                                                        "truth_file": truth.name} | row
+            plans.append(plan)
+        results = predictor.predict_plans(plans) if plans else []
+        for (frame, truth, regions), plan, result in zip(chunk, plans, results, strict=True):
+            height, width = plan.gray.shape[:2]
+            row = score.add(result, regions, (height, width), min_cover)
+            per_frame[str(frame.relative_to(data))] = {"size": [width, height], "truth_file": truth.name} | row
     report = {"tiles": score.to_dict() | {
-        "data": str(data), "min_cover": min_cover, "frames_without_truth": [str(p) for p in missing],
+        "data": Path(data).name, "min_cover": min_cover, "frames_without_truth": [str(p) for p in missing],
         "frames_not_read": errors,
         "tiling": _tiling_dict(tiling), "checkpoint": predictor.checkpoint.path.name,
         "checkpoint_sha256": predictor.checkpoint.sha256, "per_frame": per_frame}}
@@ -295,6 +294,7 @@ def make_strips(predictor, data: Path, out: Path, count: int, per_strip: int = S
         manifest.append({"strip": path.name, "sources": [f"{s.class_name}/{s.path.name}" for s in picked]})
         written.append(path)
     (out / "strips.json").write_text(json.dumps({
-        "data": str(data), "split": "val", "seed": seed, "per_strip": per_strip, "side": side, "val_images": len(val),
+        "data": Path(data).name, "split": "val", "seed": seed, "per_strip": per_strip, "side": side,
+        "val_images": len(val),
         "checkpoint_sha256": predictor.checkpoint.sha256, "strips": manifest}, indent=1))
     return written

@@ -229,9 +229,13 @@ class Predictor:
         its tiles of all frames go through the network in shared batches.
 
         Raises ``tiling.TooManyTiles`` (a ValueError) for a frame over ``tiling.max_tiles``, before any
-        inference; callers that must answer the other frames plan each one first (``tiling.plan_frame``).
+        inference; callers that must answer the other frames plan each one first (``tiling.plan_frame``)
+        and hand the plans to :meth:`predict_plans`.
         """
-        plans = self._plans(grays, tiling)
+        return self.predict_plans(self._plans(grays, tiling))
+
+    def predict_plans(self, plans: Sequence[FramePlan]) -> list[FramePrediction]:
+        """:meth:`predict_frames` for frames already planned."""
         crops = [crop for plan in plans for crop in plan.crops()]
         preds = iter(self.predict(crops) if crops else [])
         out = []
@@ -248,7 +252,10 @@ class Predictor:
                        method: str = "gradcam") -> list[FrameExplanation]:
         """:meth:`explain` for frames of any size (see :meth:`predict_frames`): each tile is explained for
         its own predicted class; the heatmap is stitched at the frame's size and overlaid on the frame."""
-        plans = self._plans(grays, tiling)
+        return self.explain_plans(self._plans(grays, tiling), method)
+
+    def explain_plans(self, plans: Sequence[FramePlan], method: str = "gradcam") -> list[FrameExplanation]:
+        """:meth:`explain_frames` for frames already planned."""
         crops = [crop for plan in plans for crop in plan.crops()]
         exps = iter(self._explain(crops, method, None, overlays=False) if crops else [])
         out = []

@@ -17,7 +17,7 @@ _ids = itertools.count()
 
 @pytest.fixture(scope="session")
 def s3_service(tmp_path_factory):
-    """SeaweedFS's S3 gateway on loopback, one per test session, over a fresh data folder."""
+    """SeaweedFS's S3 gateway on loopback, one per test run, over a fresh data folder."""
     for attempt in range(3):  # a port found free may be taken by another process before weed binds it
         try:
             s3 = s3_server(tmp_path_factory.mktemp("seaweedfs")).start()
@@ -31,7 +31,7 @@ def s3_service(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory, s3_service):
-    """A real redis-server per test module, beside the session's SeaweedFS; tests use buckets of their own."""
+    """A real redis-server per test module, beside the run's SeaweedFS; tests use buckets of their own."""
     redis = redis_server(tmp_path_factory.mktemp("services")).start()
     yield redis, s3_service
     redis.stop()

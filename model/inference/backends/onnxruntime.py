@@ -20,9 +20,9 @@ class OnnxRuntimeTrunk:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # spinning pool threads steal the cores that torch (Grad-CAM) and other workers need next
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.runner = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.path = path
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features, texture = self.session.run(None, {"gray": x.detach().cpu().numpy()})
+        features, texture = self.runner.run(None, {"gray": x.detach().cpu().numpy()})
         return torch.from_numpy(features), torch.from_numpy(texture)
