@@ -121,8 +121,10 @@ def git_commit() -> dict[str, object]:
 
 
 def command_line() -> str:
-    """The exact command, interpreter and ``-m bench.<name>`` included."""
-    return shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
+    """The command, interpreter and ``-m bench.<name>`` included; a path outside the repository is given by its
+    name (as :func:`portable` gives it), so no machine's layout lands in a result."""
+    argv = getattr(sys, "orig_argv", [sys.executable, *sys.argv])
+    return shlex.join(portable(Path(a)) if a.startswith(("/", "..")) and Path(a).exists() else a for a in argv)
 
 
 # results -----------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from steelsight.model.evaluation.metrics import wilson_interval
 from steelsight.model.evaluation.tiles import evaluate_tiles, make_strips
 from steelsight.model.inference.imageio import read_gray
 from steelsight.model.inference.predictor import Predictor
+from steelsight.model.inference.tiling import TilingConfig
 
 NAME = "tile_accuracy"
 
@@ -54,7 +55,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         strips_dir = Path(tmp) / "strips"
         make_strips(predictor, args.data, strips_dir, args.strips)
-        tiled = evaluate_tiles(predictor, strips_dir, Path(tmp) / "eval", Settings().tiling())["tiles"]
+        tiling = TilingConfig.from_settings(Settings())
+        tiled = evaluate_tiles(predictor, strips_dir, Path(tmp) / "eval", tiling)["tiles"]
         alone = single_image_scores(predictor, args.data, strips_dir)
     lines = [describe(), f"checkpoint {predictor.checkpoint.path.name} ({predictor.checkpoint.sha256[:12]}), "
                          f"{args.strips} strips, {tiled['tiles']} tiles", "",

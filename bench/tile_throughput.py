@@ -60,7 +60,7 @@ def main() -> None:
     lines, figures = [], {}
     for batch in args.batch:
         predictor = Predictor.load(args.checkpoint, device=args.device, batch_size=batch, backend=args.backend)
-        tiling = Settings().tiling()  # the product's default: tiles of NEU's own side
+        tiling = TilingConfig.from_settings(Settings())  # the product's default: tiles of NEU's own side
         tiles = sum(len(f.tiles) for f in predictor.predict_frames(strips, tiling))
         assert tiles == len(images), (tiles, len(images))
         times = interleaved_medians({

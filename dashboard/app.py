@@ -18,12 +18,13 @@ import numpy as np
 import pandas as pd
 from starlette.middleware import Middleware
 
-from steelsight.contract import Settings
+from steelsight.alerts import DRIFT_ALERTS, active_alerts, drift_summary
+from steelsight.contract import CAMERA_REASONS, Settings, unknown_kind
 from steelsight.model.inference.cam import CAM_METHODS
 from steelsight.model.inference.imageio import DecodeLimits, ImageRejected, decode_gray
 from steelsight.model.inference.labels import CLASSES
 from steelsight.model.inference.predictor import Predictor
-from steelsight.model.inference.tiling import tile_count
+from steelsight.model.inference.tiling import TilingConfig, tile_count
 
 from . import metrics, uploads
 from .access import check_access
@@ -48,6 +49,12 @@ METRICS_RESULTS = 2000  # the metrics tab's counts and latency quantiles are ove
 PLACEHOLDER = np.full((64, 64, 3), 90, np.uint8)
 CSS = """
 .unknown-banner {background:#b45309;color:white;padding:4px 8px;border-radius:4px;font-weight:600}
+.unknown-banner.camera {background:#7c3aed}
+.ood-gauge {position:relative;background:#e5e7eb;border-radius:3px;height:10px;margin:4px 0 2px 0}
+.ood-fill {height:10px;border-radius:3px;background:#16a34a}
+.ood-fill.above {background:#b45309}
+.ood-threshold {position:absolute;top:-3px;width:2px;height:16px;background:#111827}
+.ood-score {font-size:0.85em;margin:0 0 6px 0}
 .bar {background:#e5e7eb;border-radius:3px;height:14px;margin:2px 0 6px 0}
 .bar > div {background:#2563eb;height:14px;border-radius:3px}
 .upload-error {color:#b91c1c;font-weight:600}
@@ -75,9 +82,11 @@ def _window_text(window: Window) -> str:
 def _stats_markdown(state: dict, window: Window, shown=None) -> str:
     shown = window.results if shown is None else shown
     q = latency_quantiles(shown)["total_s"]
+    throughput = len(shown) / window.covered_s if window.covered_s else 0.0
     return (f"**queue depth** {state['queue_depth']} · **workers alive** {state['workers_alive']} · "
             f"**failed jobs** {state['failed_jobs']} · **frames in window** {len(shown)} "
-            f"{_window_text(window)} · **latency p50** {q['p50']:.2f}s · **p95** {q['p95']:.2f}s")
+            f"{_window_text(window)} · **throughput** {throughput:.2f} frames/s · "
+            f"**latency p50** {q['p50']:.2f}s · **p95** {q['p95']:.2f}s")
 
 
 def _counts_markdown(counts) -> str:
@@ -85,17 +94,42 @@ def _counts_markdown(counts) -> str:
     return f"<span id='class-counts'>{cells}</span>"
 
 
-def _bars_html(name: str, pred, error: str | None = None, threshold: float | None = None, tiles_html: str = "") -> str:
-    """Label, unknown banner and probability bars; a tiled frame's summary (``tiles_html``) goes before its bars,
-    which are then its top defect tile's."""
+def _score_gauge(score: float, threshold: float, val_share: float | None, floor: float = 0.0) -> str:
+    """Where the frame's OOD score sits: a bar from ``floor`` (the lowest val score: scores can be negative) with
+    the threshold marked, and its rank among the checkpoint's in-distribution val images."""
+    floor = min(floor, threshold, score)
+    top = max(threshold + (threshold - floor), score + 0.1 * (score - floor), floor + 1e-6)
+    left = 100 * (score - floor) / (top - floor)
+    mark = 100 * (threshold - floor) / (top - floor)
+    side = "above" if score > threshold else "below"
+    rank = "" if val_share is None else f"; higher than {val_share:.1%} of the model's in-distribution val images"
+    return (f"<div class='ood-gauge' title='OOD score {score:.2f}, threshold {threshold:.2f}'>"
+            f"<div class='ood-fill {side}' style='width:{left:.1f}%'></div>"
+            f"<div class='ood-threshold' style='left:{mark:.1f}%'></div></div>"
+            f"<p class='ood-score'>OOD score {score:.2f}, {side} the threshold {threshold:.2f}{rank}</p>")
+
+
+def _bars_html(name: str, pred, error: str | None = None, threshold: float | None = None, tiles_html: str = "",
+               val_share: float | None = None, floor: float = 0.0) -> str:
+    """Label, unknown banner, the OOD score against the threshold and probability bars; a tiled frame's summary
+    (``tiles_html``) goes before its bars, which are then its top defect tile's (or its most unknown tile's)."""
     title = f"<h4>{html.escape(name)}</h4>"
     if error:
         return title + f"<p class='upload-error'>Rejected: {html.escape(error)}</p>"
-    score = f"OOD score {pred.ood_score:.2f}" if pred.ood_score is not None else "no OOD scorer"
     if pred.ood_score is not None and threshold is not None:
-        score += f" against a threshold of {threshold:.2f}"  # the score alone means nothing to an operator
-    banner = ("<p class='unknown-banner'>UNKNOWN — this surface does not look like the training data "
-              f"({pred.unknown_reason}, {score})</p>") if pred.unknown else ""
+        score = _score_gauge(pred.ood_score, threshold, val_share, floor)
+    else:
+        score = "<p class='ood-score'>no OOD scorer</p>" if pred.ood_score is None else \
+            f"<p class='ood-score'>OOD score {pred.ood_score:.2f}</p>"
+    banner = ""
+    if pred.unknown:
+        reason = pred.unknown_reason or ""
+        if unknown_kind(reason) == "camera":  # operators act on the two differently
+            banner = (f"<p class='unknown-banner camera'>UNKNOWN — camera problem ({html.escape(reason)}): "
+                      f"check {html.escape(CAMERA_REASONS[reason])}</p>")
+        else:
+            banner = ("<p class='unknown-banner unfamiliar'>UNKNOWN — not what the model knows: another material, "
+                      f"product or defect ({html.escape(reason)})</p>")
     rows = "".join(
         f"<div>{html.escape(c)} — {p:.1%}</div><div class='bar'><div style='width:{100 * p:.1f}%'></div></div>"
         for c, p in sorted(pred.probabilities.items(), key=lambda kv: -kv[1])
@@ -103,7 +137,7 @@ def _bars_html(name: str, pred, error: str | None = None, threshold: float | Non
     if tiles_html and rows:
         tiles_html += "<p class='bars-note'>probabilities of the tile the label comes from:</p>"
     return (f"{title}{banner}<p class='upload-label'><b>{html.escape(pred.label)}</b> {pred.confidence:.1%}</p>"
-            f"{tiles_html}{rows}")
+            f"{score}{tiles_html}{rows}")
 
 
 def _shrink(gray: np.ndarray, max_side: int) -> np.ndarray:
@@ -173,7 +207,7 @@ class Dashboard:
             gr.Warning(f"Upload refused: {refused}")
             return [], f"<p class='upload-error'>Upload refused: {html.escape(refused)}</p>"
         names, grays, blocks = [], [], []
-        tiling, max_side = self.settings.tiling(), self.settings.dashboard_image_max_side
+        tiling, max_side = TilingConfig.from_settings(self.settings), self.settings.dashboard_image_max_side
         for path in files:
             name = Path(path).name
             try:
@@ -204,13 +238,91 @@ class Dashboard:
             if exp.tiles:
                 overlay = draw_tiles(overlay, exp.tiles, (gray.shape[1], gray.shape[0]))
                 summary = summary_html(exp.tiles, exp.defect_counts, exp.top_defect)
-            block = _bars_html(name, exp, threshold=self.predictor.ood_threshold, tiles_html=summary)
+            val_share = None if exp.ood_score is None else self.predictor.val_share_below(exp.ood_score)
+            floor = float(self.predictor.val_ood_scores.min()) if len(self.predictor.val_ood_scores) else 0.0
+            block = _bars_html(name, exp, threshold=self.predictor.ood_threshold, tiles_html=summary,
+                               val_share=val_share, floor=floor)
             said = f"{name}: {UNKNOWN + ' · ' if exp.unknown else ''}{exp.label}"
             gallery.append((overlay, said + (f" · {len(exp.tiles)} tiles" if exp.tiles else "")))
             blocks.append(block)
         return gallery, "".join(blocks)
 
     # metrics tab -----------------------------------------------------------------
+    def alerts_markdown(self) -> str:
+        """The pending and firing alerts of ``STEELSIGHT_PROMETHEUS_URL``, one row each."""
+        url = self.settings.prometheus_url
+        if not url:
+            return "**alerts** — no Prometheus configured (`STEELSIGHT_PROMETHEUS_URL`)"
+        try:
+            active = active_alerts(url)
+        except (OSError, ValueError) as exc:
+            return f"**alerts** — Prometheus at {html.escape(url)} does not answer ({html.escape(str(exc))})"
+        if not active:
+            return f"**alerts** — none pending or firing ([Prometheus]({url}/alerts))"
+        rows = "\n".join(
+            f"| {a.state} | {a.severity} | {a.name} | "
+            f"{html.escape(', '.join(f'{k}={v}' for k, v in sorted(a.labels.items()) if k not in ('job', 'instance')))}"
+            f" | {html.escape(a.summary)} | {a.active_since[:19].replace('T', ' ')} |" for a in active)
+        firing = sum(a.state == "firing" for a in active)
+        return (f"**alerts** — {firing} firing, {len(active) - firing} pending ([Prometheus]({url}/alerts), "
+                "runbooks in `docs/alerts.md`)\n\n| state | severity | alert | where | summary | since (UTC) |\n"
+                "|---|---|---|---|---|---|\n" + rows)
+
+    def drift_html(self) -> str:
+        """Each line's drift (rules.yml's recording rules) in one table row; a cell is flagged while the drift
+        alert judging it is pending or firing, so the table shows what the alerts evaluate."""
+        url = self.settings.prometheus_url
+        if not url:
+            return "<p><b>drift</b> — no Prometheus configured (<code>STEELSIGHT_PROMETHEUS_URL</code>)</p>"
+        try:
+            lines = drift_summary(url)
+        except (OSError, ValueError) as exc:
+            return f"<p><b>drift</b> — Prometheus at {html.escape(url)} does not answer ({html.escape(str(exc))})</p>"
+        if not lines:
+            return "<p><b>drift</b> — no line has drift series yet (workers export them once they read frames)</p>"
+        e = html.escape
+        alert_of = {cell: name for name, cell in DRIFT_ALERTS.items()}
+
+        def num(v, fmt="{:.2f}"):
+            return "—" if v is None else fmt.format(v)
+
+        def pct(v):
+            return num(v, "{:.1%}")
+
+        def cell(d, key: str, text: str) -> str:
+            state = d.flags.get(key)
+            if not state:
+                return f"<td>{text}</td>"
+            name = alert_of[key.partition(":")[0]]
+            return (f'<td style="background:#fde68a" title="{e(name)} {e(state)}">&#9888; {text} '
+                    f"<small>{e(name)} {e(state)}</small></td>")
+
+        stats = sorted({s for d in lines for s in d.inputs})
+        head = "".join(f"<th>{e(s)} (training mean ± std)</th>" for s in stats)
+        rows = []
+        for d in lines:
+            mix = f"TV {num(d.mix_distance)}"
+            if d.mix_class is not None:
+                mix += f" · {e(d.mix_class)} {pct(d.mix_share)} vs {pct(d.mix_prior)}"
+            inputs = ""
+            for s in stats:
+                i = d.inputs.get(s)
+                if i is None:
+                    inputs += "<td>—</td>"
+                    continue
+                train = ("no training record" if i.training_mean is None
+                         else f"{i.training_mean:.2f} ± {num(i.training_std)}"
+                         + ("" if i.sigmas is None else f" · {i.sigmas:.1f} σ"))
+                inputs += cell(d, f"input:{s}", f"{num(i.mean)} <small>({e(train)})</small>")
+            rows.append(f"<tr><td>{e(d.line)}</td>"
+                        + cell(d, "confidence", f"{num(d.confidence)} <small>(6 h {num(d.confidence_6h)})</small>")
+                        + cell(d, "unknown", f"{pct(d.unknown)} <small>(6 h {pct(d.unknown_6h)})</small>")
+                        + cell(d, "class_mix", mix) + inputs + "</tr>")
+        return ("<p><b>drift</b> — last 30 minutes per line, against the line's 6 hours or the training set "
+                "(runbooks in <code>docs/alerts.md</code>)</p><table><tr><th>line</th><th>mean confidence</th>"
+                "<th>unknown share</th><th>class mix vs training prior (largest deviation)</th>"
+                f"{head}</tr>{''.join(rows)}</table>")
+
     def refresh_metrics(self):
         results = self.source.recent(METRICS_RESULTS)
         counts = class_counts(results)
@@ -224,7 +336,8 @@ class Dashboard:
                  f"**rejected** {int(counts.loc[counts['class'] == REJECTED, 'frames'].sum())}")
         latency = [{"frame": i, "stage": stage, "seconds": getattr(r.timings, stage)}
                    for i, r in enumerate(reversed(results[:300])) for stage in ("queue_wait_s", "inference_s")]
-        return table, counts, pd.DataFrame(latency, columns=["frame", "stage", "seconds"])
+        return (self.alerts_markdown(), self.drift_html(), table, counts,
+                pd.DataFrame(latency, columns=["frame", "stage", "seconds"]))
 
     def scrape_help(self) -> str:
         s = self.settings
@@ -260,7 +373,8 @@ class Dashboard:
         gr.HTML(legend_html(), elem_id="live-legend")
         with gr.Row():
             bars = gr.BarPlot(x="class", y="frames", title="frames per class in window", sort=VERDICTS)
-            rates = gr.LinePlot(x="time", y="value", color="series", title="throughput and defect rate")
+            rates = gr.LinePlot(x="time", y="value", color="series", elem_id="live-rates",
+                                title="share of frames per class and unknown (10 s buckets), against the window's")
         with gr.Row():
             original = gr.Image(label="selected frame: original", interactive=False)
             overlay = gr.Image(label="selected frame: Grad-CAM", interactive=False)
@@ -295,14 +409,16 @@ class Dashboard:
 
     def _metrics_tab(self):
         gr.Markdown(self.scrape_help())
+        alerts = gr.Markdown(elem_id="metrics-alerts")
+        drift = gr.HTML(elem_id="metrics-drift")
         table = gr.Markdown(elem_id="metrics-table")
         with gr.Row():
             counts = gr.BarPlot(x="class", y="frames", title=f"frames by verdict (latest {METRICS_RESULTS:,} results)",
                                 sort=VERDICTS)
             latency = gr.LinePlot(x="frame", y="seconds", color="stage", title="latency of the last 300 frames")
         timer = gr.Timer(max(self.settings.dashboard_refresh_s * 2.5, 5))
-        timer.tick(self.refresh_metrics, None, [table, counts, latency], trigger_mode="once", concurrency_limit=1,
-                   show_progress="hidden")
+        timer.tick(self.refresh_metrics, None, [alerts, drift, table, counts, latency], trigger_mode="once",
+                   concurrency_limit=1, show_progress="hidden")
 
 
 def launch(settings: Settings, predictor: Predictor | None = None, block: bool = True,
@@ -311,7 +427,8 @@ def launch(settings: Settings, predictor: Predictor | None = None, block: bool =
     from prometheus_client import start_http_server
 
     auth = check_access(settings, insecure_no_auth)
-    predictor = predictor or Predictor.load(settings.checkpoint, device="cpu", backend=settings.backend)
+    predictor = predictor or Predictor.load(settings.checkpoint, device="cpu", backend=settings.backend,
+                                            unknown_false_rate=settings.unknown_false_rate)
     app = Dashboard(settings, LiveSource(settings), predictor).build()
     start_http_server(settings.dashboard_metrics_port, addr=settings.metrics_host)
     app.queue(default_concurrency_limit=4)

@@ -19,13 +19,12 @@ from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
 from steelsight.clients import ObjectStore, redis_client
-from steelsight.contract import FrameResult, Settings
+from steelsight.contract import REJECTED, FrameResult, Settings
 from steelsight.model.inference.imageio import DecodeLimits, ImageRejected, decode_rgb
 from steelsight.model.inference.labels import CLASSES
 from steelsight.model.inference.tiling import BACKGROUND, UNKNOWN
 
 ALL = "all"
-REJECTED = "rejected"
 
 
 @dataclass(frozen=True)
@@ -41,9 +40,7 @@ VERDICTS = [*CLASSES, BACKGROUND, UNKNOWN, REJECTED]  # every word verdict() can
 
 def verdict(result: FrameResult) -> str:
     """The one word an operator reads: a class, 'background' (a frame of margin only), 'unknown' or 'rejected'."""
-    if result.status == "rejected":
-        return REJECTED
-    return UNKNOWN if result.unknown else result.label or UNKNOWN
+    return result.verdict
 
 
 def apply_filters(results: list[FrameResult], f: Filters, now: datetime | None = None) -> list[FrameResult]:
@@ -64,18 +61,29 @@ def class_counts(results: list[FrameResult]) -> pd.DataFrame:
     return pd.DataFrame({"class": names, "frames": [counts.get(n, 0) for n in names]})
 
 
+RATE_VERDICTS = [*CLASSES, UNKNOWN]  # the live tab's rate series: each class, and unknown
+BASELINE = "baseline"
+
+
 def rate_over_time(results: list[FrameResult], bucket_s: int = 10) -> pd.DataFrame:
-    """Throughput (frames/s) and defect rate (share named as a defect class) per time bucket."""
+    """Per time bucket, each class's and the unknown rate (share of the bucket's frames), against its baseline.
+
+    A verdict's baseline is its share over all of ``results`` (the window), drawn flat as
+    ``"<verdict> baseline"``; verdicts absent from the window are left out, so the chart
+    shows what the line sees.
+    """
     rows = []
     buckets: dict[datetime, list[FrameResult]] = {}
     for r in results:
         ts = r.finished_at.timestamp()
         buckets.setdefault(datetime.fromtimestamp(ts - ts % bucket_s, UTC), []).append(r)
+    overall = Counter(verdict(r) for r in results)
+    shown = [v for v in RATE_VERDICTS if overall.get(v)]
     for start in sorted(buckets):
-        group = buckets[start]
-        defects = sum(verdict(r) in CLASSES for r in group)
-        rows.append({"time": start, "series": "throughput (frames/s)", "value": len(group) / bucket_s})
-        rows.append({"time": start, "series": "defect rate", "value": defects / len(group)})
+        counts = Counter(verdict(r) for r in buckets[start])
+        for v in shown:
+            rows.append({"time": start, "series": v, "value": counts.get(v, 0) / len(buckets[start])})
+            rows.append({"time": start, "series": f"{v} {BASELINE}", "value": overall[v] / len(results)})
     return pd.DataFrame(rows, columns=["time", "series", "value"])
 
 

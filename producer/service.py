@@ -63,6 +63,9 @@ class Producer:
         self._unconfirmed: deque[tuple[float, Frame]] = deque()  # (enqueued at, frame), oldest first
         self._checked = 0.0
         self.resent = 0  # frames enqueued again after Redis lost them
+        # from the start: a camera that sends nothing after a restart still shows as silent
+        self._last_frame = metrics.LAST_FRAME.labels(line=line_id, camera=camera_id)
+        self._last_frame.set_to_current_time()
 
     def _retry(self, fn, what, transient, service):
         return with_backoff(fn, what, transient, attempts=None, permanent=PERMANENT,
@@ -104,6 +107,7 @@ class Producer:
         A frame whose job failed is not a duplicate: it is sent again ('requeued').
         """
         self.check_unconfirmed()
+        self._last_frame.set_to_current_time()
         frame = Frame(frame_id=frame_id, line_id=self.line_id, camera_id=self.camera_id,
                       captured_at=captured_at or datetime.now(UTC), ext=ext)
         if len(data) > self.settings.max_frame_bytes:

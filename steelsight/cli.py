@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from steelsight.contract import FRAME_UNKNOWN_SHARE, UNKNOWN_FALSE_RATE
 from steelsight.model.inference.backends import BACKEND_NAMES  # the registry: light, --help stays fast
 from steelsight.model.training.transforms import AUGMENT_PRESETS
 
@@ -168,6 +169,7 @@ def _evaluate_parser(sub) -> None:
                             "(default: MIN_COVER of model/evaluation/tiles.py)")
     _add_tiling_args(tiles)
     _add_checkpoint_args(p)
+    _add_unknown_args(p)
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -183,6 +185,16 @@ def _add_tiling_args(group) -> None:
                             "before tiling, so a tile covers the surface a training image did")
     group.add_argument("--model-px-per-mm", type=float, default=None, metavar="PX",
                        help="the resolution of the images the checkpoint was trained on")
+    group.add_argument("--frame-unknown-share", type=float, default=None, metavar="SHARE",
+                       help="a tiled image is unknown when at least this share of its tiles is (default: "
+                            f"STEELSIGHT_FRAME_UNKNOWN_SHARE, {FRAME_UNKNOWN_SHARE}; 1: any defect tile names "
+                            "the image)")
+
+
+def _add_unknown_args(p) -> None:
+    p.add_argument("--unknown-false-rate", type=float, default=None, metavar="RATE",
+                   help="share of in-distribution images (the checkpoint's val) the unknown verdict may flag; sets "
+                        f"the OOD threshold (default: STEELSIGHT_UNKNOWN_FALSE_RATE, {UNKNOWN_FALSE_RATE})")
 
 
 def _predict_parser(sub) -> None:
@@ -202,13 +214,15 @@ def _predict_parser(sub) -> None:
                    help="gradcam, gradcam++, hirescam, xgradcam, layercam or eigencam (default: gradcam)")
     tiles = p.add_argument_group(
         "tiling", "An image larger than one tile (after rescaling) is cut into tiles, each labelled on its own: "
-                  "its row then also has tiles, defect_counts and top_defect, its label is the most confident "
-                  "defect tile's class (else unknown, else background: dark or blown-out margins) and its "
+                  "its row then also has tiles, defect_counts and top_defect, its label is unknown when at "
+                  "least --frame-unknown-share of its tiles are, else the most confident defect tile's class, else "
+                  "background (dark or blown-out margins) and its "
                   "overlay is the tiles' Grad-CAM stitched at the image's full size. Defaults: the "
                   "STEELSIGHT_TILE_SIZE, _TILE_OVERLAP_PX, _FRAME_PIXELS_PER_MM, _MODEL_PIXELS_PER_MM and "
                   "_MAX_TILES_PER_FRAME settings; an image needing more tiles is rejected (too_many_tiles).")
     _add_tiling_args(tiles)
     _add_checkpoint_args(p)
+    _add_unknown_args(p)
     p.set_defaults(func=cmd_predict)
 
 
@@ -302,12 +316,13 @@ def _dashboard_parser(sub) -> None:
 
 def _up_parser(sub) -> None:
     p = sub.add_parser(
-        "up", help="run the whole product locally: Redis, SeaweedFS, 2 workers, producer, dashboard",
+        "up", help="run the whole product locally: Redis, SeaweedFS, Prometheus, 2 workers, producer, dashboard",
         description="Starts redis-server (append-only) and an S3 object store (SeaweedFS from the virtual "
                     "environment, or a minio binary from PATH), both keeping their data under --data so a second "
-                    "run finds the first one's frames; then two workers and the dashboard, and, once every worker "
-                    "has loaded the model, the producer replaying the bundled samples. Prints the URLs. Ctrl-C "
-                    "stops everything.",
+                    "run finds the first one's frames; Prometheus scraping every process with the alert rules "
+                    "(STEELSIGHT_ALERT_RULES, default deploy/prometheus/rules.yml, checked with promtool first); "
+                    "then two workers and the dashboard, and, once every worker has loaded the model, the producer "
+                    "replaying the bundled samples. Prints the URLs. Ctrl-C stops everything.",
     )
     p.add_argument("--s3", choices=["seaweedfs", "minio"], default="seaweedfs",
                    help="object store to run: seaweedfs (default, installed by make) or minio (a minio binary on "
@@ -317,7 +332,10 @@ def _up_parser(sub) -> None:
     p.add_argument("--fps", type=float, default=2.0, help="producer frames per second (default: 2)")
     p.add_argument("--workers", type=int, default=2, help="worker processes (default: 2)")
     p.add_argument("--port-offset", type=int, default=0,
-                   help="add to every port (redis 16379, s3 19000, dashboard 7860, metrics 9100-9103)")
+                   help="add to every port (redis 16379, s3 19000, prometheus 19090, dashboard 7860, "
+                        "metrics 9100-9103)")
+    p.add_argument("--no-prometheus", action="store_true",
+                   help="do not start Prometheus (the dashboard then lists no alerts)")
     p.set_defaults(func=cmd_up)
 
 
@@ -345,7 +363,8 @@ def _check_sizing_parser(sub) -> None:
     p = sub.add_parser(
         "check-sizing", help="check that Redis can hold the results of a line running at N frames/s",
         description="Computes the Redis memory a steady frame rate needs from the settings (result, job and failure "
-                    "TTLs, stream length, queue depth; steelsight.contract.redis_bytes_needed) and compares it with "
+                    "TTLs, stream length, queue depth, the event sinks' outboxes; steelsight.contract."
+                    "redis_bytes_needed) and compares it with "
                     "--redis-maxmemory, or with the maxmemory and maxmemory-policy of the Redis in "
                     "STEELSIGHT_REDIS_URL. Exits 1 when it does not fit or the policy could evict queued frames.",
     )
@@ -427,7 +446,14 @@ def cmd_kfold(args) -> int:
 def _load_predictor(args):
     from steelsight.model.inference.predictor import Predictor
 
-    return Predictor.load(args.checkpoint, device=args.device, batch_size=args.batch_size, backend=args.backend)
+    rate = getattr(args, "unknown_false_rate", None)
+    if rate is None:
+        rate = _settings_with().unknown_false_rate
+    try:
+        return Predictor.load(args.checkpoint, device=args.device, batch_size=args.batch_size, backend=args.backend,
+                              unknown_false_rate=rate)
+    except ValueError as exc:
+        raise SystemExit(f"steelsight {args.command}: {exc}") from exc
 
 
 def cmd_refit_ood(args) -> int:
@@ -467,10 +493,12 @@ def cmd_evaluate(args) -> int:
 
 def _tiling(args, predictor, command: str):
     """The settings' tiling with the command's tiling options over it; a bad combination exits with why."""
+    from steelsight.model.inference.tiling import TilingConfig
+
     try:  # model_copy does not validate: TilingConfig does
-        tiling = _settings_with(tile_size=args.tile_size, tile_overlap_px=args.tile_overlap,
-                                frame_pixels_per_mm=args.frame_px_per_mm,
-                                model_pixels_per_mm=args.model_px_per_mm).tiling()
+        tiling = TilingConfig.from_settings(_settings_with(
+            tile_size=args.tile_size, tile_overlap_px=args.tile_overlap, frame_pixels_per_mm=args.frame_px_per_mm,
+            model_pixels_per_mm=args.model_px_per_mm, frame_unknown_share=args.frame_unknown_share))
         tiling.size(predictor.input_size)
     except ValueError as exc:
         raise SystemExit(f"steelsight {command}: {exc}") from exc
@@ -722,7 +750,8 @@ def cmd_dashboard(args) -> int:
 def cmd_up(args) -> int:
     from steelsight.stack import Stack, run_stack
 
-    return run_stack(Stack(args.data.resolve(), args.port_offset, args.frames, args.fps, args.workers, args.s3))
+    return run_stack(Stack(args.data.resolve(), args.port_offset, args.frames, args.fps, args.workers, args.s3,
+                           prometheus=not args.no_prometheus))
 
 
 def cmd_link(args) -> int:
@@ -745,7 +774,7 @@ def cmd_link(args) -> int:
 
 
 def cmd_check_sizing(args) -> int:
-    from steelsight.contract import redis_bytes_needed
+    from steelsight.contract import REDIS_HEADROOM, redis_bytes_needed, sink_bytes_needed
     from steelsight.sizing import mib, parse_bytes, redis_memory, sizing_problems
 
     settings = _settings_with()
@@ -761,6 +790,10 @@ def cmd_check_sizing(args) -> int:
               f"(policy {policy})")
     print(f"{args.fps:g} frames/s, results kept {settings.result_ttl_s} s, RQ jobs {settings.job_result_ttl_s} s: "
           f"Redis needs {mib(redis_bytes_needed(settings, args.fps, tiles_per_frame=args.tiles_per_frame))}")
+    if settings.event_sinks():  # their outboxes and dead letters have no TTL: no policy evicts them
+        print(f"  of which event sinks ({', '.join(settings.event_sinks())}; up to {settings.sink_queue_max} events "
+              f"waiting and as many dead letters each): "
+              f"{mib(sink_bytes_needed(settings, args.tiles_per_frame) * REDIS_HEADROOM)}")
     problems = sizing_problems(settings, args.fps, maxmemory, policy, tiles_per_frame=args.tiles_per_frame)
     for problem in problems:
         print(f"steelsight check-sizing: {problem}", file=sys.stderr)

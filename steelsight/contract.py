@@ -13,8 +13,9 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import PurePosixPath
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, computed_field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from steelsight.model.inference.backends import BACKEND_NAMES
@@ -29,6 +30,17 @@ CONTENT_TYPES = {"bmp": "image/bmp", "png": "image/png", "jpg": "image/jpeg", "j
                  "pgm": "image/x-portable-graymap", "ppm": "image/x-portable-pixmap"}
 MAX_FRAME_BYTES = 20 * 1024 * 1024  # a frame file larger than this is refused (the decoder's default too)
 OVERLAY_FORMATS = {"jpeg": ("jpg", "image/jpeg"), "png": ("png", "image/png")}  # extension, content type
+
+
+# a tiled frame whose analysed tiles are at least this share unknown is unknown (Settings.frame_unknown_share)
+FRAME_UNKNOWN_SHARE = 0.5
+# share of in-distribution images (the checkpoint's val) the unknown verdict may flag (Settings.unknown_false_rate)
+UNKNOWN_FALSE_RATE = 0.005
+
+# an event a sink runner has held this long without refreshing its claim (its worker died) is taken over by
+# another worker's runner; a live runner refreshes before each attempt, so one attempt and the pause before
+# it (webhook_timeout_s + sink_retry_max_s) must stay well inside it (Settings._sink_claims_held)
+SINK_CLAIM_IDLE_S = 60.0
 
 
 class Settings(BaseSettings):
@@ -112,6 +124,15 @@ class Settings(BaseSettings):
         "the resolution of the training images (NEU's for the shipped model), in which `tile_size` is counted"))
     max_tiles_per_frame: int = Field(default=256, ge=1, description=(
         "a frame needing more tiles is rejected (`too_many_tiles`) instead of tying up a worker"))
+    frame_unknown_share: float = Field(default=FRAME_UNKNOWN_SHARE, gt=0, le=1, description=(
+        "a tiled frame is `unknown` when at least this share of its (not background) tiles is: most of it is not "
+        "what the model knows, so a defect label on the rest would be a guess; its defect tiles stay listed "
+        "(`top_defect`). A 2-tile frame is then unknown with one unknown tile. 1: any defect tile names the frame"))
+    # the unknown verdict (model/inference/ood.py, MODEL_CARD.md "Unknown verdict")
+    unknown_false_rate: float = Field(default=UNKNOWN_FALSE_RATE, ge=0, lt=1, description=(
+        "share of in-distribution images (the checkpoint's NEU val, in steps of one image) the unknown verdict may "
+        "flag, per image or tile: sets the OOD score threshold. Lower: fewer false unknowns, more unfamiliar "
+        "frames given a defect label (the trade-off per source: docs/model_card/ood_operating_curve.png)"))
 
     # dashboard
     dashboard_host: str = "127.0.0.1"
@@ -136,6 +157,34 @@ class Settings(BaseSettings):
     # the worker's /metrics and /healthz; 0.0.0.0 where a scraper or probe runs on another host (containers)
     metrics_host: str = "127.0.0.1"
 
+    # alerts and event sinks
+    prometheus_url: str | None = Field(default=None, description=(
+        "Prometheus whose firing and pending alerts the dashboard's Metrics tab lists (`steelsight up` sets it); "
+        "unset: none are shown"))
+    alert_rules: str | None = Field(default=None, description=(
+        "alert rules file `steelsight up` loads into its Prometheus; unset: `deploy/prometheus/rules.yml`"))
+    sink_verdicts: str = Field(default="all", description=(
+        "which finished frames are pushed to the event sinks: `all`, or a comma list of verdicts "
+        "(a class, `background`, `unknown`, `rejected`)"))
+    webhook_url: str | None = Field(default=None, description=(
+        "http(s) URL each event is POSTed to as JSON, signed with `STEELSIGHT_WEBHOOK_SECRET`; unset: no webhook"))
+    webhook_secret: SecretStr | None = Field(default=None, description=(
+        "HMAC-SHA256 key of the webhook's `X-Steelsight-Signature` header; required with a webhook"))
+    webhook_timeout_s: float = Field(default=5.0, gt=0, description="one webhook request's time limit, in seconds")
+    mqtt_url: SecretStr | None = Field(default=None, description=(
+        "MQTT broker events are published to at QoS 1, `mqtt://user:password@host:1883` (`mqtts://` for TLS); "
+        "unset: no MQTT"))
+    mqtt_topic: str = Field(default="steelsight", description=(
+        "topic prefix: an event goes to `<prefix>/<line>/<camera>/<verdict>`"))
+    sink_queue_max: int = Field(default=10_000, ge=1, description=(
+        "events waiting per sink (in Redis) at most; while that many wait, newer events for the sink are dropped "
+        "and counted (`steelsight_sink_dropped`)"))
+    sink_retry_window_s: float = Field(default=3600.0, gt=0, description=(
+        "an event a sink has not taken this long after its first attempt goes to the sink's dead-letter stream"))
+    sink_retry_max_s: float = Field(default=20.0, gt=0, description=(
+        "longest pause between two attempts of one event (the pause doubles from 0.5 s); with "
+        "`webhook_timeout_s` under 30 s, so no other worker takes the event over meanwhile"))
+
     def to_env(self) -> dict[str, str]:
         """``STEELSIGHT_*`` variables that recreate these settings in a child process."""
         env = {}
@@ -159,6 +208,44 @@ class Settings(BaseSettings):
     def result_key(self, job_id: str) -> str:
         return f"{self.key_prefix}:result:{job_id}"
 
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_webhook(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError(f"webhook_url must be an http:// or https:// URL, not {value!r}")
+        if value is not None and not urlsplit(value).hostname:
+            raise ValueError(f"webhook_url {value!r} names no host")
+        return value
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _mqtt_broker(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parts = urlsplit(value.get_secret_value())
+            if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+                raise ValueError("mqtt_url must be mqtt://[user:password@]host[:port] or mqtts://…")
+        return value
+
+    def event_sinks(self) -> list[str]:
+        """The configured event sinks' names, each with an outbox stream in Redis."""
+        return [name for name, url in (("webhook", self.webhook_url), ("mqtt", self.mqtt_url)) if url]
+
+    @model_validator(mode="after")
+    def _signed_webhook(self):
+        if self.webhook_url and not (self.webhook_secret and self.webhook_secret.get_secret_value()):
+            raise ValueError("webhook_url needs webhook_secret: every event is signed with it (HMAC-SHA256)")
+        return self
+
+    @model_validator(mode="after")
+    def _sink_claims_held(self):
+        longest = self.sink_retry_max_s + self.webhook_timeout_s
+        if self.event_sinks() and longest >= SINK_CLAIM_IDLE_S / 2:
+            raise ValueError(
+                f"sink_retry_max_s + webhook_timeout_s must stay under {SINK_CLAIM_IDLE_S / 2:g} s (they are "
+                f"{longest:g} s): a runner that goes longer without refreshing its claim on an event may see another "
+                f"worker take the event over after {SINK_CLAIM_IDLE_S:g} s, and the sink gets it twice")
+        return self
+
     @model_validator(mode="after")
     def _coherent_tiling(self):
         if self.tile_overlap_px >= self.tile_size:
@@ -168,14 +255,6 @@ class Settings(BaseSettings):
             raise ValueError("frame_pixels_per_mm and model_pixels_per_mm go together: set both or neither")
         return self
 
-    def tiling(self):
-        """The model's ``TilingConfig`` for these settings (imported here: the contract stays free of numpy)."""
-        from steelsight.model.inference.tiling import TilingConfig
-
-        return TilingConfig(tile_size=self.tile_size, overlap_px=self.tile_overlap_px,
-                            frame_pixels_per_mm=self.frame_pixels_per_mm,
-                            model_pixels_per_mm=self.model_pixels_per_mm, max_tiles=self.max_tiles_per_frame)
-
 
 # Redis bytes per frame, upper bounds of MEMORY USAGE after frames through a worker
 # (tests/integration/test_redis_sizing.py and test_wide_frames.py fail when a measurement exceeds them)
@@ -183,6 +262,9 @@ REDIS_RECORD_BYTES = 1_200  # steelsight:result:<job id>, kept result_ttl_s
 REDIS_JOB_BYTES = 7_500  # RQ's job hash and its result, kept job_result_ttl_s
 REDIS_STREAM_ENTRY_BYTES = 1_400  # one results-stream entry, capped at stream_maxlen
 REDIS_TILE_BYTES = 200  # each tile of a tiled frame, in each of the record, RQ's result and the stream entry
+# an event in a sink's outbox is a stream entry holding the result (REDIS_STREAM_ENTRY_BYTES); a dead letter
+# adds its error (at most 500 characters) and attempt count
+REDIS_DEAD_LETTER_EXTRA_BYTES = 600
 REDIS_BASE_BYTES = 16 * 1024**2  # an idle Redis with RQ's registries, scripts and clients
 REDIS_HEADROOM = 1.25  # allocator fragmentation and the copy-on-write of an AOF rewrite stay outside maxmemory
 # Redis evicts only keys with a TTL: results and finished or failed jobs, never a queue or a waiting job
@@ -194,15 +276,23 @@ def redis_bytes_needed(settings: Settings, fps: float, failed_fraction: float = 
     """Redis ``maxmemory`` for a steady ``fps`` frames/s: the one sizing formula.
 
     Every frame leaves a record for ``result_ttl_s`` and RQ's job for ``job_result_ttl_s``
-    (``failure_ttl_s`` for the ``failed_fraction`` that fail); the stream and a full queue are bounded.
+    (``failure_ttl_s`` for the ``failed_fraction`` that fail); the stream and a full queue are bounded, and
+    so are each event sink's outbox and dead-letter stream (``sink_queue_max`` events each, no TTL: a
+    volatile policy never evicts them).
     """
     tiles = tiles_per_frame * REDIS_TILE_BYTES  # wide frames carry a verdict per tile
     per_frame = ((REDIS_RECORD_BYTES + tiles) * settings.result_ttl_s
                  + (REDIS_JOB_BYTES + tiles) * settings.job_result_ttl_s
                  + failed_fraction * REDIS_JOB_BYTES * settings.failure_ttl_s)
     bounded = (settings.stream_maxlen * (REDIS_STREAM_ENTRY_BYTES + tiles) + settings.max_queue_depth * REDIS_JOB_BYTES
-               + REDIS_BASE_BYTES)
+               + REDIS_BASE_BYTES + sink_bytes_needed(settings, tiles_per_frame))
     return int((fps * per_frame + bounded) * REDIS_HEADROOM)
+
+
+def sink_bytes_needed(settings: Settings, tiles_per_frame: int = 0) -> int:
+    """Redis bytes the event sinks' outboxes and dead-letter streams take when full (part of the sizing)."""
+    event = REDIS_STREAM_ENTRY_BYTES + tiles_per_frame * REDIS_TILE_BYTES
+    return len(settings.event_sinks()) * settings.sink_queue_max * (2 * event + REDIS_DEAD_LETTER_EXTRA_BYTES)
 
 
 @lru_cache(maxsize=1)
@@ -294,6 +384,26 @@ class Timings(BaseModel):
     total_s: float
 
 
+# FrameResult.unknown_reason, in the two kinds operators act on differently
+UNFAMILIAR_REASON = "ood_score"  # not a camera fault: a surface the model does not know (another material,
+# product or defect); check what the line is running
+CAMERA_REASONS: dict[str, str] = {  # the camera or its light is at fault, not the surface: reason -> what to check
+    "blank_frame": "a uniform frame: lens cap, dead sensor or no strip in view",
+    "saturated_frame": "black or blown out: exposure and lighting",
+    "no_spatial_structure": "pixel noise only: sensor or cable",
+    "blurred": "focus, exposure time or vibration",
+    "noisy": "sensor gain too high or too little light",
+    "bad_exposure": "too dark, too bright or too flat: lighting and exposure",
+}
+
+
+def unknown_kind(reason: str | None) -> str | None:
+    """"camera" for a camera fault, "unfamiliar" for a surface the model does not know, None when not unknown."""
+    if reason is None:
+        return None
+    return "camera" if reason in CAMERA_REASONS else "unfamiliar"
+
+
 class TileVerdict(BaseModel):
     """One tile of a frame larger than the model's input: its window in frame pixels and its verdict."""
 
@@ -305,6 +415,10 @@ class TileVerdict(BaseModel):
     confidence: float
     unknown: bool = False
     unknown_reason: str | None = None
+
+
+REJECTED = "rejected"  # the verdict of a frame no model read (FrameResult.status)
+UNKNOWN = "unknown"  # the verdict of a frame the model cannot vouch for (the tiling's word for such a tile too)
 
 
 class FrameResult(BaseModel):
@@ -321,9 +435,10 @@ class FrameResult(BaseModel):
     probabilities: dict[str, float] = Field(default_factory=dict)
     ood_score: float | None = None
     unknown: bool = False
-    unknown_reason: str | None = None  # "ood_score" or an input-quality issue
-    # frames larger than one tile (empty otherwise): label is then the most confident defect tile's class,
-    # else "unknown" when any tile is, else "background"; counts are of tiles neither background nor unknown
+    unknown_reason: str | None = None  # UNFAMILIAR_REASON or one of CAMERA_REASONS
+    # frames larger than one tile (empty otherwise): label is then "unknown" when at least frame_unknown_share
+    # of the analysed tiles are, else the most confident defect tile's class, else "background"; counts are
+    # of tiles neither background nor unknown
     tiles: list[TileVerdict] = Field(default_factory=list)
     defect_counts: dict[str, int] = Field(default_factory=dict)
     top_defect: TileVerdict | None = None
@@ -334,3 +449,16 @@ class FrameResult(BaseModel):
     worker: str = ""
     checkpoint_sha256: str = ""
     finished_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @computed_field
+    @property
+    def unknown_kind(self) -> str | None:
+        """"camera" or "unfamiliar" for an unknown frame (see :func:`unknown_kind`), else None."""
+        return unknown_kind(self.unknown_reason) if self.unknown else None
+
+    @property
+    def verdict(self) -> str:
+        """The one word an operator reads: a class, "background" (margin only), "unknown" or "rejected"."""
+        if self.status == REJECTED:
+            return REJECTED
+        return UNKNOWN if self.unknown else self.label or UNKNOWN

@@ -1,7 +1,9 @@
-"""Local services for development, tests and benchmarks: redis-server and SeaweedFS's S3 gateway on loopback."""
+"""Local services for development, tests and benchmarks, on loopback: redis-server, SeaweedFS's S3 gateway,
+Prometheus and the mosquitto MQTT broker."""
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import re
@@ -102,6 +104,69 @@ def redis_server(workdir: Path, appendonly: bool = False, port: int | None = Non
     return Service(args, port, workdir / f"redis-{port}.log")
 
 
+
+
+class Prometheus(Service):
+    """Debian's ``prometheus`` on loopback, scraping ``targets`` (job -> ``host:port`` list) and loading ``rules``."""
+
+    def __init__(self, workdir: Path, port: int, targets: dict[str, list[str]], rules: Path | None,
+                 scrape_interval_s: float = 5.0, evaluation_interval_s: float = 5.0):
+        binary = shutil.which("prometheus")
+        if binary is None:
+            raise RuntimeError("prometheus is not installed: run ./deploy/install-system-deps.sh")
+        workdir.mkdir(parents=True, exist_ok=True)
+        config = {"global": {"scrape_interval": f"{scrape_interval_s:g}s",
+                             "evaluation_interval": f"{evaluation_interval_s:g}s"},
+                  "rule_files": [str(rules)] if rules else [],
+                  "scrape_configs": [{"job_name": job, "static_configs": [{"targets": hosts}]}
+                                     for job, hosts in targets.items()]}
+        self.config = workdir / "prometheus.yml"
+        self.config.write_text(json.dumps(config, indent=2) + "\n")  # JSON is YAML
+        self.url = f"http://127.0.0.1:{port}"
+        super().__init__([binary, f"--config.file={self.config}", f"--storage.tsdb.path={workdir / 'data'}",
+                          f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"], port,
+                         workdir / f"prometheus-{port}.log")
+
+    def ready(self) -> bool:
+        if not self.accepting():
+            return False
+        with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as response:
+            return response.status == 200
+
+
+def prometheus_server(workdir: Path, targets: dict[str, list[str]], rules: Path | None = None,
+                      port: int | None = None, scrape_interval_s: float = 5.0,
+                      evaluation_interval_s: float = 5.0) -> Prometheus:
+    return Prometheus(workdir, port or free_port(), targets, rules, scrape_interval_s, evaluation_interval_s)
+
+
+class Mosquitto(Service):
+    """Debian's ``mosquitto`` broker on loopback; with ``users`` (name -> password) anonymous clients are refused."""
+
+    def __init__(self, workdir: Path, port: int, users: dict[str, str] | None = None):
+        binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+        if binary is None:
+            raise RuntimeError("mosquitto is not installed: run ./deploy/install-system-deps.sh --test")
+        workdir.mkdir(parents=True, exist_ok=True)
+        # `user`: started as root, mosquitto would switch to its own user, who cannot read this folder
+        lines = [f"listener {port} 127.0.0.1", "persistence false", "log_dest stdout", f"user {getpass.getuser()}"]
+        if users:
+            passwords = workdir / "passwords"
+            passwords.write_text("")
+            passwords.chmod(0o600)
+            for user, password in users.items():
+                subprocess.run(["mosquitto_passwd", "-b", str(passwords), user, password], check=True,
+                               capture_output=True)
+            lines += ["allow_anonymous false", f"password_file {passwords}"]
+        else:
+            lines.append("allow_anonymous true")
+        config = workdir / f"mosquitto-{port}.conf"
+        config.write_text("\n".join(lines) + "\n")
+        super().__init__([binary, "-c", str(config)], port, workdir / f"mosquitto-{port}.log")
+
+
+def mosquitto_server(workdir: Path, port: int | None = None, users: dict[str, str] | None = None) -> Mosquitto:
+    return Mosquitto(workdir, port or free_port(), users)
 
 
 SEAWEEDFS_REQUIREMENTS = Path(__file__).resolve().parents[1] / "deploy" / "seaweedfs-requirements.txt"

@@ -2,8 +2,9 @@
 
 Redis (append-only) and SeaweedFS (or ``--s3 minio``), both keeping their data
 under ``--data`` so that a second run finds the first run's frames, two workers,
-the dashboard, and the producer replaying the bundled samples once every worker
-has its model loaded. Ctrl-C stops every process it started.
+the dashboard, Prometheus scraping them all with the alert rules loaded, and the
+producer replaying the bundled samples once every worker has its model loaded.
+Ctrl-C stops every process it started.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .alerts import check_rules, rules_path
 from .contract import Settings, redis_bytes_needed
-from .devstack import Service, ServiceExited, minio_server, redis_server, s3_server, wait_until
+from .devstack import Service, ServiceExited, minio_server, prometheus_server, redis_server, s3_server, wait_until
 
 SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
 S3_PORT = 19000
+PROMETHEUS_PORT = 19090
+SCRAPE_INTERVAL_S = 5.0
 # SeaweedFS's inner ports, fixed so that a restart over the same data finds the same cluster
 SEAWEEDFS_PORTS = {"master.port": 19333, "master.port.grpc": 19334, "volume.port": 19380, "volume.port.grpc": 19381,
                    "filer.port": 19388, "filer.port.grpc": 19389, "s3.port.grpc": 19002}
@@ -34,6 +38,7 @@ class Stack:
     fps: float = 2.0
     workers: int = 2
     s3: str = "seaweedfs"
+    prometheus: bool = True
     services: list[Service] = field(default_factory=list)
     children: list[subprocess.Popen] = field(default_factory=list)
 
@@ -64,7 +69,22 @@ class Stack:
         return Settings(redis_url=redis_url, s3_endpoint=f"127.0.0.1:{s3.port}",
                         s3_access_key=s3.credentials.access_key, s3_secret_key=s3.credentials.secret_key,
                         dashboard_port=self.port(7860),
-                        dashboard_metrics_port=self.port(9102))
+                        dashboard_metrics_port=self.port(9102),
+                        prometheus_url=f"http://127.0.0.1:{self.port(PROMETHEUS_PORT)}" if self.prometheus else None)
+
+    def worker_metrics_port(self, i: int) -> int:
+        return self.port(9100) + i * 10
+
+    def start_prometheus(self, settings: Settings) -> str:
+        """Prometheus scraping every process this stack starts, with the alert rules; returns a line to print."""
+        rules = rules_path(settings)
+        targets = {"steelsight-worker": [f"127.0.0.1:{self.worker_metrics_port(i)}" for i in range(self.workers)],
+                   "steelsight-producer": [f"127.0.0.1:{self.port(9103)}"],
+                   "steelsight-dashboard": [f"127.0.0.1:{settings.dashboard_metrics_port}"]}
+        prometheus = prometheus_server(self.data_dir / "prometheus", targets, rules, port=self.port(PROMETHEUS_PORT),
+                                       scrape_interval_s=SCRAPE_INTERVAL_S, evaluation_interval_s=SCRAPE_INTERVAL_S)
+        self.services.append(prometheus.start())
+        return f"prometheus {prometheus.url}/alerts — rules {rules}, data in {self.data_dir / 'prometheus'}"
 
     def spawn(self, settings: Settings, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.data_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it until exit
@@ -78,16 +98,19 @@ class Stack:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         redis_url, s3, s3_kind = self.start_storage()
         settings = self.settings(redis_url, s3)
+        prometheus = self.start_prometheus(settings) if self.prometheus else None
         workers = {}
         for i in range(self.workers):
             name = f"worker-{i + 1}-{self.port(0)}"
-            worker = settings.model_copy(update={"metrics_port": self.port(9100) + i * 10})
+            worker = settings.model_copy(update={"metrics_port": self.worker_metrics_port(i)})
             workers[name] = self.spawn(worker, f"worker-{i + 1}", ["worker", "--name", name]).pid
         self.spawn(settings, "dashboard", ["dashboard"])
         print(f"redis      {redis_url} (append-only, {self.data_dir / 'redis'})")
         print(f"s3         http://{settings.s3_endpoint} — {s3_kind}")
+        if prometheus:
+            print(prometheus)
         print(f"workers    {self.workers}, metrics on " + ", ".join(
-            f"http://127.0.0.1:{self.port(9100) + i * 10}/metrics" for i in range(self.workers)), flush=True)
+            f"http://127.0.0.1:{self.worker_metrics_port(i)}/metrics" for i in range(self.workers)), flush=True)
         # frames sent before the models are loaded would only wait in the queue
         self._wait(lambda: self._workers_ready(settings, workers), "the workers to load the model")
         producer = ["produce", "--source", str(SAMPLES), "--loop", "--fps", str(self.fps),
@@ -102,6 +125,11 @@ class Stack:
         print(f"dashboard  {url}  (metrics on http://127.0.0.1:{settings.dashboard_metrics_port}/metrics)")
         print("ready — Ctrl-C stops everything", flush=True)
         return settings
+
+    def preflight(self) -> None:
+        """Refuse bad input before anything starts: alert rules that do not parse."""
+        if self.prometheus:
+            check_rules(rules_path(Settings()))
 
     def _wait(self, check, what: str) -> None:
         def alive_and(check=check) -> bool:
@@ -148,7 +176,7 @@ class Stack:
                 proc.wait()
         for service in reversed(self.services):
             service.stop()
-        print("stopped: workers, producer, dashboard, S3 and Redis")
+        print("stopped: workers, producer, dashboard, " + ("Prometheus, " if self.prometheus else "") + "S3 and Redis")
 
 
 def run_stack(stack: Stack) -> int:
@@ -156,6 +184,7 @@ def run_stack(stack: Stack) -> int:
     # installed explicitly: a shell starts background jobs with SIGINT ignored, and Ctrl-C must still work
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    stack.preflight()
     try:
         stack.up()
         while True:

@@ -25,7 +25,7 @@ from steelsight.clients import PERMANENT, MissingObject, ObjectStore, s3_transie
 from steelsight.contract import OVERLAY_FORMATS, Frame, FrameResult, Settings, Timings
 from steelsight.model.inference.imageio import DecodeLimits, ImageRejected, decode_gray, encode_overlay
 from steelsight.model.inference.predictor import Predictor
-from steelsight.model.inference.tiling import FramePlan, TooManyTiles, plan_frame, tile_count
+from steelsight.model.inference.tiling import FramePlan, TilingConfig, TooManyTiles, plan_frame, tile_count
 from steelsight.retry import with_backoff
 
 from . import metrics
@@ -98,7 +98,7 @@ class FrameEngine:
         self.worker_name = socket.gethostname()
         self.io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="s3-io")
         self.decoding = PixelBudget(settings.decode_pixel_budget)
-        self.tiling = settings.tiling()
+        self.tiling = TilingConfig.from_settings(settings)
         self.tiling.size(predictor.input_size)  # a tiling the checkpoint cannot use stops the worker at start
         metrics.MODEL.info({"checkpoint_sha256": predictor.checkpoint.sha256,
                             "checkpoint": predictor.checkpoint.path.name,
@@ -130,7 +130,10 @@ class FrameEngine:
             tiles = self._tile_count(*gray.shape[:2])
             if tiles == 1:
                 gray = shrink(gray, self.settings.max_frame_side)
-            return Loaded(plan_frame(gray, self.tiling, self.predictor.input_size), tiles)
+            plan = plan_frame(gray, self.tiling, self.predictor.input_size)
+            # input drift (the InputDrift alert): brightness, contrast and sharpness at the model's scale
+            metrics.observe_input(frame.line_id, plan.scaled)
+            return Loaded(plan, tiles)
 
     def _tile_count(self, height: int, width: int) -> int:
         """Tiles a frame this size takes; raises :class:`TooManyTiles` past ``max_tiles_per_frame``."""
@@ -229,7 +232,7 @@ def tiles_in(loads: dict[str, Future]) -> int:
 def build_engine(settings: Settings, liveness: Liveness | None = None) -> FrameEngine:
     """Load the model once and make sure the buckets exist (waiting out an object store that is not up yet)."""
     predictor = Predictor.load(settings.checkpoint, device=settings.device, batch_size=max(settings.batch_size, 1),
-                               backend=settings.backend)
+                               backend=settings.backend, unknown_false_rate=settings.unknown_false_rate)
     store = ObjectStore(settings)
     with liveness.waiting("the object store") if liveness else contextlib.nullcontext():
         with_backoff(store.ensure_buckets, "create buckets", s3_transient, attempts=None, permanent=PERMANENT)

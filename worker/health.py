@@ -15,17 +15,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
+from . import metrics
+
 
 class Liveness:
     """When the work loop last beat, or what it is waiting for."""
 
     def __init__(self, stale_after_s: float):
         self.stale_after_s = stale_after_s
-        self._last = time.monotonic()
         self.waiting_for: str | None = None
+        self.beat()
 
     def beat(self) -> None:
         self._last = time.monotonic()
+        metrics.HEARTBEAT.set_to_current_time()
 
     def age(self) -> float:
         return time.monotonic() - self._last

@@ -16,10 +16,10 @@ from functools import lru_cache
 from rq import get_current_job
 
 from steelsight.clients import REDIS_TRANSIENT
-from steelsight.contract import Frame, FrameResult, Settings, get_settings
+from steelsight.contract import CAMERA_REASONS, REJECTED, Frame, FrameResult, Settings, get_settings
 from steelsight.retry import with_backoff
 
-from . import metrics
+from . import metrics, sinks
 from .engine import FrameEngine, build_engine
 from .outcome import Done, Failed, Outcome, settle
 
@@ -28,11 +28,19 @@ class RefusedJob(RuntimeError):
     """A job that names any function other than :data:`JOB_FUNCTION`, or carries what the producer never sets."""
 
 
-# record and stream entry in one atomic step: a worker killed between two separate
-# commands would leave a record whose stream entry no retry ever writes
+# record, stream entry and event-sink outbox entries in one atomic step: a worker killed between two
+# separate commands would leave a record whose stream entry (or event) no retry ever writes.
+# KEYS[3..]: an outbox and its dropped-events counter per sink; a full outbox takes no more (counted).
 PUBLISH_ONCE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'result', ARGV[1])
+  for i = 3, #KEYS, 2 do
+    if redis.call('XLEN', KEYS[i]) < tonumber(ARGV[4]) then
+      redis.call('XADD', KEYS[i], '*', 'result', ARGV[1])
+    else
+      redis.call('INCR', KEYS[i + 1])
+    end
+  end
   return 1
 end
 return 0
@@ -46,13 +54,13 @@ def publish(result: FrameResult, connection, settings: Settings) -> bool:
 
 def publish_many(results: list[FrameResult], connection, settings: Settings) -> list[bool]:
     """:func:`publish` for a batch in one round trip; safe to repeat, as each write happens once."""
-    payloads = [(settings.result_key(r.job_id), r.model_dump_json()) for r in results]
+    payloads = [(settings.result_key(r.job_id), r.model_dump_json(), sinks.outbox_keys(settings, r)) for r in results]
 
     def write() -> list[bool]:
         with connection.pipeline(transaction=False) as pipe:
-            for key, payload in payloads:
-                pipe.eval(PUBLISH_ONCE, 2, key, settings.results_stream, payload, settings.result_ttl_s,
-                          settings.stream_maxlen)
+            for key, payload, outboxes in payloads:
+                pipe.eval(PUBLISH_ONCE, 2 + len(outboxes), key, settings.results_stream, *outboxes, payload,
+                          settings.result_ttl_s, settings.stream_maxlen, settings.sink_queue_max)
             return [bool(written) for written in pipe.execute()]
 
     what = f"publish result {results[0].job_id}" + (f" and {len(results) - 1} more" if len(results) > 1 else "")
@@ -67,8 +75,21 @@ def publish_and_count(results: list[FrameResult], connection, settings: Settings
 
 
 def _count(result: FrameResult) -> None:
+    line, camera = metrics.line_camera(result.line_id, result.camera_id)
     metrics.FRAMES.labels(status=result.status, label=result.label or "none").inc()
-    metrics.END_TO_END_SECONDS.observe((datetime.now(UTC) - result.captured_at).total_seconds())
+    metrics.VERDICTS.labels(line=line, camera=camera, verdict=result.verdict).inc()
+    metrics.END_TO_END_SECONDS.labels(line=line, camera=camera).observe(
+        (datetime.now(UTC) - result.captured_at).total_seconds())
+    if result.status == REJECTED:
+        metrics.REJECTED.labels(line=line, camera=camera, reason=metrics.reason_label(result.reason)).inc()
+        return
+    if result.unknown:
+        reason = metrics.reason_label(result.unknown_reason)
+        metrics.UNKNOWN.labels(line=line, camera=camera, reason=reason).inc()
+        if result.unknown_reason in CAMERA_REASONS:  # a camera fault: the quality gate or the camera bank
+            metrics.QUALITY_FLAGS.labels(line=line, camera=camera, issue=reason).inc()
+    if result.confidence is not None:
+        metrics.CONFIDENCE.labels(line=line).observe(result.confidence)
 
 
 def conclude(outcome: Outcome, connection, settings: Settings) -> dict:

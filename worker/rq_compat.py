@@ -319,3 +319,25 @@ def enqueue_due(queue, job_class, serializer) -> int:
         pipe.execute()
     log.info("re-queued %d job%s due for retry", len(ids), "s" * (len(ids) > 1))
     return len(ids)
+
+
+def queue_state(queue) -> tuple[int, float, int]:
+    """(jobs waiting, age in seconds of the oldest waiting job (0 when none), jobs in the failed registry).
+
+    RQ appends to the queue's list and pops from its head, and stamps ``enqueued_at`` in the job's hash.
+    """
+    from rq.registry import FailedJobRegistry
+    from rq.utils import utcparse
+
+    connection = queue.connection
+    with connection.pipeline(transaction=False) as pipe:
+        pipe.llen(queue.key)
+        pipe.lindex(queue.key, 0)
+        pipe.zcard(FailedJobRegistry(queue.name, connection=connection).key)
+        depth, head, failed = pipe.execute()
+    age = 0.0
+    if head is not None:
+        stamp = connection.hget(Job.key_for(as_text(head)), "enqueued_at")
+        if stamp:
+            age = max((now() - utcparse(as_text(stamp))).total_seconds(), 0.0)
+    return depth, age, failed

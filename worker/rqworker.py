@@ -157,6 +157,11 @@ class BatchingWorker(SimpleWorker):
         self._last_reclaim = time.monotonic()
         for queue in self.queues:
             reclaim.reclaim(queue, self.name, self.job_class, self.serializer)
+        # the queue as alerts see it, idle or busy: a backlog grows while every worker is busy
+        depth, oldest_age, failed = rq_compat.queue_state(self.queues[0])
+        metrics.QUEUE_DEPTH.set(depth)
+        metrics.QUEUE_OLDEST_AGE.set(oldest_age)
+        metrics.FAILED_JOBS.set(failed)
 
     # -- batches
 

@@ -18,8 +18,10 @@ from steelsight.retry import caused_by, with_backoff
 
 from . import health
 from .engine import FrameEngine, build_engine
+from .metrics import export_training_inputs
 from .rq_compat import FrameJob
 from .rqworker import BatchingWorker
+from .sinks import start_sinks
 
 log = logging.getLogger("steelsight.worker")
 
@@ -28,6 +30,15 @@ def default_name() -> str:
     """Host, PID and a random suffix: in a container every replica is PID 1, and a restarted
     process must not wait for its dead predecessor's worker key to expire."""
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def export_training_prior(classes: list[str]) -> None:
+    """Each class's share of the training set, for the class-mix drift rule. A checkpoint records no class
+    counts, so the prior is uniform over its classes: what NEU, the shipped model's data (300 per class), has."""
+    from . import metrics
+
+    for name in classes:
+        metrics.TRAINING_CLASS_SHARE.labels(verdict=name).set(1 / len(classes))
 
 
 class WorkerCrashed(RuntimeError):
@@ -48,11 +59,24 @@ def make_worker(settings: Settings, engine: FrameEngine, name: str | None = None
 
 
 def run_worker(settings: Settings, burst: bool = False, name: str | None = None, metrics: bool = True) -> bool:
+    name = name or default_name()
+    # before the model loads: a sink the worker cannot start with (a refused login) stops it in seconds
+    runners = start_sinks(settings, name)
     liveness = health.Liveness(settings.health_stale_s)
     if metrics:
         health.serve(settings.metrics_host, settings.metrics_port, liveness)
         log.info("metrics on %s:%d/metrics, health on /healthz", settings.metrics_host, settings.metrics_port)
-    return work(settings, build_engine(settings, liveness), burst=burst, name=name, liveness=liveness)
+    try:
+        engine = build_engine(settings, liveness)
+        meta = engine.predictor.checkpoint.meta
+        export_training_prior(meta.classes)
+        if not export_training_inputs(meta.input_stats):
+            log.info("the checkpoint records no training input statistics: InputDrift has no reference to compare "
+                     "the lines' brightness, contrast and sharpness with")
+        return work(settings, engine, burst=burst, name=name, liveness=liveness)
+    finally:
+        for runner in runners:
+            runner.stop()
 
 
 def work(settings: Settings, engine: FrameEngine, burst: bool = False, name: str | None = None,

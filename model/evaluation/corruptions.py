@@ -53,9 +53,32 @@ CORRUPTIONS: dict[str, tuple[Callable[..., np.ndarray], str]] = {
 }
 
 
+# motion blur is also scored at each of these lengths (px at the image's own scale), not at one kernel only
+MOTION_BLUR_LENGTHS = (5, 9, 13, 17)
+
+
 def corrupt_all(images: list[np.ndarray], name: str) -> list[np.ndarray]:
     fn, _ = CORRUPTIONS[name]
     return [fn(img, seed=i) for i, img in enumerate(images)]
+
+
+def exposure(img: np.ndarray, gain: float = 0.35, offset: float = 0.0, seed: int = 0) -> np.ndarray:
+    return np.clip(img.astype(np.float32) * gain + offset, 0, 255).astype(np.uint8)
+
+
+# Camera faults whose look the unknown verdict names (ood.CameraBank): fault -> (function at its severity,
+# unknown_reason). Milder and harsher than the moderate set above, so the bank spans a range.
+CAMERA_FAULTS: dict[str, tuple[Callable[..., np.ndarray], str]] = {
+    "gaussian_blur_1.5": (lambda img, seed=0: gaussian_blur(img, 1.5), "blurred"),
+    "gaussian_blur_3": (lambda img, seed=0: gaussian_blur(img, 3.0), "blurred"),
+    "motion_blur_9": (lambda img, seed=0: motion_blur(img, 9, seed), "blurred"),
+    "motion_blur_17": (lambda img, seed=0: motion_blur(img, 17, seed), "blurred"),
+    "gaussian_noise_15": (lambda img, seed=0: gaussian_noise(img, 15.0, seed), "noisy"),
+    "gaussian_noise_30": (lambda img, seed=0: gaussian_noise(img, 30.0, seed), "noisy"),
+    "dark": (lambda img, seed=0: exposure(img, 0.35, 0.0), "bad_exposure"),
+    "bright": (lambda img, seed=0: exposure(img, 0.5, 140.0), "bad_exposure"),
+    "flat": (lambda img, seed=0: brightness_contrast(img, 0.4, 0.0), "bad_exposure"),
+}
 
 
 # --- out-of-distribution sets, from what is available offline -----------------------

@@ -38,6 +38,8 @@ class CheckpointMeta:
     data_manifest_sha256: str = ""
     temperature: float = 1.0
     ood: dict = field(default_factory=dict)
+    # the training images' input statistics (quality.input_statistics): {name: {"mean", "std"}}, for drift
+    input_stats: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -112,7 +114,10 @@ def load_checkpoint(path: Path | str | None = None, device: str | torch.device =
                 state[key] = f.get_tensor(key).float()
     except (OSError, ValueError, SafetensorError) as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
-    ood = OodScorer.from_prefixed_state(state)
+    try:
+        ood = OodScorer.from_prefixed_state(state, tuple((meta.ood or {}).get("camera_reasons", ())))
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} has a broken OOD scorer: {exc}") from exc
     model.load_state_dict({k: v for k, v in state.items() if not k.startswith(OOD_PREFIX)})
     if ood is not None:
         ood = ood.to(device)

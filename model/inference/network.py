@@ -125,6 +125,14 @@ class AttentionResNet50(nn.Module):
     def classify(self, feats: torch.Tensor) -> torch.Tensor:
         return self.head(self.pooled(feats))
 
+    def hidden(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The head's hidden layer (N, hidden), after its ReLU: what the last linear layer classifies."""
+        return self.head[:-1](pooled)
+
+    @property
+    def classifier(self) -> nn.Linear:
+        return self.head[-1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classify(self.features(x))
 

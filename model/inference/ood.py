@@ -18,19 +18,46 @@ A third part is not a distance:
   trunk reads as rough steel lands near a class mean but leaves the classifier torn;
   this part catches it, and the model's own errors under corruption with it.
 
-The score is the sum of the parts. Each distance is divided by its median on val
-images, so both weigh alike and in-distribution images sit near 2; the unconfidence
-is scaled to match them at val's 99.5th percentile. Checkpoints fitted before a part
-existed score without it.
+These three make the *feature-distance score*: the sum of the parts. Each distance is
+divided by its median on val images, so both weigh alike and in-distribution images sit
+near 2; the unconfidence is scaled to match them at val's 99.5th percentile.
+
+* ``vim``: Virtual-logit Matching (Wang et al., CVPR 2022) on the head's 512-d hidden
+  layer: the norm of the feature's part outside the training features' 64 principal
+  directions (measured from the classifier's origin), scaled to the mean top logit, minus
+  the log-sum-exp of the logits. Other materials land far off the subspace steel spans;
+  it is fitted on training images only, no outlier images (``bench/ood_sources.py``
+  compares it with outlier exposure, which is refitted leaving each source out).
+
+With ``vim``, the score is the sum of the two scores, each minus its val median and over
+its val spread (99.5th percentile minus median): in-distribution images score near 0, and
+the threshold sits near 1.3. Checkpoints fitted before a part existed score without it
+(on their own scale, with their own threshold).
+
+:class:`CameraBank` does not score: for a frame already called unknown it says whether the
+frame looks like steel seen through a faulty camera (blurred, noisy, badly exposed), by its
+nearest layer3 texture statistics among training images under those faults.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
+from steelsight.contract import UNKNOWN_FALSE_RATE
+
 OOD_PREFIX = "ood."
 TEXTURE_LAYER = 6  # index of layer3 in the trunk (stem 0-3, layer1..layer4 = 4..7)
+VIM_DIM = 64  # principal directions of the 512-d hidden layer kept as "steel" (chosen among 32-256, MODEL_CARD.md)
+
+
+def ood_threshold(val_scores, false_unknown_rate: float = UNKNOWN_FALSE_RATE) -> float:
+    """Score above which an image is unknown, leaving at most this share of val images flagged: a val score, not
+    an interpolation between two, so the rate is an upper bound on val (in steps of one image)."""
+    if not 0.0 <= false_unknown_rate < 1.0:
+        raise ValueError(f"unknown_false_rate must be in [0, 1), not {false_unknown_rate}")
+    return float(np.quantile(np.asarray(val_scores, dtype=np.float64), 1.0 - false_unknown_rate, method="higher"))
 
 
 class MahalanobisScorer(nn.Module):
@@ -97,6 +124,75 @@ class MahalanobisScorer(nn.Module):
         return scorer
 
 
+class VirtualLogitScorer(nn.Module):
+    """ViM: ``alpha * |P_null (h - o)| - logsumexp(logits)``, o = -pinv(W) b of the last linear layer."""
+
+    def __init__(self, hidden_dim: int, null_dim: int):
+        super().__init__()
+        self.register_buffer("origin", torch.zeros(hidden_dim))
+        self.register_buffer("null_basis", torch.zeros(hidden_dim, null_dim))
+        self.register_buffer("alpha", torch.ones(1))
+
+    @classmethod
+    def fit(cls, hidden: torch.Tensor, logits: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+            dim: int = VIM_DIM) -> VirtualLogitScorer:
+        hidden = hidden.double()
+        weight, bias = weight.detach().to(hidden.device).double(), bias.detach().to(hidden.device).double()
+        origin = -torch.linalg.pinv(weight) @ bias
+        centred = hidden - origin
+        values, vectors = torch.linalg.eigh(centred.T @ centred / len(centred))
+        null = vectors[:, values.argsort(descending=True)[dim:]]
+        scorer = cls(hidden.shape[1], null.shape[1])
+        scorer.origin.copy_(origin.float())
+        scorer.null_basis.copy_(null.float())
+        residual = (centred @ null).norm(dim=1).mean().clamp(min=1e-12)
+        scorer.alpha.fill_(float(logits.double().max(dim=1).values.mean().cpu() / residual.cpu()))
+        return scorer
+
+    def forward(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        virtual = ((hidden.float() - self.origin) @ self.null_basis).norm(dim=1) * self.alpha
+        return virtual - torch.logsumexp(logits.float(), dim=1)
+
+
+class CameraBank(nn.Module):
+    """Nearest neighbour among training images under camera faults, by cosine distance of layer3 statistics.
+
+    ``reason(texture)`` gives the fault's index into ``reasons`` when the nearest is closer than ``cut``
+    (the 95th percentile of the same distance for other training images under the same faults), else -1.
+    It names the look, not the cause: a smooth frame of another material can look blurred
+    (bench/ood_sources.py counts how often).
+    """
+
+    def __init__(self, size: int, dim: int, reasons: tuple[str, ...] = ()):
+        super().__init__()
+        self.reasons = tuple(reasons)
+        self.register_buffer("bank", torch.zeros(size, dim))
+        self.register_buffer("kind", torch.zeros(size, dtype=torch.long))
+        self.register_buffer("cut", torch.zeros(1))
+
+    @staticmethod
+    def _unit(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(x.float(), dim=1)
+
+    @classmethod
+    def fit(cls, texture: torch.Tensor, kind: torch.Tensor, reasons: tuple[str, ...],
+            val_texture: torch.Tensor, quantile: float = 0.95) -> CameraBank:
+        bank = cls(len(texture), texture.shape[1], reasons)
+        bank.bank.copy_(cls._unit(texture).half().float())  # as stored: the cut is set on what is loaded
+        bank.kind.copy_(kind)
+        bank.cut.fill_(float(torch.quantile(bank.nearest(val_texture)[0].double(), quantile)))
+        return bank
+
+    def nearest(self, texture: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        similarity = self._unit(texture) @ self.bank.T
+        best, index = similarity.max(dim=1)
+        return 1 - best, self.kind[index]
+
+    def reason(self, texture: torch.Tensor) -> torch.Tensor:
+        distance, kind = self.nearest(texture)
+        return torch.where(distance <= self.cut, kind, torch.full_like(kind, -1))
+
+
 def texture_statistics(layer3: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) -> (N, C): each channel's spatial standard deviation."""
     centred = layer3 - layer3.mean(dim=(2, 3), keepdim=True)
@@ -117,10 +213,13 @@ class OodScorer(nn.Module):
     """
 
     def __init__(self, pooled: MahalanobisScorer, texture: MahalanobisScorer | None = None,
-                 scales: tuple[float, ...] = (1.0, 1.0)):
+                 scales: tuple[float, ...] = (1.0, 1.0), vim: VirtualLogitScorer | None = None,
+                 blend: tuple[float, float, float, float] = (0.0, 1.0, 0.0, 1.0), camera: CameraBank | None = None):
         super().__init__()
-        self.pooled, self.texture = pooled, texture
+        self.pooled, self.texture, self.vim, self.camera = pooled, texture, vim, camera
         self.register_buffer("scales", torch.tensor(scales, dtype=torch.float32))
+        # distance score's val median and spread, then ViM's: each (score - median) / spread
+        self.register_buffer("blend", torch.tensor(blend, dtype=torch.float32))
 
     @property
     def uses_confidence(self) -> bool:
@@ -129,7 +228,8 @@ class OodScorer(nn.Module):
     @property
     def method(self) -> str:
         return ("mahalanobis_pooled2048" + ("+layer3_std1024" if self.texture is not None else "")
-                + ("+unconfidence" if self.uses_confidence else ""))
+                + ("+unconfidence" if self.uses_confidence else "")
+                + (f"+vim{self.vim.origin.shape[0] - self.vim.null_basis.shape[1]}" if self.vim is not None else ""))
 
     @classmethod
     def fit(cls, train: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor,
@@ -164,8 +264,31 @@ class OodScorer(nn.Module):
         return torch.stack(scores, dim=1)
 
     def forward(self, pooled: torch.Tensor, texture: torch.Tensor | None = None,
-                log_probs: torch.Tensor | None = None) -> torch.Tensor:
-        return self.parts(pooled, texture, log_probs).sum(dim=1)
+                log_probs: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
+                logits: torch.Tensor | None = None) -> torch.Tensor:
+        distance = self.parts(pooled, texture, log_probs).sum(dim=1)
+        if self.vim is None:
+            return distance
+        if hidden is None or logits is None:
+            raise ValueError("this OOD scorer needs the head's hidden layer and the logits")
+        b = self.blend
+        return (distance - b[0]) / b[1] + (self.vim(hidden, logits) - b[2]) / b[3]
+
+    def with_vim(self, vim: VirtualLogitScorer, val_distance: torch.Tensor, val_vim: torch.Tensor) -> OodScorer:
+        """This scorer plus ``vim``, blended by each score's val median and spread."""
+
+        def centre_spread(x: torch.Tensor) -> tuple[float, float]:
+            median = float(x.double().median())
+            return median, max(float(torch.quantile(x.double(), 0.995)) - median, 1e-12)
+
+        blend = (*centre_spread(val_distance), *centre_spread(val_vim))
+        return OodScorer(self.pooled, self.texture, tuple(self.scales.tolist()), vim, blend, self.camera)
+
+    def camera_reasons(self, texture: torch.Tensor | None) -> list[str | None]:
+        """Per image: the camera fault it looks like (see :class:`CameraBank`), or None."""
+        if self.camera is None or texture is None:
+            return [None] * (0 if texture is None else len(texture))
+        return [None if k < 0 else self.camera.reasons[k] for k in self.camera.reason(texture).tolist()]
 
     def prefixed_state(self) -> dict[str, torch.Tensor]:
         state = {f"{OOD_PREFIX}scales": self.scales.clone()}
@@ -173,10 +296,19 @@ class OodScorer(nn.Module):
             part = getattr(self, name)
             if part is not None:
                 state.update({f"{OOD_PREFIX}{name}.{k}": v.contiguous() for k, v in part.stored_state().items()})
+        if self.vim is not None:
+            state[f"{OOD_PREFIX}blend"] = self.blend.clone()
+            state.update({f"{OOD_PREFIX}vim.{k}": v.contiguous() for k, v in self.vim.state_dict().items()})
+        if self.camera is not None:
+            state[f"{OOD_PREFIX}camera.bank"] = self.camera.bank.half().contiguous()
+            state[f"{OOD_PREFIX}camera.kind"] = self.camera.kind.contiguous()
+            state[f"{OOD_PREFIX}camera.cut"] = self.camera.cut.clone()
         return state
 
     @classmethod
-    def from_prefixed_state(cls, state: dict[str, torch.Tensor]) -> OodScorer | None:
+    def from_prefixed_state(cls, state: dict[str, torch.Tensor], reasons: tuple[str, ...] = ()
+                            ) -> OodScorer | None:
+        """``reasons``: the camera bank's fault names, kept in the checkpoint's header (tensors hold no text)."""
         own = {k[len(OOD_PREFIX):]: v for k, v in state.items() if k.startswith(OOD_PREFIX)}
         if not own:
             return None
@@ -187,4 +319,18 @@ class OodScorer(nn.Module):
             sub = {k[len(name) + 1:]: v for k, v in own.items() if k.startswith(name + ".")}
             return MahalanobisScorer.from_stored_state(sub) if sub else None
 
-        return cls(part("pooled"), part("texture"), tuple(own["scales"].tolist()))
+        vim = camera = None
+        if any(k.startswith("vim.") for k in own):  # raises KeyError/RuntimeError when incomplete: the loader says so
+            if "blend" not in own:
+                raise ValueError("the OOD scorer has a ViM part but no blend: its score would not match its threshold")
+            vim = VirtualLogitScorer(own["vim.origin"].shape[0], own["vim.null_basis"].shape[1])
+            vim.load_state_dict({k[4:]: v.float() for k, v in own.items() if k.startswith("vim.")})
+        if any(k.startswith("camera.") for k in own):
+            camera = CameraBank(*own["camera.bank"].shape, reasons=reasons)
+            camera.load_state_dict({k[7:]: v.long() if k == "camera.kind" else v.float()
+                                    for k, v in own.items() if k.startswith("camera.")})
+            if len(camera.kind) and int(camera.kind.max()) >= len(reasons):
+                raise ValueError(f"the camera bank names {int(camera.kind.max()) + 1} faults, the header "
+                                 f"{len(reasons)} ({', '.join(reasons) or 'none'})")
+        blend = tuple(own["blend"].tolist()) if "blend" in own else (0.0, 1.0, 0.0, 1.0)
+        return cls(part("pooled"), part("texture"), tuple(own["scales"].tolist()), vim, blend, camera)

@@ -7,6 +7,7 @@ queues or storage.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -15,13 +16,26 @@ import cv2
 import numpy as np
 import torch
 
+from steelsight.contract import UNFAMILIAR_REASON, unknown_kind
 from steelsight.model.inference.backends.factory import make_trunk
 from steelsight.model.inference.cam import CheapCam
 from steelsight.model.inference.checkpoint import LoadedCheckpoint, load_checkpoint
 from steelsight.model.inference.device import resolve_device
+from steelsight.model.inference.ood import ood_threshold
 from steelsight.model.inference.preprocess import eval_batch
-from steelsight.model.inference.quality import quality_issue
-from steelsight.model.inference.tiling import BACKGROUND, FramePlan, Tile, TilingConfig, plan_frame, stitch, summarise
+from steelsight.model.inference.quality import fault_shows, input_statistics, quality_issue
+from steelsight.model.inference.tiling import (
+    BACKGROUND,
+    UNKNOWN,
+    FramePlan,
+    Tile,
+    TilingConfig,
+    plan_frame,
+    stitch,
+    summarise,
+)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,10 +45,10 @@ class Prediction:
     probabilities: dict[str, float]
     ood_score: float | None = None
     unknown: bool = False
-    unknown_reason: str | None = None  # "ood_score" or an input-quality issue (model/inference/quality.py)
+    unknown_reason: str | None = None  # contract.UNFAMILIAR_REASON or one of contract.CAMERA_REASONS
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "unknown_kind": unknown_kind(self.unknown_reason) if self.unknown else None}
 
 
 @dataclass
@@ -76,6 +90,7 @@ class FramePrediction(Prediction):
             for name in ("tiles", "defect_counts", "top_defect"):
                 data.pop(name)
         data["probabilities"] = dict(self.probabilities)
+        data["unknown_kind"] = unknown_kind(self.unknown_reason) if self.unknown else None
         return data
 
 
@@ -105,7 +120,7 @@ def overlay_heatmap(gray: np.ndarray, heatmap: np.ndarray, image_weight: float =
 
 class Predictor:
     def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, batch_size: int = 16,
-                 backend: str = "auto"):
+                 backend: str = "auto", unknown_false_rate: float | None = None):
         self.device = device
         self.batch_size = batch_size
         if device.type == "cuda":
@@ -120,33 +135,63 @@ class Predictor:
         self.classes = list(self.meta.classes)
         self.input_size = int(self.meta.input_size)
         self.temperature = float(self.meta.temperature or 1.0)
-        self.ood_threshold = self.meta.ood.get("threshold") if self.meta.ood else None
+        self.val_ood_scores = np.asarray((self.meta.ood or {}).get("val_scores", []), dtype=np.float64)
+        self.ood_threshold = self._threshold(unknown_false_rate)
         # the trunk is ~99% of the compute; a backends/ runtime runs it (ONNX Runtime on CPU by default)
         self.trunk = make_trunk(backend, self.net, self.input_size, checkpoint.sha256)
         self.cam = CheapCam(self.net, self.trunk)
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str = "auto", batch_size: int = 16,
-             backend: str = "auto") -> Predictor:
+             backend: str = "auto", unknown_false_rate: float | None = None) -> Predictor:
         dev = resolve_device(device)
-        return cls(load_checkpoint(path, device=dev), dev, batch_size, backend)
+        return cls(load_checkpoint(path, device=dev), dev, batch_size, backend, unknown_false_rate)
+
+    def _threshold(self, unknown_false_rate: float | None) -> float | None:
+        """The OOD score above which a frame is unknown: the checkpoint's own, or the one that leaves
+        ``unknown_false_rate`` of its val images flagged (from the val scores the checkpoint stores)."""
+        if unknown_false_rate is not None and not 0.0 <= unknown_false_rate < 1.0:
+            raise ValueError(f"unknown_false_rate must be in [0, 1), not {unknown_false_rate}")
+        stored = self.meta.ood.get("threshold") if self.meta.ood else None
+        if unknown_false_rate is None or stored is None:
+            return stored
+        if not len(self.val_ood_scores):  # an older checkpoint: serve it as it was fitted
+            log.warning("checkpoint %s stores no val OOD scores: its own threshold %.3f stands, not a %.2g%% "
+                        "false-unknown rate (`steelsight refit-ood` adds them)", self.checkpoint.path.name, stored,
+                        100 * unknown_false_rate)
+            return stored
+        return ood_threshold(self.val_ood_scores, unknown_false_rate)
+
+    def val_share_below(self, score: float) -> float | None:
+        """Share of the checkpoint's val images (in distribution) whose OOD score is below ``score``."""
+        if not len(self.val_ood_scores):
+            return None
+        return float(np.mean(self.val_ood_scores < score))
 
     # pre-process / post-process -------------------------------------------------
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         return eval_batch([as_gray(img) for img in images], self.input_size).to(self.device)
 
-    def _ood_scores(self, pooled: torch.Tensor, texture: torch.Tensor, log_probs: torch.Tensor
-                    ) -> list[float | None]:
+    def _ood_scores(self, pooled: torch.Tensor, texture: torch.Tensor, log_probs: torch.Tensor,
+                    logits: torch.Tensor) -> tuple[list[float | None], list[str | None]]:
         if self.ood is None:
-            return [None] * len(pooled)
-        return self.ood(pooled.to(self.device), texture.to(self.device), log_probs.to(self.device)).cpu().tolist()
+            return [None] * len(pooled), [None] * len(pooled)
+        pooled, texture = pooled.to(self.device), texture.to(self.device)
+        scores = self.ood(pooled, texture, log_probs.to(self.device), self.net.hidden(pooled), logits.to(self.device))
+        return scores.cpu().tolist(), self.ood.camera_reasons(texture)
 
-    def _unknown_reason(self, image: np.ndarray, score: float | None) -> str | None:
-        issue = quality_issue(as_gray(image))
+    def _unknown_reason(self, image: np.ndarray, score: float | None, camera: str | None) -> str | None:
+        """A frame no camera on steel would give (quality gate); else, over the threshold, the camera fault it
+        looks like (ood.CameraBank) when its own statistics show it (quality.fault_shows), or else
+        "ood_score": not what the model knows."""
+        gray = as_gray(image)
+        issue = quality_issue(gray)
         if issue:
             return issue
         if score is not None and self.ood_threshold is not None and score > self.ood_threshold:
-            return "ood_score"
+            if camera and fault_shows(camera, input_statistics(gray), self.meta.input_stats):
+                return camera
+            return UNFAMILIAR_REASON
         return None
 
     def _postprocess(self, images, logits: torch.Tensor, pooled: torch.Tensor, texture: torch.Tensor
@@ -154,9 +199,10 @@ class Predictor:
         log_probs = torch.log_softmax(logits.float() / self.temperature, dim=1)
         probs = log_probs.exp().cpu()
         preds = []
-        for image, row, score in zip(images, probs, self._ood_scores(pooled, texture, log_probs), strict=True):
+        scores, cameras = self._ood_scores(pooled, texture, log_probs, logits)
+        for image, row, score, camera in zip(images, probs, scores, cameras, strict=True):
             index = int(row.argmax())
-            reason = self._unknown_reason(image, score)
+            reason = self._unknown_reason(image, score, camera)
             preds.append(
                 Prediction(
                     label=self.classes[index],
@@ -245,7 +291,7 @@ class Predictor:
                 continue
             tiles = [self._tile(plan, window, None if window.background else next(preds))
                      for window in plan.windows]
-            out.append(FramePrediction(**self._frame_fields(tiles)))
+            out.append(FramePrediction(**self._frame_fields(tiles, plan.unknown_share)))
         return out
 
     def explain_frames(self, grays: Sequence[np.ndarray], tiling: TilingConfig,
@@ -270,7 +316,7 @@ class Predictor:
                 exp = None if window.background else next(exps)
                 tiles.append(self._tile(plan, window, exp))
                 heatmaps.append(None if exp is None else exp.heatmap)
-            frame = self._frame_fields(tiles)
+            frame = self._frame_fields(tiles, plan.unknown_share)
             heat = stitch(plan, heatmaps)
             top = frame["top_defect"]
             out.append(FrameExplanation(**frame, cam_class="" if top is None else top.label, heatmap=heat,
@@ -286,16 +332,16 @@ class Predictor:
                     dict(pred.probabilities), pred.ood_score)
 
     @staticmethod
-    def _frame_fields(tiles: list[Tile]) -> dict:
-        summary = summarise(tiles)
+    def _frame_fields(tiles: list[Tile], unknown_share: float) -> dict:
+        summary = summarise(tiles, unknown_share)
         rep = summary.representative
         return {
             "label": summary.label,
             "confidence": 1.0 if rep is None else rep.confidence,
             "probabilities": {} if rep is None or rep.probabilities is None else dict(rep.probabilities),
             "ood_score": None if rep is None else rep.ood_score,
-            "unknown": rep is not None and summary.top_defect is None,
-            "unknown_reason": None if rep is None or summary.top_defect is not None else rep.unknown_reason,
+            "unknown": summary.label == UNKNOWN,
+            "unknown_reason": rep.unknown_reason if summary.label == UNKNOWN else None,
             "tiles": tiles,
             "defect_counts": summary.defect_counts,
             "top_defect": summary.top_defect,

@@ -8,6 +8,7 @@ moderate Gaussian-noise corruption).
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 MIN_STD = 2.0  # gray levels: a blank (uniform) frame
@@ -35,3 +36,44 @@ def quality_issue(gray: np.ndarray) -> str | None:
     if neighbour_correlation(gray) < MIN_NEIGHBOUR_CORRELATION:
         return "no_spatial_structure"
     return None
+
+
+def input_statistics(gray: np.ndarray) -> dict[str, float]:
+    """What a camera changes: brightness (mean gray level), contrast (their std) and sharpness (the std of the
+    Laplacian over the std of the image, so contrast alone does not move it). Drift compares them with the
+    training images' (``CheckpointMeta.input_stats``)."""
+    g = gray.astype(np.float32)
+    contrast = float(g.std())
+    laplacian = float(cv2.Laplacian(g, cv2.CV_32F).std())
+    return {"brightness": float(g.mean()), "contrast": contrast, "sharpness": laplacian / max(contrast, 1e-6)}
+
+
+def summarise_inputs(grays) -> dict[str, dict[str, float]]:
+    """Mean and std of each :func:`input_statistics` over a set of images."""
+    rows = [input_statistics(g) for g in grays]
+    return {k: {"mean": float(np.mean([r[k] for r in rows])), "std": float(np.std([r[k] for r in rows]))}
+            for k in rows[0]} if rows else {}
+
+
+FAULT_Z = 1.0  # how many training standard deviations a statistic must be off for its camera fault to show
+
+
+def fault_shows(reason: str, stats: dict[str, float], reference: dict[str, dict[str, float]]) -> bool:
+    """Whether a frame's own statistics show the camera fault its features look like (``ood.CameraBank``):
+    blurred = less sharp, noisy = sharper (noise raises the Laplacian), bad exposure = brightness off or
+    contrast low, each by more than ``FAULT_Z`` standard deviations of the training images' (``reference``,
+    ``CheckpointMeta.input_stats``). A drawing or another material can look like a fault to the features;
+    a frame that shows none is not called one. Without a reference, the features decide alone."""
+    if not reference:
+        return True
+
+    def z(name: str) -> float:
+        return (stats[name] - reference[name]["mean"]) / max(reference[name]["std"], 1e-6)
+
+    if reason == "blurred":
+        return z("sharpness") < -FAULT_Z
+    if reason == "noisy":
+        return z("sharpness") > FAULT_Z
+    if reason == "bad_exposure":
+        return abs(z("brightness")) > FAULT_Z or z("contrast") < -FAULT_Z
+    return True

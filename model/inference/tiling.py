@@ -27,8 +27,10 @@ from dataclasses import asdict, dataclass, field
 import cv2
 import numpy as np
 
+from steelsight.contract import FRAME_UNKNOWN_SHARE as UNKNOWN_SHARE
+from steelsight.contract import UNKNOWN, Settings, unknown_kind
+
 BACKGROUND = "background"
-UNKNOWN = "unknown"
 
 # background: mean <= BACKGROUND_DARK_MAX or >= BACKGROUND_BRIGHT_MIN, and std <= BACKGROUND_MAX_STD (gray levels)
 BACKGROUND_DARK_MAX = 20.0
@@ -61,6 +63,8 @@ class TilingConfig:
     frame_pixels_per_mm: float | None = None
     model_pixels_per_mm: float | None = None
     max_tiles: int | None = None  # None: no limit (the product's limit is a setting, max_tiles_per_frame)
+    # a frame whose analysed tiles are at least this share unknown is unknown as a whole (summarise)
+    unknown_share: float = UNKNOWN_SHARE
     background_dark_max: float = BACKGROUND_DARK_MAX
     background_bright_min: float = BACKGROUND_BRIGHT_MIN
     background_max_std: float = BACKGROUND_MAX_STD
@@ -79,6 +83,15 @@ class TilingConfig:
             raise ValueError("frame_pixels_per_mm and model_pixels_per_mm go together: set both or neither")
         if self.max_tiles is not None and self.max_tiles < 1:
             raise ValueError("max_tiles must be >= 1")
+        if not 0.0 < self.unknown_share <= 1.0:
+            raise ValueError("unknown_share must be in (0, 1]")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TilingConfig:
+        """The tiling the pipeline's settings ask for (STEELSIGHT_TILE_* and the rest)."""
+        return cls(tile_size=settings.tile_size, overlap_px=settings.tile_overlap_px,
+                   unknown_share=settings.frame_unknown_share, frame_pixels_per_mm=settings.frame_pixels_per_mm,
+                   model_pixels_per_mm=settings.model_pixels_per_mm, max_tiles=settings.max_tiles_per_frame)
 
     def size(self, input_size: int) -> int:
         tile = self.tile_size or input_size
@@ -137,6 +150,7 @@ class FramePlan:
     tile_size: int
     windows: list[Window] = field(default_factory=list)
     single: bool = False
+    unknown_share: float = UNKNOWN_SHARE  # the config's, for summarise
 
     @property
     def scale_xy(self) -> tuple[float, float]:
@@ -285,9 +299,9 @@ def plan_frame(gray: np.ndarray, config: TilingConfig, input_size: int) -> Frame
     if config.max_tiles is not None and count > config.max_tiles:
         raise TooManyTiles(count, config.max_tiles, (height, width))
     if count == 1:
-        return FramePlan(gray, gray, tile, single=True)
+        return FramePlan(gray, gray, tile, single=True, unknown_share=config.unknown_share)
     scaled = rescale(gray, config.scale)
-    return FramePlan(gray, scaled, tile, layout(scaled, config, tile))
+    return FramePlan(gray, scaled, tile, layout(scaled, config, tile), unknown_share=config.unknown_share)
 
 
 # stitching and summary --------------------------------------------------------------------------
@@ -317,20 +331,38 @@ class FrameSummary:
     defect_counts: dict[str, int]
 
 
-def summarise(tiles: Sequence[Tile]) -> FrameSummary:
-    """The frame's single label: the most confident defect tile's class; else ``unknown`` when any tile is
-    unknown (represented by the most out-of-distribution unknown tile: highest OOD score, first on ties);
-    else ``background`` (represented by no tile)."""
+def share_reached(count: int, total: int, share: float) -> bool:
+    """``count / total >= share``, true at the exact boundary whatever the float rounding (7 of 100 at 0.07)."""
+    return total > 0 and count >= share * total - 1e-9
+
+
+def summarise(tiles: Sequence[Tile], unknown_share: float = UNKNOWN_SHARE) -> FrameSummary:
+    """The frame's single label.
+
+    ``unknown`` when at least ``unknown_share`` of the analysed (not background) tiles are unknown: most of
+    the frame is not what the model knows (another material, a blinded camera), so a defect label on the
+    rest would be a guess; ``top_defect`` and the counts still name the defect tiles. The frame's reason is
+    that of most of its unknown tiles: the kind (camera fault or unfamiliar; unfamiliar on a tie), then its
+    commonest reason, represented by that reason's most out-of-distribution tile (highest OOD score, first
+    on ties). Else the most confident defect tile's class; else ``background`` (represented by no tile).
+    ``unknown_share`` 1.0: any defect tile wins.
+    """
     counts: dict[str, int] = {}
     for tile in tiles:
         if tile.is_defect:
             counts[tile.label] = counts.get(tile.label, 0) + 1
     defects = [t for t in tiles if t.is_defect]
-    if defects:
-        top = max(defects, key=lambda t: t.confidence)
-        return FrameSummary(top.label, top, top, counts)
     unknowns = [t for t in tiles if t.unknown]
-    if unknowns:
-        worst = max(unknowns, key=lambda t: -math.inf if t.ood_score is None else t.ood_score)
-        return FrameSummary(UNKNOWN, worst, None, counts)
+    top = max(defects, key=lambda t: t.confidence) if defects else None
+    if unknowns and share_reached(len(unknowns), len(unknowns) + len(defects), unknown_share):
+        camera = [t for t in unknowns if unknown_kind(t.unknown_reason) == "camera"]
+        unfamiliar = [t for t in unknowns if unknown_kind(t.unknown_reason) != "camera"]
+        kind = camera if len(camera) > len(unfamiliar) else unfamiliar
+        reasons = [t.unknown_reason for t in kind]
+        reason = max(dict.fromkeys(reasons), key=reasons.count)  # commonest; the first seen on a tie
+        worst = max((t for t in kind if t.unknown_reason == reason),
+                    key=lambda t: -math.inf if t.ood_score is None else t.ood_score)
+        return FrameSummary(UNKNOWN, worst, top, counts)
+    if top is not None:
+        return FrameSummary(top.label, top, top, counts)
     return FrameSummary(BACKGROUND, None, None, counts)

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from steelsight.model.inference.ood import ood_threshold
+
 T_MIN, T_MAX = 0.05, 20.0
 
 
@@ -30,11 +32,6 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
     optimizer.step(closure)
     return float(temperature().detach())
-
-
-def ood_threshold(val_scores: np.ndarray, false_unknown_rate: float = 0.005) -> float:
-    """Score above which an image is 'unknown', leaving this share of val images flagged."""
-    return float(np.quantile(val_scores, 1.0 - false_unknown_rate))
 
 
 def leave_one_out_false_unknown_rate(val_scores: np.ndarray) -> float:

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
-from steelsight.model.evaluation.corruptions import CORRUPTIONS, corrupt_all
+from steelsight.model.evaluation.corruptions import CAMERA_FAULTS, CORRUPTIONS, corrupt_all
 from steelsight.model.evaluation.metrics import classification_report, expected_calibration_error
 from steelsight.model.evaluation.plots import training_curves
 from steelsight.model.inference.checkpoint import CheckpointMeta, save_checkpoint
@@ -27,8 +27,9 @@ from steelsight.model.inference.device import resolve_device
 from steelsight.model.inference.imageio import read_gray
 from steelsight.model.inference.labels import CLASSES
 from steelsight.model.inference.network import ArchConfig, AttentionResNet50, load_trunk_weights
-from steelsight.model.inference.ood import OodScorer
+from steelsight.model.inference.ood import CameraBank, OodScorer, VirtualLogitScorer
 from steelsight.model.inference.preprocess import eval_batch
+from steelsight.model.inference.quality import summarise_inputs
 from steelsight.model.training.calibrate import fit_temperature, ood_threshold
 from steelsight.model.training.data import (
     SurfaceDataset,
@@ -102,31 +103,49 @@ def set_train_mode(model: AttentionResNet50, frozen: list[torch.nn.Module], free
 
 @dataclass
 class Inferred:
-    """One pass over a loader: logits, labels, pooled features and layer3 texture statistics."""
+    """One pass over a loader: logits, labels, pooled features, layer3 texture statistics, the head's hidden layer."""
 
     logits: torch.Tensor
     labels: torch.Tensor
     pooled: torch.Tensor
     texture: torch.Tensor
+    hidden: torch.Tensor
 
 
 @torch.inference_mode()
 def infer(model: AttentionResNet50, loader: DataLoader, device: torch.device) -> Inferred:
     model.eval()
-    columns: list[list[torch.Tensor]] = [[], [], [], []]
+    columns: list[list[torch.Tensor]] = [[], [], [], [], []]
     for x, y in loader:
         feats, texture = model.trunk_outputs(x.to(device))
         pooled = model.pooled(feats)
-        for column, value in zip(columns, (model.head(pooled), y, pooled, texture), strict=True):
+        hidden = model.hidden(pooled)
+        for column, value in zip(columns, (model.classifier(hidden), y, pooled, texture, hidden), strict=True):
             column.append(value.cpu())
     return Inferred(*(torch.cat(column) for column in columns))
 
 
-def fit_ood(train: Inferred, val: Inferred, temperature: float) -> tuple[OodScorer, dict]:
-    """OOD scorer on the training images' features; threshold and scales on val's."""
+def ood_scores(scorer: OodScorer, feats: Inferred, temperature: float) -> torch.Tensor:
+    log_probs = torch.log_softmax(feats.logits.float() / temperature, dim=1)
+    return scorer(feats.pooled, feats.texture, log_probs, feats.hidden, feats.logits)
+
+
+def fit_ood(train: Inferred, val: Inferred, temperature: float, model: AttentionResNet50,
+            camera: tuple[Inferred, Inferred, tuple[str, ...]] | None = None) -> tuple[OodScorer, dict]:
+    """OOD scorer on the training images' features; threshold, scales and blend on val's.
+
+    ``camera``: the camera bank's images and the images that set its cut (both training images, see
+    :func:`camera_bank_inputs`) under the faults of ``corruptions.CAMERA_FAULTS`` (labels = the fault's reason
+    index), and the reasons.
+    """
     val_log_probs = torch.log_softmax(val.logits.float() / temperature, dim=1)
-    scorer = OodScorer.fit((train.pooled, train.texture), train.labels, (val.pooled, val.texture), val_log_probs)
-    val_scores = scorer(val.pooled, val.texture, val_log_probs).numpy()
+    distance = OodScorer.fit((train.pooled, train.texture), train.labels, (val.pooled, val.texture), val_log_probs)
+    vim = VirtualLogitScorer.fit(train.hidden, train.logits, model.classifier.weight, model.classifier.bias)
+    scorer = distance.with_vim(vim, distance(val.pooled, val.texture, val_log_probs), vim(val.hidden, val.logits))
+    if camera is not None:
+        faulty_bank, faulty_cut, reasons = camera
+        scorer.camera = CameraBank.fit(faulty_bank.texture, faulty_bank.labels, reasons, faulty_cut.texture)
+    val_scores = ood_scores(scorer, val, temperature).numpy()
     threshold = ood_threshold(val_scores)
     return scorer, {
         "method": scorer.method,
@@ -134,6 +153,9 @@ def fit_ood(train: Inferred, val: Inferred, temperature: float) -> tuple[OodScor
         "part_scales": scorer.scales.tolist(),
         "val_false_unknown_rate": float((val_scores > threshold).mean()),
         "val_score_median": float(np.median(val_scores)),
+        # every val score, sorted: a deployment picks its own false-unknown rate from them (Settings)
+        "val_scores": [round(float(v), 5) for v in np.sort(val_scores)],
+        "camera_reasons": list(camera[2]) if camera is not None else [],
     }
 
 
@@ -309,7 +331,10 @@ class Trainer:
         meta = best.meta
         meta.temperature = fit_temperature(torch.cat([val.logits, shifted.logits]),
                                            torch.cat([val.labels, shifted.labels]))
-        scorer, meta.ood = fit_ood(train, val, meta.temperature)
+        camera = camera_bank_inputs(self.model, self.train_set.samples, self.cfg.image_size, self.device,
+                                    self.cfg.batch_size)
+        scorer, meta.ood = fit_ood(train, val, meta.temperature, self.model, camera)
+        meta.input_stats = summarise_inputs(read_gray(s.path) for s in self.train_set.samples)
         meta.val_metrics["calibration"] = {
             "temperature_fitted_on": "val + val under the 5 moderate corruptions",
             **_ece_pair("val", val.logits, val.labels, meta.temperature),
@@ -363,7 +388,9 @@ def refit_ood(checkpoint: Path, data: Path, out: Path, device: str = "auto", bat
     train = features(train_s)
     if with_corruptions:
         train = concat_inferred([train, *corrupted_copies(loaded.model, train_s, size, dev, batch_size)])
-    scorer, meta.ood = fit_ood(train, features(val_s), float(meta.temperature or 1.0))
+    camera = camera_bank_inputs(loaded.model, train_s, size, dev, batch_size)
+    scorer, meta.ood = fit_ood(train, features(val_s), float(meta.temperature or 1.0), loaded.model, camera)
+    meta.input_stats = summarise_inputs(read_gray(s.path) for s in train_s)
     meta.ood["fitted_on"] = "train + train under the 5 moderate corruptions" if with_corruptions else "train"
     path = save_checkpoint(loaded.model, meta, Path(out), half=bool(meta.training.get("half")), ood=scorer)
     print(f"OOD {meta.ood['method']} fitted on {meta.ood['fitted_on']}: threshold {meta.ood['threshold']:.3f}, "
@@ -383,5 +410,31 @@ def corrupted_copies(model: AttentionResNet50, samples, size: int, device: torch
     return copies
 
 
+def camera_fault_copies(model: AttentionResNet50, samples, size: int, device: torch.device, batch_size: int
+                        ) -> tuple[Inferred, tuple[str, ...]]:
+    """The samples under every camera fault (``CAMERA_FAULTS``), labelled by the fault's reason index."""
+    reasons = tuple(dict.fromkeys(reason for _, reason in CAMERA_FAULTS.values()))
+    originals = [read_gray(s.path) for s in samples]
+    parts = []
+    for fault, reason in tqdm(CAMERA_FAULTS.values(), desc="camera faults", unit="fault", leave=False):
+        batch = eval_batch([fault(img, seed=i) for i, img in enumerate(originals)], size)
+        labels = torch.full((len(originals),), reasons.index(reason))
+        parts.append(infer(model, DataLoader(TensorDataset(batch, labels), batch_size=batch_size), device))
+    return concat_inferred(parts), reasons
+
+
+def camera_bank_inputs(model: AttentionResNet50, train_samples, size: int, device: torch.device,
+                       batch_size: int) -> tuple[Inferred, Inferred, tuple[str, ...]]:
+    """fit_ood's ``camera``: every 4th training image under each fault (the bank), and the next ones (its cut).
+
+    Both from training images, so val under the same faults (``evaluate --corruptions``) measures it out of
+    sample.
+    """
+    bank, reasons = camera_fault_copies(model, train_samples[::4], size, device, batch_size)
+    cut, _ = camera_fault_copies(model, train_samples[1::4], size, device, batch_size)
+    return bank, cut, reasons
+
+
 def concat_inferred(parts: list[Inferred]) -> Inferred:
-    return Inferred(*(torch.cat([getattr(p, f) for p in parts]) for f in ("logits", "labels", "pooled", "texture")))
+    return Inferred(*(torch.cat([getattr(p, f) for p in parts])
+                      for f in ("logits", "labels", "pooled", "texture", "hidden")))

@@ -1,4 +1,5 @@
-"""Real servers for integration tests: one SeaweedFS per run, a redis-server per module, settings per test."""
+"""Real servers for integration tests: one SeaweedFS per run, a redis-server per module, settings per test;
+mosquitto on loopback for the tests that ask for it."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from steelsight.contract import Settings
-from steelsight.devstack import ServiceExited, free_port, redis_server, s3_server
+from steelsight.devstack import ServiceExited, free_port, mosquitto_server, redis_server, s3_server
 
 from ..conftest import random_checkpoint
 
@@ -35,6 +36,17 @@ def services(tmp_path_factory, s3_service):
     redis = redis_server(tmp_path_factory.mktemp("services")).start()
     yield redis, s3_service
     redis.stop()
+
+
+MQTT_USERS = {"steelsight": "mqtt-pw"}
+
+
+@pytest.fixture(scope="module")
+def mqtt_broker(tmp_path_factory):
+    """Debian's mosquitto on a free loopback port; anonymous clients refused, one user (MQTT_USERS)."""
+    broker = mosquitto_server(tmp_path_factory.mktemp("mosquitto"), users=MQTT_USERS).start()
+    yield broker
+    broker.stop()
 
 
 @pytest.fixture(scope="session")

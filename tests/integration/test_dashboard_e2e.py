@@ -127,9 +127,23 @@ def test_unknown_banner_gives_the_score_against_its_threshold():
 
     pred = Prediction(label="crazing", confidence=0.4, probabilities={"crazing": 0.4, "patches": 0.6},
                       ood_score=22.86, unknown=True, unknown_reason="ood_score")
-    banner = _bars_html("drawing.png", pred, threshold=10.98)
-    assert "UNKNOWN" in banner and "OOD score 22.86 against a threshold of 10.98" in banner
-    assert "UNKNOWN" not in _bars_html("steel.png", Prediction("crazing", 1.0, {"crazing": 1.0}, 1.2), threshold=10.98)
+    banner = _bars_html("drawing.png", pred, threshold=10.98, val_share=1.0)
+    assert "UNKNOWN" in banner and "not what the model knows" in banner
+    assert "OOD score 22.86, above the threshold 10.98; higher than 100.0% of the model's" in banner
+    assert "class='ood-threshold' style='left:" in banner  # the gauge marks the threshold
+    steel = _bars_html("steel.png", Prediction("crazing", 1.0, {"crazing": 1.0}, 1.2), threshold=10.98, val_share=0.4)
+    assert "UNKNOWN" not in steel and "below the threshold 10.98; higher than 40.0%" in steel
+    # the blended score is centred near 0 and can be negative: the bar starts at the lowest val score
+    import re
+
+    low = _bars_html("steel.png", Prediction("crazing", 1.0, {"crazing": 1.0}, -1.5), threshold=1.3, floor=-1.8)
+    fill = float(re.search(r"ood-fill below' style='width:([0-9.]+)%", low).group(1))
+    mark = float(re.search(r"ood-threshold' style='left:([0-9.]+)%", low).group(1))
+    assert 0 < fill < mark < 100
+    # a camera fault says what to check, not "another material"
+    blurred = Prediction("crazing", 0.9, {"crazing": 0.9}, 14.0, unknown=True, unknown_reason="blurred")
+    camera = _bars_html("blurred.png", blurred, threshold=10.98)
+    assert "camera problem (blurred)" in camera and "focus" in camera and "not what the model knows" not in camera
 
 
 def _near(pixels, rgb, tolerance=40):

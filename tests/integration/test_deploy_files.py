@@ -48,7 +48,9 @@ def test_dockerfiles_pass_hadolint(dockerfile):
     assert text.count("FROM ") >= 2 and "USER 10001" in text and "HEALTHCHECK" in text
 
 
-@pytest.mark.parametrize("path", [p for p in K8S if "keda" not in p.name], ids=lambda p: p.name)
+# KEDA's and the Prometheus operator's kinds are CRDs, outside the Kubernetes schema
+@pytest.mark.parametrize("path", [p for p in K8S if "keda" not in p.name and "prometheus" not in p.name],
+                         ids=lambda p: p.name)
 def test_kubernetes_manifests_match_the_schema(path):
     import kubernetes_validate
 
@@ -124,7 +126,8 @@ def _defined_metrics() -> set[str]:
 
     import steelsight.dashboard.metrics
     import steelsight.producer.metrics
-    import steelsight.worker.metrics  # noqa: F401
+    import steelsight.worker.metrics
+    import steelsight.worker.sinks  # noqa: F401
 
     names = set()
     for metric in REGISTRY.collect():
@@ -430,14 +433,97 @@ def test_images_install_from_a_hash_lock_that_matches_the_project(lock, dockerfi
         assert "--require-hashes" in line or "--no-deps" in line, line
 
 
-# --- Redis memory alerts ---
+# --- alert rules ---
+
+RULES = DEPLOY / "prometheus" / "rules.yml"
+
+
+def _alerts() -> list[dict]:
+    return [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] if "alert" in r]
+
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)")
-def test_redis_memory_alerts_pass_promtool():
-    rules = DEPLOY / "prometheus" / "alerts.yml"
-    check = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True)
+def test_alert_rules_pass_promtool():
+    check = subprocess.run(["promtool", "check", "rules", str(RULES)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    unit = subprocess.run(["promtool", "test", "rules", "alerts.test.yml"], cwd=rules.parent, capture_output=True,
+    unit = subprocess.run(["promtool", "test", "rules", "rules.test.yml"], cwd=RULES.parent, capture_output=True,
                           text=True)
     assert unit.returncode == 0, unit.stdout + unit.stderr
-    assert yaml.safe_load((DEPLOY / "prometheus.yml").read_text())["rule_files"] == ["/etc/prometheus/alerts.yml"]
+
+
+def test_every_alert_has_a_firing_and_a_quiet_unit_test_and_a_runbook():
+    tests = yaml.safe_load((RULES.parent / "rules.test.yml").read_text())
+    assert tests["rule_files"] == ["rules.yml"]
+    fires, quiet = set(), set()
+    for group in tests["tests"]:
+        for case in group.get("alert_rule_test", []):
+            (fires if case.get("exp_alerts") else quiet).add(case["alertname"])
+    runbook = (REPO / "docs" / "alerts.md").read_text()
+    anchors = {m.lower() for m in re.findall(r"^### (\w+)", runbook, re.M)}
+    for alert in _alerts():
+        name = alert["alert"]
+        assert name in fires, f"{name}: no promtool test where it fires"
+        assert name in quiet, f"{name}: no promtool test where it must stay quiet"
+        assert alert["annotations"]["runbook"] == f"docs/alerts.md#{name.lower()}", name
+        assert name.lower() in anchors, f"{name}: no runbook section in docs/alerts.md"
+
+
+def test_alert_rules_read_metrics_the_code_exports():
+    exported = _defined_metrics()
+    text = RULES.read_text()
+    used = set(re.findall(r"(?<![:\w])(steelsight_[a-z0-9_]+)", text))
+    for alternatives, rest in re.findall(r"steelsight_\(([\w|]+)\)(\w+)", text):  # {__name__=~"..."} selectors
+        used |= {f"steelsight_{a}{rest}" for a in alternatives.split("|")}
+    used = {m for m in used if not m.endswith("_")}
+    missing = {m for m in used if m not in exported and m.removesuffix("_total") not in exported
+               and not (m.endswith(("_bucket", "_sum", "_count")) and m.rsplit("_", 1)[0] in exported)}
+    assert not missing, missing
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    return all(labels.get(e["key"]) in e["values"] for e in selector.get("matchExpressions", [])
+               if e["operator"] == "In")
+
+
+def test_the_operators_prometheus_scrapes_every_metrics_port_under_the_compose_job_names():
+    """Without PodMonitors the Prometheus operator scrapes nothing, and every alert stays silent."""
+    docs = k8s_documents(APPLIED)
+    monitors = [d for d in docs if d["kind"] == "PodMonitor"]
+    (rule,) = [d for d in docs if d["kind"] == "PrometheusRule"]
+    scraped = {}
+    for doc in docs:
+        if doc["kind"] not in WORKLOADS:
+            continue
+        labels = doc["spec"]["template"]["metadata"]["labels"]
+        ports = {port["name"] for c in doc["spec"]["template"]["spec"]["containers"] for port in c.get("ports", [])}
+        if "metrics" not in ports:
+            continue
+        (monitor,) = [m for m in monitors if _selects(m["spec"]["selector"], labels)]
+        (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+        assert endpoint["port"] in ports, (monitor["metadata"]["name"], ports)
+        assert monitor["metadata"]["namespace"] == doc["metadata"]["namespace"]
+        # the operator's Prometheus selects PodMonitors by the label it selects the rules by
+        assert monitor["metadata"]["labels"]["release"] == rule["metadata"]["labels"]["release"]
+        (job,) = [r["replacement"] for r in endpoint["relabelings"] if r["targetLabel"] == "job"]
+        scraped[doc["metadata"]["name"]] = job
+    assert scraped == {"steelsight-worker": "steelsight-worker", "steelsight-worker-gpu": "steelsight-worker",
+                       "steelsight-dashboard": "steelsight-dashboard", "redis": "redis"}
+    compose = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    compose_jobs = {job["job_name"] for job in compose["scrape_configs"]}
+    assert set(scraped.values()) == compose_jobs - {"steelsight-producer"}  # producers run beside the cameras
+    (config,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "steelsight-config"]
+    assert config["data"]["STEELSIGHT_PROMETHEUS_URL"].endswith(".monitoring.svc:9090"), "the dashboard lists no alerts"
+
+
+def test_compose_and_kubernetes_load_the_same_rules():
+    from steelsight.alerts import main as alerts_main
+
+    assert yaml.safe_load((DEPLOY / "prometheus.yml").read_text())["rule_files"] == ["/etc/prometheus/rules.yml"]
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    assert "./deploy/prometheus/rules.yml:/etc/prometheus/rules.yml:ro" in compose["services"]["prometheus"]["volumes"]
+    assert alerts_main(["--check"]) == 0, "deploy/k8s/60-prometheus-rules.yaml is stale"
+    (rule,) = k8s_documents([DEPLOY / "k8s" / "60-prometheus-rules.yaml"])
+    assert rule["kind"] == "PrometheusRule"
+    assert rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]

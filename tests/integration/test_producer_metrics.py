@@ -1,15 +1,19 @@
-"""The producer's metrics listen on the configured host only, not on every interface."""
+"""The producer's metrics listen on the configured host only, not on every interface, and say when its
+camera last sent a frame."""
 
 from __future__ import annotations
 
+import re
+import shutil
 import signal
 import socket
+import time
 import urllib.request
 from pathlib import Path
 
 from steelsight.devstack import wait_until
 
-from ..helpers import ChildProcess
+from ..helpers import SAMPLES, ChildProcess
 
 
 def free_port() -> int:
@@ -37,6 +41,13 @@ def reachable(host: str, port: int) -> bool:
         return False
 
 
+def last_frame(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        (value,) = re.findall(r'^steelsight_producer_last_frame_timestamp_seconds'
+                              r'\{camera="cam-1",line="line-m"\} (\S+)$', r.read().decode(), re.M)
+    return float(value)
+
+
 def test_producer_metrics_bind_the_configured_host_only(settings, tmp_path):
     settings = settings.model_copy(update={"metrics_host": "127.0.0.1"})
     port = free_port()
@@ -52,5 +63,11 @@ def test_producer_metrics_bind_the_configured_host_only(settings, tmp_path):
         assert not reachable("127.0.0.2", port)  # another loopback address: refused when bound to one host
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
             assert b"steelsight_producer_frames_total" in r.read()
+        # CameraSilent's input: set at start (a camera silent across a restart still shows), then on each frame
+        started = last_frame(port)
+        assert time.time() - 60 < started <= time.time()
+        time.sleep(0.05)
+        shutil.copy(next(SAMPLES.rglob("*.bmp")), folder / "frame-1.bmp")
+        wait_until(lambda: last_frame(port) > started, 20, "the camera's last-frame time to move")
     finally:
         proc.kill(signal.SIGTERM)

@@ -83,6 +83,25 @@ def test_check_sizing_refuses_a_redis_too_small_for_the_rate(capsys):
     assert main(["check-sizing", "--fps", str(DESIGN_FPS), "--redis-maxmemory", conf_value("maxmemory")]) == 0
 
 
+def test_event_sink_outboxes_count_in_the_sizing(monkeypatch, capsys):
+    """A sink's outbox and dead letters have no TTL, so volatile-lru cannot evict them: they must fit."""
+    events = 200_000  # a long outage's worth, waiting for the webhook
+    without = redis_bytes_needed(Settings(), DESIGN_FPS)
+    monkeypatch.setenv("STEELSIGHT_WEBHOOK_URL", "https://plant.example/events")
+    monkeypatch.setenv("STEELSIGHT_WEBHOOK_SECRET", "x")
+    monkeypatch.setenv("STEELSIGHT_SINK_QUEUE_MAX", str(events))
+    get_settings.cache_clear()
+    try:
+        status = main(["check-sizing", "--fps", str(DESIGN_FPS), "--redis-maxmemory", conf_value("maxmemory")])
+        with_sink = redis_bytes_needed(get_settings(), DESIGN_FPS)
+    finally:
+        get_settings.cache_clear()
+    out = capsys.readouterr()
+    assert with_sink - without >= 2 * events * REDIS_STREAM_ENTRY_BYTES
+    assert status == 1 and "event sinks (webhook; up to 200000 events waiting" in out.out, out
+    assert "needs" in out.err
+
+
 @pytest.mark.parametrize(("extra", "expected"), [
     ((), "no maxmemory"),
     (("--maxmemory", "3gb", "--maxmemory-policy", "allkeys-lru"), "evict queued jobs"),

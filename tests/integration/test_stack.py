@@ -8,13 +8,14 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 from steelsight.clients import ObjectStore, redis_client
 from steelsight.contract import Settings
 from steelsight.devstack import free_port, wait_until
-from steelsight.stack import S3_PORT, SEAWEEDFS_PORTS
+from steelsight.stack import PROMETHEUS_PORT, S3_PORT, SEAWEEDFS_PORTS
 
 from ..helpers import records
 
@@ -52,6 +53,24 @@ class Up:
         return rest
 
 
+def scraped(prometheus: str) -> set[tuple[str, str]]:
+    """(job, up) of each target Prometheus scrapes."""
+    query = urllib.parse.quote("up")
+    result = json.load(urllib.request.urlopen(f"{prometheus}/api/v1/query?query={query}", timeout=2))["data"]["result"]
+    return {(r["metric"]["job"], r["value"][1]) for r in result}
+
+
+def test_up_refuses_alert_rules_that_do_not_parse(tmp_path):
+    rules = tmp_path / "rules.yml"
+    rules.write_text("groups:\n  - name: x\n    rules:\n      - alert: Broken\n        expr: sum(rate(x[5m])\n")
+    env = {"STEELSIGHT_ALERT_RULES": str(rules), "PATH": "/usr/bin:/bin:/usr/local/bin"}
+    run = subprocess.run([sys.executable, "-m", "steelsight.cli", "up", "--data", str(tmp_path / "stack")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert f"steelsight up: alert rules {rules} do not parse" in run.stderr and "Broken" in run.stderr
+    assert "Traceback" not in run.stderr and not (tmp_path / "stack").exists()  # nothing started
+
+
 def stack_settings(data: Path, offset: int) -> Settings:
     """What a user's shell would set to reach the running stack: its ports and its private credentials."""
     cred = json.loads((data / "s3-identities.json").read_text())["identities"][0]["credentials"][0]
@@ -67,6 +86,8 @@ def test_up_runs_keeps_its_data_and_ctrl_c_stops_it(tmp_path, pipeline_checkpoin
     try:
         output = "".join(up.lines)
         assert "SeaweedFS" in output and "dashboard  http://127.0.0.1:" in output
+        prometheus = f"http://127.0.0.1:{PROMETHEUS_PORT + offset}"
+        assert f"prometheus {prometheus}/alerts — rules " in output
         assert (data / "s3-identities.json").stat().st_mode & 0o777 == 0o600
         settings = stack_settings(data, offset)
         conn = redis_client(settings)
@@ -80,9 +101,14 @@ def test_up_runs_keeps_its_data_and_ctrl_c_stops_it(tmp_path, pipeline_checkpoin
         meta = store.client.stat_object(settings.frames_bucket, first["frame_key"]).metadata
         assert (meta["x-amz-meta-line"], meta["x-amz-meta-camera"]) == (first["line_id"], first["camera_id"])
         overlay = store.get(settings.overlays_bucket, first["overlay_key"])
+        # Prometheus scrapes both workers and the dashboard, with the rules loaded
+        wait_until(lambda: scraped(prometheus) >= {("steelsight-worker", "1"), ("steelsight-dashboard", "1")}, 30,
+                   "Prometheus to scrape the workers and the dashboard")
+        rules = json.load(urllib.request.urlopen(f"{prometheus}/api/v1/rules"))["data"]["groups"]
+        assert "CameraBlindedOrDirty" in {r["name"] for g in rules for r in g["rules"]}
     finally:
         up.stop()
-    ports = [16379, S3_PORT, *SEAWEEDFS_PORTS.values(), 7860, 9100, 9110, 9102, 9103]
+    ports = [16379, S3_PORT, *SEAWEEDFS_PORTS.values(), 7860, 9100, 9110, 9102, 9103, PROMETHEUS_PORT]
     assert not [p + offset for p in ports if port_open(p + offset)]
     assert subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split() == []
 

@@ -18,7 +18,7 @@ PER_CLASS = 4  # 24 held-out images: three 1600 x 200 strips
 @pytest.fixture(scope="module")
 def tiling() -> TilingConfig:
     """The product's default: frames at NEU's resolution need no setting."""
-    return Settings().tiling()
+    return TilingConfig.from_settings(Settings())
 
 
 @pytest.fixture(scope="module")

@@ -165,23 +165,68 @@ def test_the_frame_label_is_the_most_confident_defect_else_unknown_else_backgrou
     assert summarise([tile(BACKGROUND, 1.0)]).label == BACKGROUND
 
 
+def test_a_frame_mostly_unknown_is_unknown_with_its_defect_tiles_still_named():
+    def tile(label, confidence, unknown=False, ood=None):
+        return Tile(0, 0, 1, 1, label, confidence, unknown, "ood_score" if unknown else None, None, ood)
+
+    # 2 of 3 analysed tiles unknown (background does not count): the defect label would be a guess
+    tiles = [tile("inclusion", 0.98), tile("patches", 0.6, True, 12.0), tile("crazing", 0.5, True, 20.0),
+             tile(BACKGROUND, 1.0), tile(BACKGROUND, 1.0)]
+    summary = summarise(tiles, 0.5)
+    assert summary.label == UNKNOWN and summary.representative.ood_score == 20.0
+    assert summary.top_defect.label == "inclusion" and summary.defect_counts == {"inclusion": 1}
+    assert summarise(tiles, 0.7).label == "inclusion"  # 2/3 < 0.7
+    assert summarise(tiles, 1.0).label == "inclusion"  # 1.0: any defect tile names the frame
+    assert summarise(tiles[:2], 0.5).label == UNKNOWN  # exactly the share
+    assert summarise([tiles[0], *tiles[:2]], 0.5).label == "inclusion"  # 1 of 3
+    with pytest.raises(ValueError, match="unknown_share"):
+        TilingConfig(unknown_share=0.0)
+
+
+def test_an_unknown_frame_takes_the_reason_of_most_of_its_unknown_tiles():
+    def tile(reason, ood):
+        return Tile(0, 0, 1, 1, "crazing", 0.5, True, reason, None, ood)
+
+    # the one blurred-looking tile has the highest score, but most tiles are unfamiliar
+    summary = summarise([tile("ood_score", 3.0), tile("ood_score", 4.0), tile("blurred", 9.0)], 0.5)
+    assert summary.representative.unknown_reason == "ood_score" and summary.representative.ood_score == 4.0
+    # most are camera faults: the commonest camera reason, its most out-of-distribution tile
+    summary = summarise([tile("noisy", 2.0), tile("blurred", 3.0), tile("blurred", 5.0), tile("ood_score", 9.0)])
+    assert summary.representative.unknown_reason == "blurred" and summary.representative.ood_score == 5.0
+    # a tie between the kinds goes to unfamiliar: "check the product" before "clean the lens"
+    assert summarise([tile("blurred", 9.0), tile("ood_score", 1.0)]).representative.unknown_reason == "ood_score"
+
+
+def test_the_share_rule_holds_at_its_exact_boundary():
+    from steelsight.model.inference.tiling import share_reached
+
+    assert share_reached(7, 100, 0.07) and share_reached(7, 50, 0.14) and share_reached(1, 2, 0.5)
+    assert not share_reached(6, 100, 0.07) and not share_reached(0, 0, 0.5)
+
+
 def test_frame_fields_for_an_unknown_frame(tiny_predictor):
     frames = [np.concatenate([texture(64, 64, 10), np.full((64, 64), 128, np.uint8)], axis=1)]
-    result = tiny_predictor.predict_frames(frames, TilingConfig())[0]
-    blank = result.tiles[1]
+    blank_half = tiny_predictor.predict_frames(frames, TilingConfig())[0]
+    blank = blank_half.tiles[1]
     assert blank.unknown and blank.unknown_reason == "blank_frame" and blank.label != BACKGROUND
+    # one of two tiles unknown reaches the default share: the frame is unknown, for the blank tile's reason
+    assert blank_half.label == UNKNOWN and blank_half.unknown and blank_half.unknown_reason == "blank_frame"
+    assert blank_half.to_dict()["unknown_kind"] == "camera"
+    result = tiny_predictor.predict_frames(frames, TilingConfig(unknown_share=1.0))[0]
     if result.top_defect is None:
         assert result.label == UNKNOWN and result.unknown
     else:
         assert result.label == result.top_defect.label and not result.unknown
         assert result.probabilities == result.top_defect.probabilities
+        assert result.to_dict()["unknown_kind"] is None
 
 
 def test_settings_and_contract_carry_the_tiling(tiny_predictor):
     # the default tiles at NEU's 200 px, the scale the shipped model learned at; the rest are the model's defaults
-    assert Settings().tiling() == TilingConfig(tile_size=200, max_tiles=Settings().max_tiles_per_frame)
-    config = Settings(tile_size=96, tile_overlap_px=8, frame_pixels_per_mm=4.0, model_pixels_per_mm=2.0,
-                      max_tiles_per_frame=9).tiling()
+    assert TilingConfig.from_settings(Settings()) == TilingConfig(
+        tile_size=200, max_tiles=Settings().max_tiles_per_frame, unknown_share=Settings().frame_unknown_share)
+    config = TilingConfig.from_settings(Settings(tile_size=96, tile_overlap_px=8, frame_pixels_per_mm=4.0,
+                                                 model_pixels_per_mm=2.0, max_tiles_per_frame=9))
     assert (config.tile_size, config.overlap_px, config.scale, config.max_tiles) == (96, 8, 0.5, 9)
     frame = tiny_predictor.predict_frames([texture(64, 160)], TilingConfig())[0]
     fields = {"frame_id": "f", "job_id": "j", "line_id": "l", "camera_id": "c", "captured_at": "2026-01-01T00:00:00Z",
