@@ -114,7 +114,8 @@ def log_probs(t: Tiles, temperature: float) -> torch.Tensor:
     return torch.log_softmax(t.logits.float() / temperature, dim=1)
 
 
-def fit_scorers(predictor: Predictor, train: Tiles, val: Tiles, labels: torch.Tensor) -> dict:
+def fit_scorers(predictor: Predictor, train: Tiles, val: Tiles, labels: torch.Tensor) -> tuple[dict, OodScorer]:
+    """Name -> score function for each scorer fitted without OOD images, and the shipped (blended) scorer."""
     temp = predictor.temperature
     distance = OodScorer.fit((train.pooled, train.texture), labels, (val.pooled, val.texture), log_probs(val, temp))
     classifier = predictor.net.classifier
@@ -135,8 +136,7 @@ def fit_scorers(predictor: Predictor, train: Tiles, val: Tiles, labels: torch.Te
         "vim": vim_score,
         "vim + distance (shipped)": lambda t: blended(t.pooled, t.texture, log_probs(t, temp), t.hidden,
                                                       t.logits).numpy(),
-        "_blended": blended,
-    }
+    }, blended
 
 
 class OutlierExposure:
@@ -282,8 +282,7 @@ def main() -> None:
                                                                for i, im in enumerate(val_images)])
                    for n in MOTION_BLUR_LENGTHS})
 
-    scorers = fit_scorers(predictor, train, val, labels)
-    blended = scorers.pop("_blended")
+    scorers, blended = fit_scorers(predictor, train, val, labels)
     faulty_bank, faulty_cut, reasons = camera_bank_inputs(predictor.net, train_s, predictor.input_size,
                                                           predictor.device, 32)
     blended.camera = CameraBank.fit(faulty_bank.texture, faulty_bank.labels, reasons, faulty_cut.texture)
@@ -295,19 +294,17 @@ def main() -> None:
     lines = [f"# {describe()}; checkpoint {predictor.checkpoint.path.name} ({predictor.checkpoint.sha256[:12]}…); "
              f"NEU train {len(train_s)} / val {len(val_s)}; threshold: {rate:.1%} of NEU val flagged; frames "
              f"flagged when >= {share:.0%} of their tiles are (all tiles)",
-             "| scorer | " + " | ".join(f"{n} ({len(set(sources[n].frame))} frames, "
+             "| scorer | " + " | ".join(f"{n} ({sources[n].frames} frames, "
                                        f"{len(sources[n])} tiles): AUROC / FPR95 / tiles / frames (all)"
                                        for n in names) + " | worst source, frames |",
              "|---|" + "---|" * (len(names) + 1)]
-    oe_cache: dict[str, OutlierExposure] = {}  # source left out -> fitted on the others
     rows = [*scorers, "outlier exposure (others)"]
     for name in tqdm(rows, desc="scorers", leave=False):
         cells, figures["scorers"][name] = [], {}
         for source in names:
             if name.startswith("outlier"):
-                oe_cache[source] = OutlierExposure(predictor, train, labels,
-                                                   [sources[s] for s in names if s != source], args.oe_epochs)
-                fn = oe_cache[source]
+                fn = OutlierExposure(predictor, train, labels, [sources[s] for s in names if s != source],
+                                     args.oe_epochs)  # fitted on the other sources only
                 val_scores = fn(val)
             else:
                 fn, val_scores = scorers[name], scorers[name](val)

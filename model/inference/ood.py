@@ -125,12 +125,16 @@ class MahalanobisScorer(nn.Module):
 
 
 class VirtualLogitScorer(nn.Module):
-    """ViM: ``alpha * |P_null (h - o)| - logsumexp(logits)``, o = -pinv(W) b of the last linear layer."""
+    """ViM: ``alpha * |P_null (h - o)| - logsumexp(logits)``, o = -pinv(W) b of the last linear layer.
 
-    def __init__(self, hidden_dim: int, null_dim: int):
+    Stores the ``dim`` principal directions, not their (8x larger) complement: the residual's norm is
+    ``sqrt(|h - o|^2 - |(h - o) V|^2)`` for the orthonormal principal basis V.
+    """
+
+    def __init__(self, hidden_dim: int, dim: int):
         super().__init__()
         self.register_buffer("origin", torch.zeros(hidden_dim))
-        self.register_buffer("null_basis", torch.zeros(hidden_dim, null_dim))
+        self.register_buffer("principal", torch.zeros(hidden_dim, dim))
         self.register_buffer("alpha", torch.ones(1))
 
     @classmethod
@@ -141,16 +145,21 @@ class VirtualLogitScorer(nn.Module):
         origin = -torch.linalg.pinv(weight) @ bias
         centred = hidden - origin
         values, vectors = torch.linalg.eigh(centred.T @ centred / len(centred))
-        null = vectors[:, values.argsort(descending=True)[dim:]]
-        scorer = cls(hidden.shape[1], null.shape[1])
+        principal = vectors[:, values.argsort(descending=True)[:dim]]
+        scorer = cls(hidden.shape[1], principal.shape[1])
         scorer.origin.copy_(origin.float())
-        scorer.null_basis.copy_(null.float())
-        residual = (centred @ null).norm(dim=1).mean().clamp(min=1e-12)
+        scorer.principal.copy_(principal.float())
+        residual = scorer.residual(centred).mean().clamp(min=1e-12)
         scorer.alpha.fill_(float(logits.double().max(dim=1).values.mean().cpu() / residual.cpu()))
         return scorer
 
+    def residual(self, centred: torch.Tensor) -> torch.Tensor:
+        """Norm of the part of ``centred`` outside the principal directions."""
+        inside = centred @ self.principal.to(centred.dtype)
+        return (centred.square().sum(dim=1) - inside.square().sum(dim=1)).clamp(min=0).sqrt()
+
     def forward(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        virtual = ((hidden.float() - self.origin) @ self.null_basis).norm(dim=1) * self.alpha
+        virtual = self.residual(hidden.float() - self.origin) * self.alpha
         return virtual - torch.logsumexp(logits.float(), dim=1)
 
 
@@ -229,7 +238,7 @@ class OodScorer(nn.Module):
     def method(self) -> str:
         return ("mahalanobis_pooled2048" + ("+layer3_std1024" if self.texture is not None else "")
                 + ("+unconfidence" if self.uses_confidence else "")
-                + (f"+vim{self.vim.origin.shape[0] - self.vim.null_basis.shape[1]}" if self.vim is not None else ""))
+                + (f"+vim{self.vim.principal.shape[1]}" if self.vim is not None else ""))
 
     @classmethod
     def fit(cls, train: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor,
@@ -323,7 +332,7 @@ class OodScorer(nn.Module):
         if any(k.startswith("vim.") for k in own):  # raises KeyError/RuntimeError when incomplete: the loader says so
             if "blend" not in own:
                 raise ValueError("the OOD scorer has a ViM part but no blend: its score would not match its threshold")
-            vim = VirtualLogitScorer(own["vim.origin"].shape[0], own["vim.null_basis"].shape[1])
+            vim = VirtualLogitScorer(own["vim.origin"].shape[0], own["vim.principal"].shape[1])
             vim.load_state_dict({k[4:]: v.float() for k, v in own.items() if k.startswith("vim.")})
         if any(k.startswith("camera.") for k in own):
             camera = CameraBank(*own["camera.bank"].shape, reasons=reasons)

@@ -118,19 +118,20 @@ def test_texture_statistics_are_each_channels_spatial_std():
 def test_vim_is_the_residual_off_the_principal_subspace_minus_the_energy():
     torch.manual_seed(3)
     basis = torch.linalg.qr(torch.randn(32, 32)).Q
-    hidden = torch.randn(200, 4) @ basis[:, :4].T * 5  # training features span 4 directions
+    hidden = torch.randn(200, 4) @ basis[:, :4].T * 5 + 0.5 * torch.randn(200, 32)  # mostly 4 directions
     weight, bias = torch.randn(3, 32), torch.randn(3) * 0.1
     logits = hidden @ weight.T + bias
     vim = VirtualLogitScorer.fit(hidden, logits, weight, bias, dim=4)
     # textbook: origin -pinv(W) b, null space = all but the top-4 principal directions, alpha = mean max logit /
     # mean residual norm on training
     origin = -torch.linalg.pinv(weight.double()) @ bias.double()
-    residual = ((hidden.double() - origin) @ vim.null_basis.double()).norm(dim=1)
+    null = torch.eye(32, dtype=torch.float64) - vim.principal.double() @ vim.principal.double().T  # projector
+    residual = ((hidden.double() - origin) @ null).norm(dim=1)
     alpha = logits.double().max(1).values.mean() / residual.mean()
     torch.testing.assert_close(vim.alpha.double(), alpha.reshape(1), rtol=1e-4, atol=1e-6)
     queries = torch.cat([hidden[:5], hidden[:5] + basis[:, 10] * 30])  # the same, pushed off the subspace
     q_logits = queries @ weight.T + bias
-    expected = alpha * ((queries.double() - origin) @ vim.null_basis.double()).norm(dim=1) \
+    expected = alpha * ((queries.double() - origin) @ null).norm(dim=1) \
         - torch.logsumexp(q_logits.double(), 1)
     torch.testing.assert_close(vim(queries, q_logits).double(), expected, rtol=1e-4, atol=1e-4)
     assert vim(queries[5:], q_logits[5:]).min() > vim(queries[:5], q_logits[:5]).max()
