@@ -79,7 +79,8 @@ def test_blurred_noise_looks_like_steel_to_the_distances_but_is_flagged_by_the_c
     frames = [np.clip(cv2.GaussianBlur(rng.normal(128, 40, (200, 200)), (0, 0), sigma), 0, 255).astype(np.uint8)
               for sigma in (1.2, 1.6)]
     assert shipped.ood.uses_confidence
-    assert [p.unknown_reason for p in shipped.predict(frames)] == ["ood_score"] * 2
+    # flagged by the score; blurred noise is also flat, so it may be named a camera fault (bad_exposure)
+    assert all(p.unknown and p.ood_score > shipped.ood_threshold for p in shipped.predict(frames))
     with torch.no_grad():
         feats, texture = shipped.trunk(shipped.preprocess(frames))
         pooled = shipped.net.pooled(feats)
