@@ -20,6 +20,7 @@ from starlette.middleware import Middleware
 
 from steelsight.alerts import DRIFT_ALERTS, active_alerts, drift_summary
 from steelsight.contract import CAMERA_REASONS, Settings, unknown_kind
+from steelsight.feedback import FeedbackError, upload_frame_id, upload_result
 from steelsight.model.inference.cam import CAM_METHODS
 from steelsight.model.inference.imageio import DecodeLimits, ImageRejected, decode_gray
 from steelsight.model.inference.labels import CLASSES
@@ -42,6 +43,8 @@ from .data import (
     latency_quantiles,
     rate_over_time,
 )
+from .feedback import FeedbackControls, FeedbackViews, short_sha
+from .models import ModelsView
 from .tiles import draw_tiles, legend_html, summary_html, summary_text
 
 GALLERY_SIZE = 12
@@ -155,6 +158,9 @@ class Dashboard:
         self.source = source
         self.predictor = predictor
         self.limits = DecodeLimits(max_bytes=settings.max_upload_bytes)
+        checkpoint = getattr(predictor, "checkpoint", None)
+        self.feedback = FeedbackViews(settings, source, checkpoint.sha256 if checkpoint is not None else "")
+        self.models = ModelsView(settings, source)
 
     # live tab --------------------------------------------------------------------
     def refresh_live(self, line: str, camera: str, label: str, window_min: float):
@@ -187,15 +193,16 @@ class Dashboard:
 
         selected = (evt.value or {}).get("caption") if evt is not None else None
         if selected not in shown:
-            return None, None, {}, "that frame has scrolled out of the gallery; select another"
+            return None, None, {}, "that frame has scrolled out of the gallery; select another", ""
         r = FrameResult.model_validate_json(shown[selected])
         detail = caption(r) + (f"\n\nreason: `{r.reason}`" if r.reason else "")
+        detail += f"\n\nmodel `{short_sha(r.checkpoint_sha256)}`"
         overlay = self.source.overlay(r)
         if r.tiles:
             detail += "\n\n**tiles:** " + summary_text(r.tiles, r.defect_counts, r.top_defect)
             if overlay is not None:
                 overlay = draw_tiles(overlay, r.tiles)
-        return self.source.original(r), overlay, r.probabilities, detail
+        return self.source.original(r), overlay, r.probabilities, detail, shown[selected]
 
     # upload tab ------------------------------------------------------------------
     def explain_uploads(self, files, method: str):
@@ -206,12 +213,15 @@ class Dashboard:
             metrics.UPLOADS.labels(outcome="refused").inc()
             gr.Warning(f"Upload refused: {refused}")
             return [], f"<p class='upload-error'>Upload refused: {html.escape(refused)}</p>"
-        names, grays, blocks = [], [], []
+        names, frame_ids, grays, blocks = [], [], [], []
         tiling, max_side = TilingConfig.from_settings(self.settings), self.settings.dashboard_image_max_side
         for path in files:
             name = Path(path).name
             try:
-                gray = decode_gray(Path(path).read_bytes(), self.limits)
+                data = Path(path).read_bytes()
+                frame_id = upload_frame_id(data)  # names the upload if an operator marks its verdict
+                gray = decode_gray(data, self.limits)
+                del data
             except ImageRejected as exc:
                 metrics.UPLOADS.labels(outcome="rejected").inc()
                 gr.Warning(f"{name}: {exc}")
@@ -227,12 +237,14 @@ class Dashboard:
                 continue
             grays.append(gray)
             names.append(name)
+            frame_ids.append((path, frame_id))
         # at the frame's own size: the worker's path, where a frame larger than one tile is tiled at the
         # model's scale (shrinking it first would change its pixels per mm); only the overlay is shrunk, to show
         explained = self.predictor.explain_frames(grays, tiling, method) if grays else []
         gallery = []
-        for name, gray, exp in zip(names, grays, explained, strict=True):
+        for name, (path, frame_id), gray, exp in zip(names, frame_ids, grays, explained, strict=True):
             metrics.UPLOADS.labels(outcome="unknown" if exp.unknown else "ok").inc()
+            self._remember_upload(path, frame_id, name, exp)
             overlay = _shrink(exp.overlay, max_side)
             summary = ""
             if exp.tiles:
@@ -246,6 +258,16 @@ class Dashboard:
             gallery.append((overlay, said + (f" · {len(exp.tiles)} tiles" if exp.tiles else "")))
             blocks.append(block)
         return gallery, "".join(blocks)
+
+    def _remember_upload(self, path: str, frame_id: str, name: str, exp) -> None:
+        """Keep the upload's verdict so an operator can mark it (upload tab, below the report)."""
+        try:
+            result = upload_result(frame_id, name, exp.label, exp.confidence, unknown=exp.unknown,
+                                   unknown_reason=exp.unknown_reason, probabilities=exp.probabilities,
+                                   checkpoint_sha256=self.feedback.checkpoint_sha256)
+        except FeedbackError:  # no image extension: it could not be kept as a training image
+            return
+        self.feedback.remember_upload(path, result)
 
     # metrics tab -----------------------------------------------------------------
     def alerts_markdown(self) -> str:
@@ -354,6 +376,11 @@ class Dashboard:
                 self._live_tab()
             with gr.Tab("Upload", id="upload"):
                 self._upload_tab()
+            with gr.Tab("Review", id="review") as review:
+                filters, outputs = self.feedback.review_tab()
+            review.select(self.feedback.refresh_review, filters, outputs, show_progress="hidden")
+            with gr.Tab("Models", id="models"):
+                self.models.tab()
             with gr.Tab("Metrics", id="metrics"):
                 self._metrics_tab()
         return demo
@@ -381,6 +408,8 @@ class Dashboard:
             with gr.Column():
                 probs = gr.Label(label="probabilities", num_top_classes=len(CLASSES))
                 detail = gr.Markdown(elem_id="selected-detail")
+        selected = gr.State("")  # the selected frame's result (JSON), for marking it
+        controls = FeedbackControls("live")
         shown = gr.State({})
         timer = gr.Timer(self.settings.dashboard_refresh_s)
         inputs = [line, camera, label, window]
@@ -390,7 +419,11 @@ class Dashboard:
                    show_progress="hidden")
         for control in inputs:
             control.change(self.refresh_live, inputs, outputs, trigger_mode="always_last", show_progress="hidden")
-        gallery.select(self.select_frame, [shown], [original, overlay, probs, detail])
+        gallery.select(self.select_frame, [shown], [original, overlay, probs, detail, selected]).then(
+            self.feedback.live_mark, [selected], [controls.status, *controls.inputs], show_progress="hidden")
+        controls.submit.click(self.feedback.submit_live, [selected, *controls.inputs], controls.status,
+                              show_progress="hidden")
+        controls.undo.click(self.feedback.undo_live, [selected], controls.status, show_progress="hidden")
 
     def _upload_tab(self):
         s = self.settings
@@ -404,8 +437,18 @@ class Dashboard:
                              allow_preview=True, preview=False, object_fit="contain", elem_classes=["frames-gallery"])
         gr.HTML(legend_html(), elem_id="upload-legend")
         report = gr.HTML(elem_id="upload-report")
-        run.click(self.explain_uploads, [files, method], [gallery, report], concurrency_limit=2)
-        files.upload(self.explain_uploads, [files, method], [gallery, report], concurrency_limit=2)
+        gr.Markdown("### Mark an upload's verdict")
+        with gr.Row():
+            chosen = gr.Dropdown([], label="uploaded file", elem_id="upload-fb-file")
+            model = gr.Markdown(f"model `{short_sha(self.feedback.checkpoint_sha256)}`", elem_id="upload-model")
+        known = gr.State({})
+        controls = FeedbackControls("upload")
+        choices = (self.feedback.upload_choices, [files], [chosen, known, model])
+        run.click(self.explain_uploads, [files, method], [gallery, report], concurrency_limit=2).then(*choices)
+        files.upload(self.explain_uploads, [files, method], [gallery, report], concurrency_limit=2).then(*choices)
+        controls.submit.click(self.feedback.submit_upload, [chosen, known, *controls.inputs], controls.status,
+                              show_progress="hidden")
+        controls.undo.click(self.feedback.undo_upload, [chosen, known], controls.status, show_progress="hidden")
 
     def _metrics_tab(self):
         gr.Markdown(self.scrape_help())

@@ -58,7 +58,7 @@ class Producer:
         self.store = store or ObjectStore(settings)
         self.connection = connection or redis_client(settings)
         self.queue = Queue(settings.queue_name, connection=self.connection, serializer=JSONSerializer)
-        self._retry(self.store.ensure_buckets, "create buckets", s3_transient, "s3")
+        self._retry(lambda: self.store.ensure_buckets(library=False), "create buckets", s3_transient, "s3")
         self.unconfirmed_window_s = unconfirmed_window_s
         self._unconfirmed: deque[tuple[float, Frame]] = deque()  # (enqueued at, frame), oldest first
         self._checked = 0.0

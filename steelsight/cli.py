@@ -8,7 +8,14 @@ import os
 import sys
 from pathlib import Path
 
-from steelsight.contract import FRAME_UNKNOWN_SHARE, UNKNOWN_FALSE_RATE
+from steelsight import model_command
+from steelsight.contract import (
+    COMPARE_ALPHA,
+    COMPARE_MIN_DISCORDANT,
+    COMPARE_MIN_IMAGES,
+    FRAME_UNKNOWN_SHARE,
+    UNKNOWN_FALSE_RATE,
+)
 from steelsight.model.inference.backends import BACKEND_NAMES  # the registry: light, --help stays fast
 from steelsight.model.training.transforms import AUGMENT_PRESETS
 
@@ -378,6 +385,79 @@ def _check_sizing_parser(sub) -> None:
     p.set_defaults(func=cmd_check_sizing)
 
 
+def _compare_parser(sub) -> None:
+    p = sub.add_parser(
+        "compare", help="champion against challenger on the same images: accuracy gaps, McNemar, a verdict",
+        description="Scores checkpoint A (the champion) and B (the challenger) on the same images, paired per "
+                    "image: A's val split (rebuilt from --data and the seed and fraction A's checkpoint records), "
+                    "an exported feedback set (--feedback) and the val split under five corruptions "
+                    "(--corruptions). Per set it prints each model's accuracy with a 95% Wilson interval, the "
+                    "difference B-A with a 95% interval for paired proportions (Newcombe), McNemar's exact test "
+                    "on the images exactly one model gets right, per-class recall differences, and a verdict: "
+                    f"'B better', 'A better' or 'no call'. A verdict needs at least {COMPARE_MIN_IMAGES} images, "
+                    f"at least {COMPARE_MIN_DISCORDANT} images exactly one model gets right and McNemar's "
+                    f"p < {COMPARE_ALPHA}; otherwise it is 'no call'. It warns when B trained on images of a set "
+                    "(that set's comparison favours B). Exit status 0 for any finished comparison (the verdict is "
+                    "in the output), 2 for bad input. How to read it: docs/compare.md.",
+    )
+    p.add_argument("a", type=Path, metavar="A.safetensors", help="the champion: the checkpoint in service")
+    p.add_argument("b", type=Path, metavar="B.safetensors", help="the challenger, e.g. a fine-tune on feedback")
+    p.add_argument("--data", type=Path, required=True,
+                   help="the base data A was trained on (one sub-folder per class, or the NEU layout): A's val "
+                        "split is rebuilt from it")
+    p.add_argument("--feedback", type=Path, default=None, metavar="DIR",
+                   help="also compare on an exported feedback set (`steelsight dataset export`: one folder per "
+                        "class); folders of other classes (clean, other) are skipped and counted")
+    p.add_argument("--corruptions", action="store_true",
+                   help="also compare on the val split under noise, blur, motion blur, brightness/contrast and "
+                        "JPEG at `evaluate --corruptions` severities (five more sets; about 6x the time)")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE",
+                   help="also write everything to FILE: per set the counts, intervals, p-value, per-class "
+                        "recalls and every image's true class and both labels")
+    p.add_argument("--limit-per-class", type=int, default=0, metavar="N",
+                   help="only the first N images of each class in each set (quick looks; few images mostly "
+                        "give 'no call') (default: 0, all)")
+    p.add_argument("--b-data", type=Path, default=None, metavar="DIR",
+                   help="the folder B was trained on, to find test images B has seen (default: the folder B's "
+                        "checkpoint records, when it exists here)")
+    p.add_argument("--exclude-overlap", action="store_true",
+                   help="leave out the test images B trained on instead of only warning about them")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
+    p.add_argument("--backend", choices=BACKEND_NAMES, default="auto",
+                   help="trunk runtime for both models (default: auto, as `evaluate`)")
+    p.set_defaults(func=cmd_compare)
+
+
+def _dataset_parser(sub) -> None:
+    p = sub.add_parser("dataset", help="training sets from operator feedback (dataset export)",
+                       description="Training data from the verdicts operators marked on the dashboard.")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    e = actions.add_parser(
+        "export", help="write a one-folder-per-class training set from the labelled feedback",
+        description="Reads every operator mark from its provenance JSON under feedback/ in STEELSIGHT_LIBRARY_BUCKET "
+                    "(the durable copy; undone marks are left out) and writes each frame to DIR/<true class>/ as "
+                    "feedback-<job id>.<ext>, the layout `steelsight train --data DIR` reads. With --base the base "
+                    "data's class folders are copied in too. DIR/manifest.json lists every file with its sha256, "
+                    "its provenance (line, camera, capture time, verdict, model sha256, operator, time) or base path, "
+                    "and the counts per class. The same marks and base data give byte-identical output. Settings "
+                    "come from STEELSIGHT_* variables or .env.",
+        epilog="Example: steelsight dataset export --out runs/feedback-set --base NEU_DIR && "
+               "steelsight train --data runs/feedback-set --init-from model/checkpoints/steelsight-neu.safetensors")
+    e.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="folder to write; it must be empty or missing (see --force)")
+    e.add_argument("--base", type=Path, default=None, metavar="DATA_DIR",
+                   help="also copy this data's images (DATA_DIR/<class>/ or DATA_DIR/images/<class>/, the NEU "
+                        "layout) (default: feedback only)")
+    e.add_argument("--include-extra", action="store_true",
+                   help="also write the clean (no defect) and other (a defect not in the six) folders; training "
+                        "knows the six classes only, so they are left out by default")
+    e.add_argument("--force", action="store_true",
+                   help="replace an earlier export in DIR (the files its manifest lists); other files are refused")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar (it shows on a terminal only)")
+    p.set_defaults(func=cmd_dataset)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="steelsight",
@@ -396,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
     _up_parser(sub)
     _link_parser(sub)
     _check_sizing_parser(sub)
+    _compare_parser(sub)
+    _dataset_parser(sub)
+    model_command.add_parser(sub)
     return parser
 
 
@@ -800,6 +883,63 @@ def cmd_check_sizing(args) -> int:
     if not problems:
         print("fits")
     return 1 if problems else 0
+
+
+def cmd_compare(args) -> int:
+    from safetensors import SafetensorError
+
+    from steelsight.model.inference.checkpoint import CheckpointError, read_meta, resolve_checkpoint
+
+    def meta(path):
+        try:
+            return read_meta(resolve_checkpoint(path))
+        except (OSError, SafetensorError) as exc:
+            raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+
+    for flag, path in (("--data", args.data), ("--feedback", args.feedback), ("--b-data", args.b_data)):
+        if path is not None and not path.is_dir():
+            raise FileNotFoundError(f"{flag} {path} is not a folder")
+    if args.limit_per_class < 0 or args.batch_size < 1:
+        raise ValueError("--limit-per-class must be >= 0 and --batch-size >= 1")
+    metas = {name: meta(path) for name, path in (("A", args.a), ("B", args.b))}
+    if set(metas["A"].classes) != set(metas["B"].classes):  # before either network is built
+        raise ValueError(f"A and B know different classes: A {', '.join(metas['A'].classes)}; "
+                         f"B {', '.join(metas['B'].classes)}")
+
+    from steelsight.model.evaluation.compare import compare, format_table
+    from steelsight.model.inference.predictor import Predictor
+    from steelsight.model.inference.tiling import TilingConfig
+
+    settings = _settings_with()
+    a, b = (Predictor.load(path, device=args.device, batch_size=args.batch_size, backend=args.backend,
+                           unknown_false_rate=settings.unknown_false_rate) for path in (args.a, args.b))
+    report = compare(a, b, args.data, args.feedback, args.corruptions, args.limit_per_class, args.b_data,
+                     args.exclude_overlap, TilingConfig.from_settings(settings))
+    print(format_table(report))
+    for warning in report["warnings"]:
+        print(f"steelsight compare: WARNING: {warning}", file=sys.stderr)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_dataset(args) -> int:
+    from steelsight.clients import ObjectStore
+    from steelsight.contract import Settings
+    from steelsight.dataset import export, summary
+
+    settings = Settings()
+    try:
+        store = ObjectStore(settings)
+    except RuntimeError as exc:  # no S3 credentials
+        raise SystemExit(f"steelsight dataset: {exc}") from exc
+    manifest = export(store, settings, args.out, base=args.base, include_extra=args.include_extra,
+                      force=args.force, progress=False if args.no_progress else None)
+    print(summary(manifest))
+    print(f"written to {args.out} (manifest: {args.out / 'manifest.json'})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -90,13 +90,19 @@ class ObjectStore:
             settings, public, settings.s3_public_secure if settings.s3_public_secure is not None else settings.s3_secure
         ) if public else self.client
 
-    def ensure_buckets(self) -> None:
-        """Create missing buckets (private: no policy, no ACL grant) and keep their expiry rule current."""
+    def ensure_buckets(self, library: bool = True) -> None:
+        """Create missing buckets (private: no policy, no ACL grant) and keep their expiry rule current.
+
+        ``library``: the library bucket too (models and feedback, no expiry); the producer never uses it,
+        and its least-privilege key may not even look at it.
+        """
         try:
             for bucket in (self.settings.frames_bucket, self.settings.overlays_bucket):
                 if not self.client.bucket_exists(bucket):
                     self._make_bucket(bucket)
                 self._set_expiry(bucket, self.settings.object_expiry)
+            if library and not self.client.bucket_exists(self.settings.library_bucket):
+                self._make_bucket(self.settings.library_bucket)
         except S3Error as exc:
             where = f"the object store at {self.settings.s3_endpoint}"
             if exc.code in S3_AUTH_CODES:
@@ -108,7 +114,8 @@ class ObjectStore:
                 raise S3AccessDenied(
                     f"{where} denied {exc.resource or 'a bucket request'} (AccessDenied): check "
                     "STEELSIGHT_S3_ACCESS_KEY and STEELSIGHT_S3_SECRET_KEY, and that the key may see "
-                    f"{self.settings.frames_bucket} and {self.settings.overlays_bucket} (and create them unless "
+                    f"{self.settings.frames_bucket}, {self.settings.overlays_bucket} and "
+                    f"{self.settings.library_bucket} (and create them unless "
                     "they exist)") from exc
             raise
 
@@ -169,6 +176,31 @@ class ObjectStore:
         finally:
             response.close()
             response.release_conn()
+
+    def put_file(self, bucket: str, key: str, path, content_type: str) -> None:
+        """A file streamed from disk (a checkpoint is tens of MB: not held in memory twice)."""
+        self.client.fput_object(bucket, key, str(path), content_type=content_type)
+
+    def get_file(self, bucket: str, key: str, path) -> None:
+        try:
+            self.client.fget_object(bucket, key, str(path))
+        except S3Error as exc:
+            if exc.code in MISSING_OBJECT_CODES:
+                raise MissingObject(f"{bucket}/{key}: {exc.code}") from exc
+            raise
+
+    def list_keys(self, bucket: str, prefix: str) -> list[str]:
+        """Every key under ``prefix``, sorted."""
+        return sorted(o.object_name for o in self.client.list_objects(bucket, prefix=prefix, recursive=True))
+
+    def size(self, bucket: str, key: str) -> int | None:
+        """The object's size in bytes; None when there is none."""
+        try:
+            return self.client.stat_object(bucket, key).size
+        except S3Error as exc:
+            if exc.code in MISSING_OBJECT_CODES:
+                return None
+            raise
 
     def exists(self, bucket: str, key: str) -> bool:
         try:

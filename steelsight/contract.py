@@ -11,7 +11,7 @@ import re
 import unicodedata
 from datetime import UTC, datetime
 from functools import lru_cache
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -30,6 +30,8 @@ CONTENT_TYPES = {"bmp": "image/bmp", "png": "image/png", "jpg": "image/jpeg", "j
                  "pgm": "image/x-portable-graymap", "ppm": "image/x-portable-pixmap"}
 MAX_FRAME_BYTES = 20 * 1024 * 1024  # a frame file larger than this is refused (the decoder's default too)
 OVERLAY_FORMATS = {"jpeg": ("jpg", "image/jpeg"), "png": ("png", "image/png")}  # extension, content type
+# the bundled labelled frames (a folder per class): the demo's replay and a new checkpoint's smoke check
+SAMPLE_FRAMES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
 
 
 # a tiled frame whose analysed tiles are at least this share unknown is unknown (Settings.frame_unknown_share)
@@ -63,6 +65,9 @@ class Settings(BaseSettings):
     s3_secret_key: SecretStr | None = None
     frames_bucket: str = "steelsight-frames"
     overlays_bucket: str = "steelsight-overlays"
+    library_bucket: str = Field(default="steelsight-library", description=(
+        "private bucket of what is kept until deleted by hand (no expiry): the model registry (`models/`) and "
+        "operator feedback with its frames (`feedback/`)"))
     presign_expiry_s: int = 900
     # a worker rides out an S3 outage this long per attempt; keep it below job_timeout_s
     s3_retry_window_s: float = 30.0
@@ -134,6 +139,29 @@ class Settings(BaseSettings):
         "flag, per image or tile: sets the OOD score threshold. Lower: fewer false unknowns, more unfamiliar "
         "frames given a defect label (the trade-off per source: docs/model_card/ood_operating_curve.png)"))
 
+    # model lifecycle: registry, hot reload, shadow (steelsight/registry.py, worker/models.py, docs/lifecycle.md)
+    model_poll_s: float = Field(default=1.0, gt=0, description=(
+        "how often a worker checks the live model pointer (`steelsight model promote`) and the shadow pointer"))
+    model_cache_dir: str = Field(default="~/.cache/steelsight/models", description=(
+        "where a worker keeps the registry's checkpoints it has downloaded (verified by sha256)"))
+    smoke_samples: str | None = Field(default=None, description=(
+        "folder of labelled sample frames (a subfolder per class) a checkpoint must pass before a worker serves "
+        "it; unset: the bundled `deploy/samples`"))
+    smoke_min_accuracy: float = Field(default=0.9, ge=0, le=1, description=(
+        "share of the smoke samples a new checkpoint must label right (they are training images: any sound "
+        "model of these classes labels nearly all); below it, or on any non-finite output, it is refused"))
+    # active sampling: frames sent to the review queue without an operator (steelsight/feedback.py)
+    review_unknown_share: float = Field(default=0.2, ge=0, le=1, description=(
+        "share of unknown verdicts sent to the review queue"))
+    review_margin: float = Field(default=0.2, ge=0, le=1, description=(
+        "a verdict whose top two class probabilities are closer than this is low-margin"))
+    review_low_margin_share: float = Field(default=0.2, ge=0, le=1, description=(
+        "share of low-margin verdicts sent to the review queue"))
+    review_random_share: float = Field(default=0.002, ge=0, le=1, description=(
+        "share of all other analysed frames sent to the review queue, a random sample"))
+    review_max_per_line_hour: int = Field(default=60, ge=0, description=(
+        "frames sent to the review queue per line and clock hour at most (operators label them by hand)"))
+
     # dashboard
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = 7860
@@ -185,6 +213,10 @@ class Settings(BaseSettings):
         "longest pause between two attempts of one event (the pause doubles from 0.5 s); with "
         "`webhook_timeout_s` under 30 s, so no other worker takes the event over meanwhile"))
 
+    @property
+    def smoke_samples_dir(self) -> Path:
+        return Path(self.smoke_samples).expanduser() if self.smoke_samples else SAMPLE_FRAMES
+
     def to_env(self) -> dict[str, str]:
         """``STEELSIGHT_*`` variables that recreate these settings in a child process."""
         env = {}
@@ -207,6 +239,58 @@ class Settings(BaseSettings):
 
     def result_key(self, job_id: str) -> str:
         return f"{self.key_prefix}:result:{job_id}"
+
+    # model lifecycle (steelsight/registry.py)
+    @property
+    def model_live_key(self) -> str:
+        """The live model's sha256 (a string); unset: workers serve ``checkpoint``."""
+        return f"{self.key_prefix}:model:live"
+
+    @property
+    def model_history_key(self) -> str:
+        """Earlier live models, newest first (a list), for ``model rollback``."""
+        return f"{self.key_prefix}:model:history"
+
+    @property
+    def model_audit_stream(self) -> str:
+        """Who pushed, promoted, rolled back or shadowed what, and when (a stream of :class:`ModelEvent`)."""
+        return f"{self.key_prefix}:model:audit"
+
+    @property
+    def model_shadow_key(self) -> str:
+        """The challenger workers also score, and the share of frames (a hash: sha256, share)."""
+        return f"{self.key_prefix}:model:shadow"
+
+    @property
+    def model_workers_key(self) -> str:
+        """Each worker's model state (a hash: worker name -> :class:`WorkerModelState` JSON)."""
+        return f"{self.key_prefix}:model:workers"
+
+    def shadow_stats_key(self, challenger: str, champion: str) -> str:
+        """Shadow counts of a challenger against one live model (a hash: ``frames:<verdict>``,
+        ``agree:<verdict>`` per live verdict); a promotion or rollback starts a new pair."""
+        return f"{self.key_prefix}:shadow:{challenger}:{champion}:stats"
+
+    def shadow_seen_key(self, challenger: str, champion: str) -> str:
+        return f"{self.key_prefix}:shadow:{challenger}:{champion}:seen"
+
+    def shadow_disagree_stream(self, challenger: str, champion: str) -> str:
+        return f"{self.key_prefix}:shadow:{challenger}:{champion}:disagree"
+
+    # feedback and review (steelsight/feedback.py)
+    @property
+    def feedback_index_key(self) -> str:
+        return f"{self.key_prefix}:feedback"
+
+    def feedback_key(self, job_id: str) -> str:
+        return f"{self.key_prefix}:feedback:{job_id}"
+
+    @property
+    def review_queue_key(self) -> str:
+        return f"{self.key_prefix}:review"
+
+    def review_item_key(self, job_id: str) -> str:
+        return f"{self.key_prefix}:review:item:{job_id}"
 
     @field_validator("webhook_url")
     @classmethod
@@ -462,3 +546,166 @@ class FrameResult(BaseModel):
         if self.status == REJECTED:
             return REJECTED
         return UNKNOWN if self.unknown else self.label or UNKNOWN
+
+
+# model registry (steelsight/registry.py): object keys in library_bucket
+MODELS_PREFIX = "models/"
+FEEDBACK_PREFIX = "feedback/"
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+
+
+def model_object_key(sha256: str) -> str:
+    """``models/<sha256>.safetensors``: the checkpoint's own hash names it, so a key is never overwritten."""
+    if not SHA256_PATTERN.match(sha256):
+        raise ValueError(f"{sha256!r} is not a sha256 (64 lowercase hex digits)")
+    return f"{MODELS_PREFIX}{sha256}.safetensors"
+
+
+def model_card_key(sha256: str) -> str:
+    return model_object_key(sha256).removesuffix(".safetensors") + ".json"
+
+
+class RegisteredModel(BaseModel):
+    """A checkpoint in the registry: ``models/<sha256>.json`` beside the file."""
+
+    sha256: str
+    size: int
+    name: str  # the file name it was pushed from
+    pushed_at: datetime
+    pushed_by: str
+    classes: list[str]
+    input_size: int
+    metrics: dict[str, float] = Field(default_factory=dict)  # the checkpoint card's figures (val accuracy, ...)
+
+
+ModelAction = Literal["push", "promote", "rollback", "shadow", "shadow_off"]
+
+
+class ModelEvent(BaseModel):
+    """One line of the audit log (``model_audit_stream``)."""
+
+    action: ModelAction
+    sha256: str | None = None
+    previous: str | None = None
+    share: float | None = None
+    by: str
+    at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
+class WorkerModelState(BaseModel):
+    """What a worker serves, as it reports it (``model_workers_key``)."""
+
+    worker: str
+    sha256: str
+    shadow_sha256: str | None = None
+    refused_sha256: str | None = None  # the last checkpoint it would not serve, and why
+    refused_reason: str | None = None
+    switched_at: datetime | None = None
+    at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
+# feedback: the six classes, plus what an operator may say a frame is instead
+CLEAN_CLASS = "clean"  # no defect
+OTHER_CLASS = "other"  # a defect not in the six
+FEEDBACK_EXTRA_CLASSES = (CLEAN_CLASS, OTHER_CLASS)
+FEEDBACK_NOTE_MAX = 1000
+ReviewReason = Literal["unknown", "low_margin", "random"]
+
+
+# --- feedback and review queue: schemas (steelsight/feedback.py, steelsight/dataset.py, docs/feedback.md) ---
+FeedbackSource = Literal["live", "upload", "review"]
+UPLOAD_LINE = "upload"  # the line and camera an upload's feedback is filed under (it came from no line)
+UPLOAD_CAMERA = "dashboard"
+ANONYMOUS_OPERATOR = "anonymous"  # the operator's name when the dashboard runs without a login
+
+
+def feedback_classes() -> tuple[str, ...]:
+    """What an operator may say a frame is: the model's six classes, then ``clean`` and ``other``."""
+    from steelsight.model.inference.labels import CLASSES
+
+    return (*CLASSES, *FEEDBACK_EXTRA_CLASSES)
+
+
+def feedback_object_key(line_id: str, camera_id: str, job_id: str, ext: str) -> str:
+    """``feedback/<line>/<camera>/<job_id>.<ext>`` in ``library_bucket``; its provenance JSON beside it."""
+    return f"{FEEDBACK_PREFIX}{line_id}/{camera_id}/{job_id}.{ext}"
+
+
+def feedback_lock_key(settings: Settings, job_id: str) -> str:
+    """Held while one frame's feedback is written or undone, so S3 and Redis end up with the same mark."""
+    return f"{settings.feedback_key(job_id)}:lock"
+
+
+def review_count_key(settings: Settings, line_id: str, hour: str) -> str:
+    """Frames sent to the review queue for a line in one clock hour (``hour``: ``YYYYmmddHH``, UTC)."""
+    return f"{settings.key_prefix}:review:count:{line_id}:{hour}"
+
+
+class Feedback(BaseModel):
+    """An operator's mark on one frame's verdict: ``feedback/<line>/<camera>/<job_id>.json`` beside the frame's copy
+    in ``library_bucket`` (the durable record), and ``feedback_key(job_id)`` in Redis (the index)."""
+
+    job_id: str
+    frame_id: str
+    line_id: str
+    camera_id: str
+    captured_at: datetime
+    frame_key: str  # where the frame was in frames_bucket; "" for an upload
+    file_name: str | None = None  # an upload's file name
+    feedback_key: str  # the frame's copy in library_bucket
+    content_sha256: str  # of the copy's bytes
+    verdict: str  # FrameResult.verdict: a class, "background", "unknown" or "rejected"
+    label: str | None = None
+    confidence: float | None = None
+    unknown: bool = False
+    unknown_reason: str | None = None
+    checkpoint_sha256: str = ""  # the model that gave the verdict
+    correct: bool
+    true_class: str
+    note: str = Field(default="", max_length=FEEDBACK_NOTE_MAX)
+    operator: str = ANONYMOUS_OPERATOR
+    created_at: datetime
+    source: FeedbackSource
+    review_reason: ReviewReason | None = None  # why the frame was in the review queue
+    undone_at: datetime | None = None
+    undone_by: str | None = None
+
+    @field_validator("true_class")
+    @classmethod
+    def _known_class(cls, value: str) -> str:
+        if value not in feedback_classes():
+            raise ValueError(f"true class {value!r} is not one of {', '.join(feedback_classes())}")
+        return value
+
+    @model_validator(mode="after")
+    def _safe_ids(self):
+        # the ids name files of an export and keys in Redis: a JSON edited in the store must not reach elsewhere
+        for name in ("line_id", "camera_id", "frame_id"):
+            validate_id(getattr(self, name), name)
+        if self.job_id != JOB_ID_SEPARATOR.join((self.line_id, self.camera_id, self.frame_id)):
+            raise ValueError(f"job_id {self.job_id!r} is not line__camera__frame of its own ids")
+        return self
+
+    @property
+    def json_key(self) -> str:
+        return self.feedback_key.rsplit(".", 1)[0] + ".json"
+
+
+class ReviewItem(BaseModel):
+    """A frame sent to the review queue without an operator (``review_item_key(job_id)`` while it waits; once
+    labelled or dismissed the key keeps a short marker instead, so the frame is never queued again)."""
+
+    result: FrameResult
+    reason: ReviewReason
+    queued_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+# --- end of feedback and review queue ---
+
+
+# --- champion/challenger comparison (model/evaluation/compare.py, `steelsight compare`, docs/compare.md) ---
+# A set names a winner only when all three hold; otherwise its verdict is "no call".
+COMPARE_ALPHA = 0.05  # McNemar's exact two-sided p must be below this
+COMPARE_MIN_IMAGES = 30  # fewer images do not stand for a line's mix of defects, whatever the p-value
+COMPARE_MIN_DISCORDANT = 10  # images exactly one model gets right; fewer decide nothing a retrain should rest on
+# `steelsight dataset export` lists its files here; rows with "source": "base" are base data, not feedback
+EXPORT_MANIFEST = "manifest.json"
+# --- end of comparison ---

@@ -253,8 +253,10 @@ class SeaweedFS(Service):
     stop_grace_s = 3.0
 
     def __init__(self, data_dir: Path, port: int, credentials: S3Credentials, ports: dict[str, int],
-                 identities: Path, volume_size_mb: int, expiry_days: int | None = None):
+                 identities: Path, volume_size_mb: int, expiry_days: int | None = None,
+                 expiring: tuple[str, ...] = ()):
         self.credentials, self.ports, self.data_dir, self.expiry_days = credentials, ports, data_dir, expiry_days
+        self.expiring = expiring
         # -logtostderr: into our log file only, not also glog's files under /tmp
         args = [weed_binary(), "-logtostderr", "server", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 *(f"-{name}={value}" for name, value in ports.items()),
@@ -294,10 +296,12 @@ class SeaweedFS(Service):
         return out.stdout
 
     def set_ttl(self, days: int) -> None:
-        """Objects written to any bucket from now on expire after ``days`` (0: kept): SeaweedFS's
-        per-path TTL, which it enforces, unlike an S3 lifecycle rule, which it only stores."""
+        """Objects written to the ``expiring`` buckets from now on expire after ``days`` (0: kept):
+        SeaweedFS's per-path TTL, which it enforces, unlike an S3 lifecycle rule, which it only stores.
+        Other buckets (the library of models and feedback) keep their objects."""
         rule = f"-ttl={days}d" if days else "-delete"
-        self.shell(f"fs.configure -locationPrefix=/buckets/ {rule} -apply")
+        self.shell("\n".join(f"fs.configure -locationPrefix=/buckets/{bucket}/ {rule} -apply"
+                             for bucket in self.expiring))
 
     def ready(self) -> bool:
         """The S3 gateway answers, and the master can place a write (a volume server has joined)."""
@@ -315,12 +319,13 @@ class SeaweedFS(Service):
 
 
 def s3_server(workdir: Path, port: int | None = None, ports: dict[str, int] | None = None,
-              volume_size_mb: int = 64, expiry_days: int | None = None) -> SeaweedFS:
+              volume_size_mb: int = 64, expiry_days: int | None = None,
+              expiring: tuple[str, ...] = ()) -> SeaweedFS:
     """SeaweedFS under ``workdir/seaweedfs``, its S3 gateway on ``port``; credentials in ``workdir/s3-identities.json``.
 
     Data and credentials persist in ``workdir``: starting it again over the same folder
     serves the same objects. ``ports`` fixes the internal ports (``steelsight up``);
-    by default they are free ones. ``expiry_days`` sets the buckets' TTL (:meth:`SeaweedFS.set_ttl`).
+    by default they are free ones. ``expiry_days`` sets the TTL of the ``expiring`` buckets (:meth:`SeaweedFS.set_ttl`).
     """
     data_dir = workdir / "seaweedfs"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -329,7 +334,8 @@ def s3_server(workdir: Path, port: int | None = None, ports: dict[str, int] | No
     names = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
              "s3.port.grpc")
     ports = ports or {name: free_port() for name in names}
-    return SeaweedFS(data_dir, port or free_port(), credentials, ports, identities, volume_size_mb, expiry_days)
+    return SeaweedFS(data_dir, port or free_port(), credentials, ports, identities, volume_size_mb, expiry_days,
+                     expiring)
 
 
 class MinIO(Service):

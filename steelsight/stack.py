@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .alerts import check_rules, rules_path
-from .contract import Settings, redis_bytes_needed
+from .contract import SAMPLE_FRAMES, Settings, redis_bytes_needed
 from .devstack import Service, ServiceExited, minio_server, prometheus_server, redis_server, s3_server, wait_until
 
-SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
 S3_PORT = 19000
 PROMETHEUS_PORT = 19090
 SCRAPE_INTERVAL_S = 5.0
@@ -60,7 +59,8 @@ class Stack:
         else:
             ports = {name: self.port(port) for name, port in SEAWEEDFS_PORTS.items()}
             s3 = s3_server(self.data_dir, port=self.port(S3_PORT), ports=ports, volume_size_mb=1024,
-                           expiry_days=defaults.object_expiry).start()
+                           expiry_days=defaults.object_expiry,
+                           expiring=(defaults.frames_bucket, defaults.overlays_bucket)).start()
             kind = f"SeaweedFS S3 gateway, data in {self.data_dir / 'seaweedfs'}"
         self.services.append(s3)
         return f"redis://127.0.0.1:{redis.port}/0", s3, kind
@@ -113,12 +113,12 @@ class Stack:
             f"http://127.0.0.1:{self.worker_metrics_port(i)}/metrics" for i in range(self.workers)), flush=True)
         # frames sent before the models are loaded would only wait in the queue
         self._wait(lambda: self._workers_ready(settings, workers), "the workers to load the model")
-        producer = ["produce", "--source", str(SAMPLES), "--loop", "--fps", str(self.fps),
+        producer = ["produce", "--source", str(SAMPLE_FRAMES), "--loop", "--fps", str(self.fps),
                     "--metrics-port", str(self.port(9103))]
         if self.frames is not None:
             producer += ["--limit", str(self.frames)]
         self.spawn(settings, "producer", producer)
-        print(f"producer   replaying {SAMPLES} at {self.fps} fps, metrics on http://127.0.0.1:{self.port(9103)}/metrics")
+        print(f"producer   replaying {SAMPLE_FRAMES} at {self.fps} fps, metrics on http://127.0.0.1:{self.port(9103)}/metrics")
         print(f"logs       {self.data_dir}/*.log")
         url = f"http://127.0.0.1:{settings.dashboard_port}/"
         self._wait(lambda: self._dashboard_up(url), "the dashboard")

@@ -11,10 +11,10 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from steelsight.contract import Frame, Settings
+from steelsight.contract import SAMPLE_FRAMES, Frame, Settings
 from steelsight.producer.service import Producer
 
-SAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
+SAMPLES = SAMPLE_FRAMES
 ARTIFACTS = Path(os.environ.get("STEELSIGHT_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "artifacts"))
 
 

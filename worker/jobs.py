@@ -19,7 +19,7 @@ from steelsight.clients import REDIS_TRANSIENT
 from steelsight.contract import CAMERA_REASONS, REJECTED, Frame, FrameResult, Settings, get_settings
 from steelsight.retry import with_backoff
 
-from . import metrics, sinks
+from . import metrics, sampling, sinks
 from .engine import FrameEngine, build_engine
 from .outcome import Done, Failed, Outcome, settle
 
@@ -68,10 +68,11 @@ def publish_many(results: list[FrameResult], connection, settings: Settings) -> 
 
 
 def publish_and_count(results: list[FrameResult], connection, settings: Settings) -> None:
-    """Publish, and count each newly written result in the worker's metrics."""
-    for result, new in zip(results, publish_many(results, connection, settings), strict=True):
-        if new:
-            _count(result)
+    """Publish, count each newly written result in the worker's metrics, and offer it for review."""
+    fresh = [result for result, new in zip(results, publish_many(results, connection, settings), strict=True) if new]
+    for result in fresh:
+        _count(result)
+    sampling.offer(connection, settings, fresh)
 
 
 def _count(result: FrameResult) -> None:

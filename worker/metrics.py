@@ -28,6 +28,23 @@ QUEUE_WAIT_SECONDS = Histogram("steelsight_frame_queue_wait_seconds", "Enqueue t
                                buckets=LATENCY_BUCKETS)
 BATCH_SIZE = Histogram("steelsight_worker_batch_size", "Frames per micro-batch", buckets=(1, 2, 4, 8, 16, 32, 64))
 MODEL = Info("steelsight_model", "The loaded checkpoint")
+# model lifecycle (worker/models.py)
+MODEL_SWITCHES = Counter("steelsight_model_switches_total", "Live-model switches, each between two batches")
+MODEL_REFUSED = Counter("steelsight_model_refused_total",
+                        "Checkpoints a worker would not serve (failed to load or its smoke check), by role",
+                        ["role"])
+MODEL_LOAD_SECONDS = Histogram("steelsight_model_load_seconds",
+                               "Fetching, loading and smoke-checking a checkpoint in the background",
+                               buckets=(0.5, 1, 2, 4, 8, 16, 32, 64, 128))
+MODEL_BUILD_SECONDS = Histogram("steelsight_model_build_seconds",
+                                "Building a new model's trunk between two batches: the work loop waits this long",
+                                buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16))
+SHADOW_FRAMES = Counter("steelsight_shadow_frames_total", "Frames the shadow challenger also read, by agreement",
+                        ["agree"])
+SHADOW_SECONDS = Histogram("steelsight_shadow_seconds", "Challenger model time per batch", buckets=LATENCY_BUCKETS)
+REVIEW_SENT = Counter("steelsight_review_sent_total", "Frames sent to the review queue by active sampling, by reason",
+                      ["reason"])
+SHADOW_FAILURES = Counter("steelsight_shadow_failures_total", "Batches the shadow challenger failed on")
 RETRIES = Counter("steelsight_worker_retries_total", "Retries after a transient service error", ["service"])
 
 # what alerts and drift read

@@ -45,3 +45,19 @@ class Pending:
 def settle(outcomes: dict[str, Outcome | Pending]) -> dict[str, Outcome]:
     """Wait for the pending uploads among ``outcomes``; a failed upload fails its job."""
     return {job_id: o.settle() if isinstance(o, Pending) else o for job_id, o in outcomes.items()}
+
+
+@dataclass(frozen=True)
+class ShadowVerdict:
+    """A frame both the live model and the shadow challenger read: their verdicts, never published as a result."""
+
+    job_id: str
+    line_id: str
+    champion_sha256: str
+    challenger_sha256: str
+    champion: str
+    challenger: str
+
+    @property
+    def agree(self) -> bool:
+        return self.champion == self.challenger

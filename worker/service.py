@@ -12,13 +12,15 @@ import socket
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from steelsight.clients import PERMANENT, REDIS_TRANSIENT, redis_client
+from steelsight.clients import PERMANENT, REDIS_TRANSIENT, ObjectStore, redis_client
 from steelsight.contract import Settings
+from steelsight.registry import ModelRegistry
 from steelsight.retry import caused_by, with_backoff
 
 from . import health
-from .engine import FrameEngine, build_engine
+from .engine import FrameEngine, build_engine, ensure_buckets
 from .metrics import export_training_inputs
+from .models import ModelWatcher, initial_predictor, record_shadow
 from .rq_compat import FrameJob
 from .rqworker import BatchingWorker
 from .sinks import start_sinks
@@ -45,12 +47,18 @@ class WorkerCrashed(RuntimeError):
     """RQ's work loop quit on an error it did not handle."""
 
 
-def make_worker(settings: Settings, engine: FrameEngine, name: str | None = None,
-                liveness: health.Liveness | None = None) -> BatchingWorker:
-    """Connect (waiting for Redis) and build a worker on ``settings.queue_name`` that computes with ``engine``."""
+def connect(settings: Settings, liveness: health.Liveness | None = None):
+    """A Redis client, once Redis answers (waiting for it)."""
     connection = redis_client(settings)
     with liveness.waiting("Redis") if liveness else contextlib.nullcontext():
         with_backoff(connection.ping, "connect to Redis", REDIS_TRANSIENT, attempts=None, permanent=PERMANENT)
+    return connection
+
+
+def make_worker(settings: Settings, engine: FrameEngine, name: str | None = None,
+                liveness: health.Liveness | None = None) -> BatchingWorker:
+    """Connect (waiting for Redis) and build a worker on ``settings.queue_name`` that computes with ``engine``."""
+    connection = connect(settings, liveness)
     job_class = FrameJob.bound(settings)
     # the worker's job class here too: RQ's registry clean-ups build jobs with the queue's class
     queue = Queue(settings.queue_name, connection=connection, serializer=JSONSerializer, job_class=job_class)
@@ -66,8 +74,17 @@ def run_worker(settings: Settings, burst: bool = False, name: str | None = None,
     if metrics:
         health.serve(settings.metrics_host, settings.metrics_port, liveness)
         log.info("metrics on %s:%d/metrics, health on /healthz", settings.metrics_host, settings.metrics_port)
+    watcher = None
     try:
-        engine = build_engine(settings, liveness)
+        connection = connect(settings, liveness)
+        registry = ModelRegistry(settings, ObjectStore(settings), connection)
+        ensure_buckets(registry.store, liveness)  # the live model comes from the object store
+        engine = build_engine(settings, liveness, predictor=initial_predictor(settings, registry),
+                              on_shadow=lambda verdicts: record_shadow(connection, settings, verdicts))
+        engine.worker_name = name
+        watcher = ModelWatcher(settings, engine, registry, name)
+        watcher.report()
+        watcher.start()
         meta = engine.predictor.checkpoint.meta
         export_training_prior(meta.classes)
         if not export_training_inputs(meta.input_stats):
@@ -75,6 +92,10 @@ def run_worker(settings: Settings, burst: bool = False, name: str | None = None,
                      "the lines' brightness, contrast and sharpness with")
         return work(settings, engine, burst=burst, name=name, liveness=liveness)
     finally:
+        if watcher is not None:
+            watcher.stop()
+            with contextlib.suppress(*REDIS_TRANSIENT):
+                watcher.forget()
         for runner in runners:
             runner.stop()
 

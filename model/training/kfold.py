@@ -19,16 +19,24 @@ from steelsight.model.evaluation.metrics import per_class_prf, wilson_interval
 from steelsight.model.inference.predictor import Predictor
 from steelsight.model.training.train import TrainConfig, train
 
+STAGE_DONE = "stage.done"  # an intermediate stage's marker: its epochs ran and best.safetensors is final
+
 
 def train_fold(stages: list[TrainConfig], folds: int, fold: int, out: Path) -> Path:
     """Train the fold's stages in turn, each from the previous one's best epoch; the last one's model."""
     fold_dir = out / f"fold{fold}"
     init_from = stages[0].init_from
     for number, stage in enumerate(stages, start=1):
-        stage_dir = fold_dir if number == len(stages) else fold_dir / f"stage{number}"
-        if not (stage_dir / "model.safetensors").exists():
+        last = number == len(stages)
+        stage_dir = fold_dir if last else fold_dir / f"stage{number}"
+        # an earlier stage is only the next one's start: its best epoch, without the finalize fits
+        done = stage_dir / ("model.safetensors" if last else STAGE_DONE)
+        if not (done.exists() or (stage_dir / "model.safetensors").exists()):
             resume = (stage_dir / "last_state.pt").exists()
-            train(replace(stage, folds=folds, fold=fold, out=str(stage_dir), resume=resume, init_from=init_from))
+            train(replace(stage, folds=folds, fold=fold, out=str(stage_dir), resume=resume, init_from=init_from,
+                          finalize=last))
+            if not last:
+                done.touch()
         init_from = str(stage_dir / "best.safetensors")
     return fold_dir / "model.safetensors"
 

@@ -69,6 +69,9 @@ class TrainConfig:
     half: bool = False
     resume: bool = False
     finalize_only: bool = False
+    # False: stop at best.safetensors (an intermediate k-fold stage: only the next stage's start, so no
+    # temperature, OOD scorer or camera bank is fitted for it)
+    finalize: bool = True
     augment: str = "standard"
     init_from: str | None = None
     annotations: str | None = None  # NEU-DET boxes, for the Grad-CAM box loss
@@ -310,7 +313,7 @@ class Trainer:
             self._save_state(epoch)
             (self.out / "history.json").write_text(json.dumps(self.history, indent=2))
             training_curves(self.history, self.out / "training_curves.png")
-        return self.finalize()
+        return self.finalize() if self.cfg.finalize else self.out / "best.safetensors"
 
     def finalize(self) -> Path:
         """Best weights + temperature + OOD scorer (train features) -> model.safetensors.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import urllib.request
 from pathlib import Path
 
 import jsonschema
@@ -16,7 +18,7 @@ import pytest
 import yaml
 from pydantic import SecretStr
 
-from steelsight.contract import Settings
+from steelsight.contract import FEEDBACK_PREFIX, MODELS_PREFIX, Settings
 from steelsight.model.training.pretrained import cache_dir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,6 +108,7 @@ def test_compose_file_matches_the_compose_spec():
         assert required in services
     assert "./deploy/redis/redis.conf:/etc/redis/redis.conf:ro" in services["redis"]["volumes"]
     assert services["worker-gpu"]["profiles"] == ["gpu"] and services["producer"]["profiles"] == ["demo"]
+    assert services["tools"]["profiles"] == ["tools"]  # run on demand, never by `up`
     devices = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia"
     for name, service in services.items():
@@ -165,8 +168,10 @@ def test_no_secret_is_applied_and_examples_hold_placeholders_only():
     applied = [d for d in k8s_documents(APPLIED) if d["kind"] == "Secret"]
     assert not applied, [d["metadata"]["name"] for d in applied]
     secrets = example_secrets()
-    assert {"steelsight-worker", "steelsight-dashboard", "steelsight-producer", "steelsight-redis",
-            "steelsight-minio"} <= set(secrets)
+    assert {"steelsight-worker", "steelsight-dashboard", "steelsight-producer", "steelsight-registry",
+            "steelsight-redis", "steelsight-minio"} <= set(secrets)
+    assert {"REDIS_REGISTRY_PASSWORD"} <= set(secrets["steelsight-redis"]["stringData"])
+    assert {"REGISTRY_S3_SECRET_KEY"} <= set(secrets["steelsight-minio"]["stringData"])
     for secret in secrets.values():
         for key, value in secret["stringData"].items():
             names = key.endswith(("_ACCESS_KEY", "_USERNAME"))  # a user name, not a secret
@@ -212,6 +217,9 @@ def test_each_service_has_only_its_own_credentials():
     assert secrets["steelsight-worker"]["stringData"]["STEELSIGHT_REDIS_URL"].startswith("redis://worker:")
     assert secrets["steelsight-dashboard"]["stringData"]["STEELSIGHT_REDIS_URL"].startswith("redis://dashboard:")
     assert secrets["steelsight-producer"]["stringData"]["STEELSIGHT_REDIS_URL"].startswith("redis://producer:")
+    registry = secrets["steelsight-registry"]["stringData"]
+    assert registry["STEELSIGHT_REDIS_URL"].startswith("redis://registry:")
+    assert registry["STEELSIGHT_S3_ACCESS_KEY"] == "steelsight-registry"
 
 
 def test_no_password_in_a_command_line():
@@ -231,7 +239,7 @@ def test_compose_services_are_hardened_and_use_their_own_users():
     services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
     ours = ("redis", "redis-exporter", "minio", "minio-init", "worker", "worker-gpu", "dashboard", "producer",
             "prometheus")
-    for name in ours:
+    for name in (*ours, "tools"):
         service = services[name]
         assert service.get("read_only") is True, name
         assert "ALL" in service.get("cap_drop", []), name
@@ -242,6 +250,54 @@ def test_compose_services_are_hardened_and_use_their_own_users():
         assert env["STEELSIGHT_REDIS_URL"].startswith(f"redis://{user}:"), name
         assert env["STEELSIGHT_S3_ACCESS_KEY"] == f"steelsight-{user}", name
         assert "MINIO_ROOT" not in json.dumps(env) and "ADMIN" not in json.dumps(env), name
+    # the operators' tools: the registry's own Redis user and S3 key, never the admin or root ones
+    env = services["tools"]["environment"]
+    assert env["STEELSIGHT_REDIS_URL"].startswith("redis://registry:${REDIS_REGISTRY_PASSWORD}@")
+    assert env["STEELSIGHT_S3_ACCESS_KEY"] == "steelsight-registry"
+    assert env["STEELSIGHT_S3_SECRET_KEY"] == "${REGISTRY_S3_SECRET_KEY}"
+    assert "MINIO_ROOT" not in json.dumps(env) and "ADMIN" not in json.dumps(env)
+    init = services["minio-init"]["environment"]
+    assert init["REGISTRY_S3_SECRET_KEY"].startswith("${REGISTRY_S3_SECRET_KEY:?")
+    assert services["redis"]["environment"]["REDIS_REGISTRY_PASSWORD"].startswith("${REDIS_REGISTRY_PASSWORD:?")
+    env_example = (DEPLOY / ".env.example").read_text()
+    assert "\nREGISTRY_S3_SECRET_KEY=" in env_example and "\nREDIS_REGISTRY_PASSWORD=" in env_example
+
+
+def _in_a_writable_mount(path: str, mounts: list[str]) -> bool:
+    return any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts)
+
+
+def test_workers_find_the_smoke_samples_and_a_writable_model_cache():
+    """The installed package cannot see deploy/samples, and the root filesystem is read-only: a worker that
+    downloads a promoted model needs both set, or it refuses every new model."""
+    s = Settings()
+    for dockerfile in ("Dockerfile", "Dockerfile.cuda"):
+        text = (DEPLOY / dockerfile).read_text()
+        assert "COPY deploy/samples /app/samples" in text, dockerfile
+        assert "STEELSIGHT_SMOKE_SAMPLES=/app/samples" in text, dockerfile
+        assert "STEELSIGHT_MODEL_CACHE_DIR=/tmp/steelsight/models" in text, dockerfile
+    assert s.model_cache_dir.startswith("~"), "the default sits in the read-only home: containers override it"
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    for name in ("worker", "worker-gpu"):
+        service, env = services[name], services[name]["environment"]
+        assert service["read_only"] is True
+        assert env["STEELSIGHT_SMOKE_SAMPLES"] == "/app/samples", name
+        assert _in_a_writable_mount(env["STEELSIGHT_MODEL_CACHE_DIR"], service["tmpfs"]), name
+        assert env["STEELSIGHT_LIBRARY_BUCKET"] == s.library_bucket, name
+    (config,) = [d for d in k8s_documents() if d["kind"] == "ConfigMap" and d["metadata"]["name"] ==
+                 "steelsight-config"]
+    assert config["data"]["STEELSIGHT_LIBRARY_BUCKET"] == s.library_bucket
+    assert config["data"]["STEELSIGHT_SMOKE_SAMPLES"] == "/app/samples"
+    for name, spec in pod_specs():
+        if name not in ("Deployment/steelsight-worker", "Deployment/steelsight-worker-gpu"):
+            continue
+        (container,) = spec["containers"]
+        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        empty_dirs = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
+        mounts = [m["mountPath"] for m in container["volumeMounts"] if m["name"] in empty_dirs
+                  and not m.get("readOnly")]
+        assert _in_a_writable_mount(env["STEELSIGHT_MODEL_CACHE_DIR"], mounts), name
+        assert env["STEELSIGHT_MODEL_CACHE_DIR"] != "/tmp", name
 
 
 def test_network_policies_guard_the_dashboard_metrics_and_stores():
@@ -273,8 +329,10 @@ def test_network_policies_guard_the_dashboard_metrics_and_stores():
 
 def test_minio_policies_give_each_service_only_its_rights():
     s = Settings()
-    frames, overlays = (f"arn:aws:s3:::{b}" for b in (s.frames_bucket, s.overlays_bucket))
+    frames, overlays, library = (f"arn:aws:s3:::{b}" for b in (s.frames_bucket, s.overlays_bucket,
+                                                               s.library_bucket))
     (config,) = [d for d in k8s_documents([DEPLOY / "k8s" / "11-minio.yaml"]) if d["kind"] == "ConfigMap"]
+    assert set(config["data"]) == {p.name for p in (DEPLOY / "minio").iterdir()}
     for path in sorted((DEPLOY / "minio").iterdir()):
         assert config["data"][path.name] == path.read_text(), f"{path.name} differs from the ConfigMap's copy"
 
@@ -283,17 +341,83 @@ def test_minio_policies_give_each_service_only_its_rights():
         return {(action, resource) for st in policy["Statement"] if st["Effect"] == "Allow"
                 for action in st["Action"] for resource in st["Resource"]}
 
-    bucket_checks = {(a, b) for a in ("s3:GetBucketLocation", "s3:ListBucket") for b in (frames, overlays)}
-    assert rights("producer") == bucket_checks | {("s3:PutObject", f"{frames}/*")}
-    assert rights("worker") == bucket_checks | {("s3:GetObject", f"{frames}/*"), ("s3:PutObject", f"{overlays}/*")}
-    assert rights("dashboard") == bucket_checks | {("s3:GetObject", f"{frames}/*"), ("s3:GetObject", f"{overlays}/*")}
+    def checks(*buckets):  # HEAD and list
+        return {(a, b) for a in ("s3:GetBucketLocation", "s3:ListBucket") for b in buckets}
+
+    models, feedback = f"{library}/{MODELS_PREFIX}*", f"{library}/{FEEDBACK_PREFIX}*"
+    # the producer never looks at the library (it calls ensure_buckets(library=False))
+    assert rights("producer") == checks(frames, overlays) | {("s3:PutObject", f"{frames}/*")}
+    assert rights("worker") == checks(frames, overlays, library) | {
+        ("s3:GetObject", f"{frames}/*"), ("s3:PutObject", f"{overlays}/*"), ("s3:GetObject", models)}
+    assert rights("dashboard") == checks(frames, overlays, library) | {
+        ("s3:GetObject", f"{frames}/*"), ("s3:GetObject", f"{overlays}/*"),
+        ("s3:GetObject", feedback), ("s3:PutObject", feedback)}
+    # the operators' `model` and `dataset export`: export reads the feedback copies, never the frames
+    assert rights("registry") == checks(frames, overlays, library) | {
+        ("s3:GetObject", models), ("s3:PutObject", models), ("s3:GetObject", feedback)}
+    for service in ("producer", "worker", "dashboard", "registry"):
+        policy = json.loads((DEPLOY / "minio" / f"{service}-policy.json").read_text())
+        assert all(st["Effect"] == "Allow" and set(st) == {"Effect", "Action", "Resource"}
+                   for st in policy["Statement"]), service  # no Deny or Condition to reason about
+        assert not {a for a, _ in rights(service)} & {"s3:DeleteObject", "s3:PutLifecycleConfiguration",
+                                                       "s3:PutBucketPolicy", "s3:*"}, service
+
+
+def _run_minio_init(tmp_path, env_extra=None, existing_rules=()):
+    """deploy/minio/init.sh against a stand-in `mc` that logs each call (and answers `ilm rule ls`)."""
+    log = tmp_path / "mc.log"
+    fake = tmp_path / "bin" / "mc"
+    fake.parent.mkdir(exist_ok=True)
+    rules = " ".join(f"local/{b}" for b in existing_rules)
+    fake.write_text(f"""#!/bin/sh
+echo "$*" >> {log}
+case "$*" in
+  "ilm rule ls "*) for b in {rules}; do [ "$4" = "$b" ] && exit 0; done; exit 1 ;;
+esac
+exit 0
+""")
+    fake.chmod(0o755)
+    env = {"PATH": f"{fake.parent}:/usr/bin:/bin", "MINIO_ROOT_USER": "root", "MINIO_ROOT_PASSWORD": "rootpw",
+           "POLICY_DIR": str(DEPLOY / "minio"), "PRODUCER_S3_SECRET_KEY": "p", "WORKER_S3_SECRET_KEY": "w",
+           "DASHBOARD_S3_SECRET_KEY": "d", "REGISTRY_S3_SECRET_KEY": "r", **(env_extra or {})}
+    result = subprocess.run(["sh", str(DEPLOY / "minio" / "init.sh")], env=env, capture_output=True, text=True)
+    return result, log.read_text().splitlines() if log.exists() else []
+
+
+def test_minio_init_makes_the_library_private_without_expiry_and_the_registry_user(tmp_path):
+    s = Settings()
+    result, calls = _run_minio_init(tmp_path)
+    assert result.returncode == 0, result.stderr
+    (mb,) = [c for c in calls if c.startswith("mb ")]
+    assert set(mb.split()[2:]) == {f"local/{b}" for b in (s.frames_bucket, s.overlays_bucket, s.library_bucket)}
+    assert "--ignore-existing" in mb  # a second run leaves the buckets as they are
+    for bucket in (s.frames_bucket, s.overlays_bucket, s.library_bucket):
+        assert f"anonymous set none local/{bucket}" in calls
+    expiring = {c.split()[-1] for c in calls if c.startswith("ilm rule add")}
+    assert expiring == {f"local/{s.frames_bucket}", f"local/{s.overlays_bucket}"}
+    assert not [c for c in calls if c.startswith("ilm") and s.library_bucket in c], "the library never expires"
+    for user in ("producer", "worker", "dashboard", "registry"):
+        assert f"admin policy create local steelsight-{user} {DEPLOY / 'minio'}/{user}-policy.json" in calls
+        assert f"admin policy attach local steelsight-{user} --user steelsight-{user}" in calls
+    # idempotent: a second run with the rules in place adds none, and 0 days adds none at all
+    (tmp_path / "again").mkdir()
+    again, calls = _run_minio_init(tmp_path / "again", existing_rules=(s.frames_bucket, s.overlays_bucket))
+    assert again.returncode == 0 and not [c for c in calls if c.startswith("ilm rule add")]
+    (tmp_path / "zero").mkdir()
+    zero, calls = _run_minio_init(tmp_path / "zero", {"STEELSIGHT_OBJECT_EXPIRY_DAYS": "0"})
+    assert zero.returncode == 0 and not [c for c in calls if c.startswith("ilm rule add")]
+    # the registry's key is required, like the others'
+    (tmp_path / "nokey").mkdir()
+    missing, _ = _run_minio_init(tmp_path / "nokey", {"REGISTRY_S3_SECRET_KEY": ""})
+    assert missing.returncode != 0 and "REGISTRY_S3_SECRET_KEY" in missing.stderr
 
 
 # --- Redis's ACL users, on a real redis-server started by deploy/redis/entrypoint.sh ---
 
 PASSWORDS = {"REDIS_ADMIN_PASSWORD": "admin-pw", "REDIS_WORKER_PASSWORD": "worker-pw",
              "REDIS_PRODUCER_PASSWORD": "producer-pw", "REDIS_DASHBOARD_PASSWORD": "dashboard-pw",
-             "REDIS_KEDA_PASSWORD": "keda-pw", "REDIS_METRICS_PASSWORD": "metrics-pw"}
+             "REDIS_KEDA_PASSWORD": "keda-pw", "REDIS_METRICS_PASSWORD": "metrics-pw",
+             "REDIS_REGISTRY_PASSWORD": "registry-pw"}
 
 
 # KEDA's redis scaler (pkg/scalers/redis_scaler.go, getListLengthFromRedisScript), sent with EVAL
@@ -332,7 +456,7 @@ def test_redis_users_have_least_privilege(acl_redis):
     assert not any(pw in cmdline for pw in PASSWORDS.values()), "a password is in the process arguments"
     with pytest.raises(redis.exceptions.AuthenticationError):
         redis.Redis(port=port).ping()  # the default user is off
-    for user in ("worker", "producer", "dashboard", "keda", "metrics"):
+    for user in ("worker", "producer", "dashboard", "registry", "keda", "metrics"):
         conn = login(port, user)
         assert conn.ping()
         for command in (("FLUSHALL",), ("FLUSHDB",), ("CONFIG", "GET", "maxmemory"), ("KEYS", "*"), ("SAVE",),
@@ -364,6 +488,61 @@ def test_redis_users_have_least_privilege(acl_redis):
         with pytest.raises(redis.exceptions.NoPermissionError):
             login(port, user).execute_command("FUNCTION", "LIST")
     assert "used_memory" in login(port, "metrics").info("memory")
+
+
+def test_the_dashboard_writes_feedback_and_the_registry_the_model_keys_only(acl_redis):
+    """The dashboard stores operators' marks and clears the review queue; `steelsight model` (the registry user)
+    moves the live and shadow pointers. Each through the real code, and nothing beyond those keys."""
+    import redis
+
+    from steelsight.contract import RegisteredModel, feedback_lock_key
+    from steelsight.feedback import _FrameLock
+    from steelsight.registry import ModelRegistry
+
+    port, _ = acl_redis
+    s = Settings()
+    dashboard, registry_conn = login(port, "dashboard"), login(port, "registry")
+    # feedback.record / undo / label_review: a per-frame lock (SET NX, released by a script), then MULTI
+    with _FrameLock(dashboard, s, "job-1"):
+        assert dashboard.get(feedback_lock_key(s, "job-1"))
+        with dashboard.pipeline(transaction=True) as pipe:
+            pipe.set(s.feedback_key("job-1"), "{}")
+            pipe.zadd(s.feedback_index_key, {"job-1": 1.0})
+            pipe.zrem(s.review_queue_key, "job-1")
+            pipe.set(s.review_item_key("job-1"), "labelled", xx=True)
+            pipe.execute()
+    assert not dashboard.exists(feedback_lock_key(s, "job-1"))
+    with dashboard.pipeline(transaction=True) as pipe:
+        pipe.zrem(s.feedback_index_key, "job-1")
+        pipe.delete(s.feedback_key("job-1"))
+        pipe.execute()
+    for key in (s.result_key("x"), s.model_live_key, "rq:queue:steelsight-frames", "elsewhere"):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            dashboard.set(key, "1")
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        dashboard.eval("return redis.call('SET', KEYS[1], '1')", 1, s.model_live_key)
+    assert dashboard.get(s.result_key("x")) is None  # and it still reads results
+
+    sha, other = "a" * 64, "b" * 64
+
+    class Cards:  # the registry's object store: only its cards are read here
+        def get(self, bucket, key):
+            return RegisteredModel(sha256=key.split("/")[-1][:64], size=1, name="m.safetensors",
+                                   pushed_at="2026-01-01T00:00:00Z", pushed_by="op", classes=["a"],
+                                   input_size=64).model_dump_json().encode()
+
+    models = ModelRegistry(s, Cards(), registry_conn)
+    models.promote(sha, "op")
+    models.promote(other, "op")
+    assert models.rollback("op") == sha
+    models.shadow(other, 0.1, "op")
+    models.shadow_off("op")
+    assert [e.action for e in models.audit(10)][:2] == ["shadow_off", "shadow"]
+    for key in (s.result_key("x"), s.feedback_key("j"), "rq:queue:steelsight-frames", "elsewhere"):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            registry_conn.get(key)
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        registry_conn.eval("return redis.call('GET', KEYS[1])", 1, s.result_key("x"))
 
 
 def test_the_pipeline_works_through_its_redis_users(acl_redis, settings, tmp_path):
@@ -527,3 +706,91 @@ def test_compose_and_kubernetes_load_the_same_rules():
     (rule,) = k8s_documents([DEPLOY / "k8s" / "60-prometheus-rules.yaml"])
     assert rule["kind"] == "PrometheusRule"
     assert rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
+
+
+def test_redis_configmap_holds_the_entrypoint_and_conf_verbatim():
+    (config,) = [d for d in k8s_documents([DEPLOY / "k8s" / "10-redis.yaml"]) if d["kind"] == "ConfigMap"]
+    assert set(config["data"]) == {p.name for p in (DEPLOY / "redis").iterdir()}
+    for path in (DEPLOY / "redis").iterdir():
+        assert config["data"][path.name] == path.read_text(), f"{path.name} differs from the ConfigMap's copy"
+
+
+# --- SeaweedFS: the example identities and the buckets Job, on a real gateway ---
+
+def test_seaweedfs_identities_and_buckets_job_on_a_real_store(tmp_path):
+    """Each example identity may do what its service does and no more, and the buckets Job's script gives
+    frames and overlays a TTL but the library none (SeaweedFS stamps it on each object written)."""
+    from minio import Minio
+    from minio.error import S3Error
+
+    from steelsight.devstack import s3_server, weed_binary, write_private
+
+    s = Settings()
+    frames, overlays, library = s.frames_bucket, s.overlays_bucket, s.library_bucket
+    (secret,) = [d for d in k8s_documents(EXAMPLES) if d["metadata"]["name"] == "seaweedfs-s3-identities"]
+    identities = json.loads(secret["stringData"]["s3.json"])["identities"]
+    admin = {"name": "admin", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+             "credentials": [{"accessKey": "admin-key", "secretKey": "admin-secret-0123456789"}]}
+    write_private(tmp_path / "s3-identities.json", json.dumps({"identities": [admin, *identities]}))
+    server = s3_server(tmp_path).start()
+    try:
+        (job,) = [d for d in k8s_documents([DEPLOY / "k8s" / "seaweedfs" / "50-buckets.yaml"]) if d["kind"] == "Job"]
+        script = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+        p = server.ports
+        local = (f"{weed_binary()} shell -master=127.0.0.1:{p['master.port']}.{p['master.port.grpc']} "
+                 f"-filer=127.0.0.1:{p['filer.port']}.{p['filer.port.grpc']}")
+        script = re.sub(r'^weed=".*"$', f'weed="{local}"', script, count=1, flags=re.M)
+        run = subprocess.run(["sh", "-ec", script], capture_output=True, text=True, timeout=120,
+                             env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)})
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+
+        def client(name):
+            (identity,) = [i for i in [admin, *identities] if i["name"] == name]
+            cred = identity["credentials"][0]
+            return Minio(f"127.0.0.1:{server.port}", cred["accessKey"], cred["secretKey"], secure=False)
+
+        def can(conn, op, bucket, key=""):
+            try:
+                if op == "head":
+                    conn.bucket_exists(bucket)
+                elif op == "get":
+                    conn.get_object(bucket, key).read()
+                elif op == "put":
+                    conn.put_object(bucket, key, io.BytesIO(b"x"), 1)
+                elif op == "list":
+                    list(conn.list_objects(bucket, prefix=key, recursive=True))
+                return True
+            except S3Error as exc:
+                assert exc.code == "AccessDenied", exc
+                return False
+
+        root = client("admin")
+        for bucket, key in ((frames, "f.bmp"), (overlays, "o.jpg"), (library, "models/m.json"),
+                            (library, "feedback/l/c/j.json")):
+            root.put_object(bucket, key, io.BytesIO(b"x"), 1)
+        filer = f"http://127.0.0.1:{p['filer.port']}/buckets"
+        ttl = {k: json.load(urllib.request.urlopen(f"{filer}/{k}?metadata=true"))["TtlSec"]
+               for k in (f"{frames}/f.bmp", f"{overlays}/o.jpg", f"{library}/models/m.json")}
+        assert ttl == {f"{frames}/f.bmp": 86400, f"{overlays}/o.jpg": 86400, f"{library}/models/m.json": 0}
+
+        expected = {  # (op, bucket, key): allowed, per identity
+            "steelsight-worker": {("head", library, ""): True, ("get", library, "models/m.json"): True,
+                                  ("put", library, "models/w"): False, ("put", library, "feedback/w"): False,
+                                  ("list", library, "models/"): False, ("put", overlays, "w.jpg"): True},
+            "steelsight-dashboard": {("head", library, ""): True, ("put", library, "feedback/l/c/d.json"): True,
+                                     ("get", library, "feedback/l/c/j.json"): True,
+                                     ("list", library, "feedback/"): True, ("put", library, "models/d"): False,
+                                     ("put", frames, "d.bmp"): False},
+            "steelsight-registry": {("head", frames, ""): True, ("head", overlays, ""): True,
+                                    ("head", library, ""): True, ("put", library, "models/r.json"): True,
+                                    ("list", library, "models/"): True,
+                                    ("get", library, "feedback/l/c/j.json"): True,
+                                    ("put", library, "feedback/r"): False, ("put", frames, "r.bmp"): False,
+                                    ("put", overlays, "r.jpg"): False},
+            "steelsight-producer": {("put", frames, "p.bmp"): True, ("head", library, ""): False,
+                                    ("put", library, "models/p"): False},
+        }
+        got = {name: {case: can(client(name), *case) for case in cases} for name, cases in expected.items()}
+        assert got == expected
+    finally:
+        server.stop()

@@ -45,7 +45,8 @@ def store(store_server) -> ObjectStore:
     settings = Settings(s3_endpoint=f"127.0.0.1:{port}", s3_public_endpoint=f"localhost:{port}",
                         s3_access_key=store_server.credentials.access_key,
                         s3_secret_key=store_server.credentials.secret_key,
-                        frames_bucket=f"contract-frames-{n}", overlays_bucket=f"contract-overlays-{n}")
+                        frames_bucket=f"contract-frames-{n}", overlays_bucket=f"contract-overlays-{n}",
+                        library_bucket=f"contract-library-{n}")
     s = ObjectStore(settings)
     s.ensure_buckets()
     return s
@@ -104,16 +105,20 @@ def test_objects_expire_by_the_setting(store, store_server):
     ObjectStore(store.settings.model_copy(update={"object_expiry_days": 30})).ensure_buckets()
     assert [r.expiration.days for r in store.client.get_bucket_lifecycle(bucket).rules] == [30]
     if isinstance(store_server, SeaweedFS):
+        library = store.settings.library_bucket
+        store_server.expiring = (bucket, store.settings.overlays_bucket)  # as `steelsight up` names them
         store_server.set_ttl(2)
         try:
             store.put(bucket, "ttl.png", b"x", "image/png")
+            store.put(library, "models/kept.json", b"{}", "application/json")  # the library never expires
         finally:
             store_server.set_ttl(0)
+            store_server.expiring = ()
         store.put(bucket, "kept.png", b"x", "image/png")
-        filer = f"http://127.0.0.1:{store_server.ports['filer.port']}/buckets/{bucket}"
+        filer = f"http://127.0.0.1:{store_server.ports['filer.port']}/buckets"
         ttl = {k: json.load(urllib.request.urlopen(f"{filer}/{k}?metadata=true"))["TtlSec"]
-               for k in ("ttl.png", "kept.png")}
-        assert ttl == {"ttl.png": 2 * 86400, "kept.png": 0}
+               for k in (f"{bucket}/ttl.png", f"{bucket}/kept.png", f"{library}/models/kept.json")}
+        assert ttl == {f"{bucket}/ttl.png": 2 * 86400, f"{bucket}/kept.png": 0, f"{library}/models/kept.json": 0}
 
 
 def test_a_key_that_may_not_manage_lifecycle_still_starts(store, store_server, caplog):

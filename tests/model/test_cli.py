@@ -142,4 +142,5 @@ def test_kfold_trains_each_fold_in_stages(tmp_path, neu_dir):
         last = load_checkpoint(out / fold / "model.safetensors").meta.training
         assert last["init_from"] == str(out / fold / "stage2" / "best.safetensors")
         assert last["fold"] == int(fold[-1]) and last["lr"] == 1e-4 and last["weight_decay"] == 0.01
-        assert (out / fold / "stage1" / "model.safetensors").exists()
+        assert (out / fold / "stage1" / "best.safetensors").exists()
+        assert not (out / fold / "stage1" / "model.safetensors").exists()  # no finalize fits for a mere start

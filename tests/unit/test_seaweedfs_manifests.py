@@ -20,7 +20,7 @@ import jsonschema
 import pytest
 import yaml
 
-from steelsight.contract import Settings
+from steelsight.contract import FEEDBACK_PREFIX, MODELS_PREFIX, Settings
 from steelsight.devstack import pinned_weed_version
 from tests.integration.test_deploy_files import compose_schema
 
@@ -243,27 +243,42 @@ def test_s3_service_reaches_the_gateways_on_the_endpoint_steelsight_uses():
 
 
 def test_identities_are_private_and_scoped_to_their_buckets():
+    """Exactly these rights (tests/integration/test_deploy_files.py tries them on a real gateway)."""
     settings = Settings()
-    buckets = {settings.frames_bucket, settings.overlays_bucket}
+    frames, overlays, library = settings.frames_bucket, settings.overlays_bucket, settings.library_bucket
     (secret,) = documents([EXAMPLE])
     identities = json.loads(secret["stringData"]["s3.json"])["identities"]
     names = {i["name"] for i in identities}
-    assert names == {"steelsight-producer", "steelsight-worker", "steelsight-dashboard"}
+    assert names == {"steelsight-producer", "steelsight-worker", "steelsight-dashboard", "steelsight-registry"}
     keys = [c["accessKey"] for i in identities for c in i["credentials"]]
-    assert len(keys) == len(set(keys)) == 3
+    assert len(keys) == len(set(keys)) == 4
     for identity in identities:
         for cred in identity["credentials"]:
             assert "change-me" in cred["accessKey"] and "change-me" in cred["secretKey"]
-        for action in identity["actions"]:
-            verb, _, bucket = action.partition(":")
-            assert verb in {"Read", "Write"} and bucket in buckets, f"{identity['name']}: {action}"
     actions = {i["name"]: set(i["actions"]) for i in identities}
-    frames, overlays = settings.frames_bucket, settings.overlays_bucket
-    writes = {name: {a for a in acts if a.startswith("Write:")} for name, acts in actions.items()}
-    assert writes == {"steelsight-producer": {f"Write:{frames}"}, "steelsight-worker": {f"Write:{overlays}"},
-                      "steelsight-dashboard": set()}
-    assert f"Read:{frames}" in actions["steelsight-worker"]
-    assert {f"Read:{frames}", f"Read:{overlays}"} <= actions["steelsight-dashboard"]
+    # HEAD on a bucket needs Read on it; List only on the library (the registry's and feedback's listings)
+    assert actions == {
+        "steelsight-producer": {f"Write:{frames}", f"Read:{frames}", f"Read:{overlays}"},
+        "steelsight-worker": {f"Read:{frames}", f"Read:{overlays}", f"Write:{overlays}", f"Read:{library}"},
+        "steelsight-dashboard": {f"Read:{frames}", f"Read:{overlays}", f"Read:{library}",
+                                 f"Write:{library}/{FEEDBACK_PREFIX}*", f"List:{library}"},
+        "steelsight-registry": {f"Read:{frames}", f"Read:{overlays}", f"Read:{library}",
+                                f"Write:{library}/{MODELS_PREFIX}*", f"List:{library}"},
+    }
+
+
+def test_the_buckets_job_creates_the_library_and_never_gives_it_a_ttl():
+    """A TTL on /buckets/ as a whole would expire the models and the operators' feedback."""
+    settings = Settings()
+    (container,) = pod_spec(by_kind("Job")["seaweedfs-buckets"])["containers"]
+    script = "\n".join(container["args"])
+    created = re.search(r"s3\.bucket\.create -name %s\\n' ([\w -]+) \|", script).group(1).split()
+    assert created == [settings.frames_bucket, settings.overlays_bucket, settings.library_bucket]
+    assert re.findall(r"-locationPrefix=(\S+)", script) == ["/buckets/$bucket/"]
+    (ttl_loop,) = re.findall(r"for bucket in ([\w -]+); do\n\s*echo \"fs\.configure", script)
+    assert ttl_loop.split() == [settings.frames_bucket, settings.overlays_bucket]
+    checked = re.findall(r"for bucket in ([\w -]+); do\n\s*echo \"\$listing\"", script)
+    assert checked[0].split() == created
 
 
 def test_network_policies_fence_the_store():
@@ -341,13 +356,19 @@ def test_compose_profile_is_a_replicated_cluster_beside_minio():
     for name in services:
         assert name.startswith("seaweedfs-")
     assert {s["image"] for s in services.values()} == {f"chrislusf/seaweedfs:{pinned_weed_version()}"}
-    # one identity, scoped to the two buckets: no Admin, List or anonymous access
+    # one identity, scoped to the three buckets: no Admin or anonymous access, List on the library only
     gateway = " ".join(services["seaweedfs-s3"]["command"])
     settings = Settings()
     actions = set(re.findall(r'"(\w+(?::[\w-]+)?)"', gateway.split('"actions":', 1)[1].split("]", 1)[0]))
     assert actions == {f"{verb}:{bucket}" for verb in ("Read", "Write")
-                       for bucket in (settings.frames_bucket, settings.overlays_bucket)}
+                       for bucket in (settings.frames_bucket, settings.overlays_bucket, settings.library_bucket)
+                       } | {f"List:{settings.library_bucket}"}
     assert "anonymous" not in gateway and "Admin" not in gateway
+    # the buckets job creates and checks the library too, and compose sets no TTL (none on the library)
+    job = " ".join(services["seaweedfs-buckets"]["command"])
+    for bucket in (settings.frames_bucket, settings.overlays_bucket, settings.library_bucket):
+        assert job.count(bucket) == 2, bucket  # created, then found in the listing
+    assert "fs.configure" not in job and "-ttl" not in job
 
 
 # ---------------------------------------------------------------- flags against the binary
