@@ -24,6 +24,7 @@ from pathlib import Path
 from bench.harness import RESULTS
 
 README = Path(__file__).resolve().parent / "README.md"
+FIRST_TABLE = "first-table"  # a marker flag: show only a result's first table
 MARKER = re.compile(r"(<!-- table: *(?P<spec>[^>]*?) *-->\n)(?P<body>.*?)(<!-- /table -->)", re.DOTALL)
 
 
@@ -62,8 +63,14 @@ def section(record: dict | None, spec: str) -> str:
 def rewrite(text: str) -> str:
     def replace(match: re.Match) -> str:
         name, *pairs = match["spec"].split()
-        filters = dict(pair.split("=", 1) for pair in pairs)
-        return match.group(1) + section(newest(name, filters), match["spec"]) + match.group(4)
+        filters = dict(pair.split("=", 1) for pair in pairs if "=" in pair)
+        text = section(newest(name, filters), match["spec"])
+        if FIRST_TABLE in pairs:  # the headline table only; the rest stays in the result file
+            lines = text.splitlines()
+            start = next((i for i, line in enumerate(lines) if line.startswith("|")), len(lines))
+            end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+            text = "\n".join(lines[:end]) + "\n\n"
+        return match.group(1) + text + match.group(4)
 
     return MARKER.sub(replace, text)
 

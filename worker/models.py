@@ -66,7 +66,7 @@ def load_checked(path, settings: Settings, engine: FrameEngine | None = None,
     With ``engine`` (a worker that is serving), a PyTorch trunk is built between two of its batches:
     building traces the network with torch.fx, which patches ``nn.Module.__call__`` for the whole process
     while it runs, so a batch computing at the same time would fail. Reading the file, the ONNX export
-    (thread-local tracing), an exported-graph runtime's session and the smoke check run beside the work
+    (thread-local tracing), setting up an exported-graph runtime and the smoke check run beside the work
     loop. ``took`` gets each step's seconds.
     """
     took = {} if took is None else took
