@@ -11,3 +11,10 @@ BACKPRESSURE_SECONDS = Counter("steelsight_producer_backpressure_seconds_total",
 LAST_FRAME = Gauge("steelsight_producer_last_frame_timestamp_seconds",
                    "When the camera last handed this producer a frame (Unix time); its start before the first",
                    ["line", "camera"])
+
+
+def camera_started(line: str, camera: str):
+    """The camera's last-frame gauge, set to now: a camera silent since a restart still shows as silent."""
+    gauge = LAST_FRAME.labels(line=line, camera=camera)
+    gauge.set_to_current_time()
+    return gauge

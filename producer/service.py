@@ -55,6 +55,7 @@ class Producer:
                  connection=None, unconfirmed_window_s: float = UNCONFIRMED_WINDOW_S):
         self.settings = settings
         self.line_id, self.camera_id = line_id, camera_id
+        self._last_frame = metrics.camera_started(line_id, camera_id)
         self.store = store or ObjectStore(settings)
         self.connection = connection or redis_client(settings)
         self.queue = Queue(settings.queue_name, connection=self.connection, serializer=JSONSerializer)
@@ -63,9 +64,6 @@ class Producer:
         self._unconfirmed: deque[tuple[float, Frame]] = deque()  # (enqueued at, frame), oldest first
         self._checked = 0.0
         self.resent = 0  # frames enqueued again after Redis lost them
-        # from the start: a camera that sends nothing after a restart still shows as silent
-        self._last_frame = metrics.LAST_FRAME.labels(line=line_id, camera=camera_id)
-        self._last_frame.set_to_current_time()
 
     def _retry(self, fn, what, transient, service):
         return with_backoff(fn, what, transient, attempts=None, permanent=PERMANENT,

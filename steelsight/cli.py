@@ -743,6 +743,7 @@ def cmd_produce(args) -> int:
     from prometheus_client import start_http_server
 
     from steelsight.contract import validate_id
+    from steelsight.producer.metrics import camera_started
     from steelsight.producer.service import Producer, replay, run_producer
     from steelsight.producer.watch import state_path, watch
     from steelsight.sizing import warn_if_undersized
@@ -752,6 +753,7 @@ def cmd_produce(args) -> int:
     validate_id(args.camera, "--camera")
     settings = _settings_with()
     if args.metrics_port:
+        camera_started(args.line, args.camera)  # in the first scrape, even while S3 is still awaited
         start_http_server(args.metrics_port, addr=settings.metrics_host)
     producer = Producer(settings, args.line, args.camera)
     warn_if_undersized(settings, producer.connection, args.fps)  # loud, before the first frame

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import ssl
+import time
 from datetime import timedelta
 
 import redis
@@ -123,8 +124,17 @@ class ObjectStore:
         try:
             self.client.make_bucket(bucket)
         except S3Error as exc:
-            if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):  # another service was first
+            if exc.code in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):  # another service was first
+                return
+            if exc.code in S3_AUTH_CODES or exc.code == "AccessDenied":
                 raise
+            # a create racing another's may get an empty 409 (which the SDK names NoSuchBucket) while
+            # the winner's bucket is still settling: it is fine if the bucket turns up
+            for _ in range(20):
+                if self.client.bucket_exists(bucket):
+                    return
+                time.sleep(0.1)
+            raise
 
     def _set_expiry(self, bucket: str, days: int) -> None:
         """Our one lifecycle rule, beside any the operator added; 0 removes it.

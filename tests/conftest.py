@@ -8,6 +8,8 @@ fixtures live in ``tests/integration/conftest.py``, so a unit test cannot reach 
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -47,6 +49,17 @@ def tiny_predictor(tiny_checkpoint) -> Predictor:
 
 
 TIERS = ("unit", "model", "integration")
+MIN_FREE_GB = 6  # the suite's peak under tmp: SeaweedFS volumes, checkpoints, k-fold runs
+
+
+def pytest_sessionstart(session):
+    """A full disk makes the S3 store refuse writes and the producers wait forever: say so up front."""
+    if hasattr(session.config, "workerinput"):
+        return  # the controller checks once
+    free = shutil.disk_usage(tempfile.gettempdir()).free / 1e9
+    if free < MIN_FREE_GB:
+        raise pytest.UsageError(f"{free:.1f} GB free under {tempfile.gettempdir()}; the tests need {MIN_FREE_GB} GB "
+                                "(earlier runs' folders are under pytest-of-<user>; set TMPDIR to a larger disk)")
 
 
 def pytest_collection_modifyitems(config, items):

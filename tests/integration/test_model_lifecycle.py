@@ -1,9 +1,10 @@
 """The model registry and hot reload with frames flowing: promote, roll back, refuse, shadow.
 
-Each stream is 200 frames through two worker processes; the model changes at about
-frame 100. Every frame must have exactly one result, each worker's results must switch
-model once (a batch is computed by one model), and a refused checkpoint must leave the
-stream on the model it had.
+Frames stream through two worker processes; the model changes after SWITCH_AT results,
+and the stream goes on until every worker has acted on the change, then AFTER frames
+more, so a slow load can never outlast the stream. Every frame must have exactly one
+result, each worker's results must switch model once (a batch is computed by one
+model), and a refused checkpoint must leave the stream on the model it had.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from steelsight.worker.engine import sampled
 
 from ..helpers import SAMPLES, WorkerProcess, records
 
-FRAMES = 200
-SWITCH_AT = 100
+SWITCH_AT = 60  # results before the model changes
+AFTER = 60  # frames sent once every worker has acted on the change
+SHADOW_FRAMES = 120
 PROMOTION_TARGET_S = 10.0  # the issue's target: a promotion reaches every worker within 10 s
 
 
@@ -80,12 +82,48 @@ def start_workers(settings, tmp_path, n: int = 2) -> list[WorkerProcess]:
     return workers
 
 
-def stream(settings, line: str, fps: float = 12.0) -> threading.Thread:
-    """FRAMES frames at ``fps``: slow enough that frames still flow well after a switch at SWITCH_AT."""
-    producer = Producer(settings, line, "cam-1")
-    thread = threading.Thread(target=run_producer, args=(producer, replay(SAMPLES, True, FRAMES), fps), daemon=True)
-    thread.start()
-    return thread
+class Stream:
+    """Frames at ``fps`` from a background thread until ``finish`` (or ``limit``) ends them."""
+
+    def __init__(self, settings, line: str, fps: float = 12.0, limit: int | None = None) -> None:
+        self.yielded, self.limit = 0, limit
+        producer = Producer(settings, line, "cam-1")
+        self.thread = threading.Thread(target=run_producer, args=(producer, self._frames(), fps), daemon=True)
+        self.thread.start()
+
+    def _frames(self):
+        for frame in replay(SAMPLES, loop=True):
+            if self.limit is not None and self.yielded >= self.limit:
+                return
+            self.yielded += 1
+            yield frame
+
+    def finish(self, more: int = 0) -> int:
+        """Send ``more`` frames beyond those already taken, wait for the sends; returns the total."""
+        if self.limit is None:
+            self.limit = self.yielded + more
+        self.thread.join(timeout=60 + more)
+        assert not self.thread.is_alive(), "the producer did not finish"
+        return self.limit
+
+    def halt(self) -> None:
+        """Stop sending (a failed test must not leave a producer running)."""
+        if self.limit is None:
+            self.limit = self.yielded
+
+
+@pytest.fixture()
+def streams():
+    """Makes streams and halts every one at teardown."""
+    made: list[Stream] = []
+
+    def make(*args, **kwargs) -> Stream:
+        made.append(Stream(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.halt()
 
 
 def worker_states(settings, conn) -> dict[str, WorkerModelState]:
@@ -93,14 +131,14 @@ def worker_states(settings, conn) -> dict[str, WorkerModelState]:
             for k, v in conn.hgetall(settings.model_workers_key).items()}
 
 
-def check_stream(settings, conn, workers) -> dict[str, dict]:
-    """All FRAMES frames have exactly one result; returns them by job id."""
-    wait_until(lambda: len(records(settings, conn)) >= FRAMES, 120, f"{FRAMES} results")
+def check_stream(settings, conn, frames: int) -> dict[str, dict]:
+    """All ``frames`` frames have exactly one result; returns them by job id."""
+    wait_until(lambda: len(records(settings, conn)) >= frames, 120, f"{frames} results")
     time.sleep(1.0)  # anything written twice would show up by now
     results = records(settings, conn)
     stream_ids = [json.loads(fields[b"result"])["job_id"] for _, fields in conn.xrange(settings.results_stream)]
-    assert len(results) == FRAMES, f"{len(results)} results for {FRAMES} frames"
-    assert len(stream_ids) == FRAMES and len(set(stream_ids)) == FRAMES, Counter(stream_ids).most_common(3)
+    assert len(results) == frames, f"{len(results)} results for {frames} frames"
+    assert len(stream_ids) == frames and len(set(stream_ids)) == frames, Counter(stream_ids).most_common(3)
     assert all(r["status"] == "ok" for r in results.values())
     return results
 
@@ -129,7 +167,7 @@ def stop(workers) -> None:
         w.kill()
 
 
-def test_promote_mid_stream_switches_every_worker_without_losing_a_frame(lifecycle, checkpoints, tmp_path):
+def test_promote_mid_stream_switches_every_worker_without_losing_a_frame(lifecycle, checkpoints, streams, tmp_path):
     settings, registry = lifecycle
     conn = registry.redis
     a, b = (registry.push(checkpoints[k], "tester").sha256 for k in ("a", "b"))
@@ -137,15 +175,14 @@ def test_promote_mid_stream_switches_every_worker_without_losing_a_frame(lifecyc
     workers = start_workers(settings, tmp_path)
     try:
         assert {s.sha256 for s in worker_states(settings, conn).values()} == {a}  # started on the live model
-        thread = stream(settings, "line-promote")
+        frames = streams(settings, "line-promote")
         wait_until(lambda: len(records(settings, conn)) >= SWITCH_AT, 90, f"{SWITCH_AT} results")
         promoted = time.time()
         registry.promote(b, "tester")
         wait_until(lambda: {s.sha256 for s in worker_states(settings, conn).values()} == {b}, 30,
                    "every worker to serve the promoted model")
         took = max(s.switched_at.timestamp() for s in worker_states(settings, conn).values()) - promoted
-        thread.join(timeout=60)
-        results = check_stream(settings, conn, workers)
+        results = check_stream(settings, conn, frames.finish(AFTER))
         # a rollback to the model they just served needs no load: it is kept in memory
         rolled = time.monotonic()
         registry.rollback("tester")
@@ -164,7 +201,7 @@ def test_promote_mid_stream_switches_every_worker_without_losing_a_frame(lifecyc
     assert [e.action for e in registry.audit()][:3] == ["rollback", "promote", "promote"]
 
 
-def test_rollback_mid_stream_returns_to_the_previous_model(lifecycle, checkpoints, tmp_path):
+def test_rollback_mid_stream_returns_to_the_previous_model(lifecycle, checkpoints, streams, tmp_path):
     settings, registry = lifecycle
     conn = registry.redis
     a, b = (registry.push(checkpoints[k], "tester").sha256 for k in ("a", "b"))
@@ -172,11 +209,12 @@ def test_rollback_mid_stream_returns_to_the_previous_model(lifecycle, checkpoint
     registry.promote(b, "tester")
     workers = start_workers(settings, tmp_path)
     try:
-        thread = stream(settings, "line-rollback")
+        frames = streams(settings, "line-rollback")
         wait_until(lambda: len(records(settings, conn)) >= SWITCH_AT, 90, f"{SWITCH_AT} results")
         assert registry.rollback("tester") == a
-        thread.join(timeout=60)
-        results = check_stream(settings, conn, workers)
+        wait_until(lambda: {s.sha256 for s in worker_states(settings, conn).values()} == {a}, 30,
+                   "every worker to serve the model rolled back to")
+        results = check_stream(settings, conn, frames.finish(AFTER))
     finally:
         stop(workers)
     assert registry.live() == a
@@ -185,7 +223,7 @@ def test_rollback_mid_stream_returns_to_the_previous_model(lifecycle, checkpoint
         registry.rollback("tester")  # the history is spent: a roll back never returns to the rolled-back model
 
 
-def test_a_corrupt_or_failing_checkpoint_is_refused_and_the_stream_goes_on(lifecycle, checkpoints, tmp_path):
+def test_a_corrupt_or_failing_checkpoint_is_refused_and_the_stream_goes_on(lifecycle, checkpoints, streams, tmp_path):
     settings, registry = lifecycle
     conn = registry.redis
     a = registry.push(checkpoints["a"], "tester").sha256
@@ -198,7 +236,7 @@ def test_a_corrupt_or_failing_checkpoint_is_refused_and_the_stream_goes_on(lifec
     registry.promote(a, "tester")
     workers = start_workers(settings, tmp_path)
     try:
-        thread = stream(settings, "line-refuse")
+        frames = streams(settings, "line-refuse")
         wait_until(lambda: len(records(settings, conn)) >= SWITCH_AT // 2, 90, "the first results")
         refusals = {}
         for bad in (b, poisoned):
@@ -206,8 +244,7 @@ def test_a_corrupt_or_failing_checkpoint_is_refused_and_the_stream_goes_on(lifec
             wait_until(lambda bad=bad: all(s.refused_sha256 == bad for s in worker_states(settings, conn).values()),
                        30, f"every worker to refuse {bad[:12]}")
             refusals[bad] = {s.refused_reason for s in worker_states(settings, conn).values()}
-        thread.join(timeout=60)
-        results = check_stream(settings, conn, workers)
+        results = check_stream(settings, conn, frames.finish(AFTER))
         scraped = [urllib.request.urlopen(f"http://127.0.0.1:{w.metrics_port}/metrics", timeout=5).read().decode()
                    for w in workers]
         # a worker (re)started now serves what its peers serve: the newest history model that loads
@@ -227,7 +264,7 @@ def test_a_corrupt_or_failing_checkpoint_is_refused_and_the_stream_goes_on(lifec
     assert summary.count(f"refused {poisoned[:12]}") == 2  # both workers, on the dashboard
 
 
-def test_shadow_agreement_matches_a_direct_count(lifecycle, checkpoints, tmp_path):
+def test_shadow_agreement_matches_a_direct_count(lifecycle, checkpoints, streams, tmp_path):
     settings, registry = lifecycle
     conn = registry.redis
     a, b = (registry.push(checkpoints[k], "tester").sha256 for k in ("a", "b"))
@@ -237,8 +274,7 @@ def test_shadow_agreement_matches_a_direct_count(lifecycle, checkpoints, tmp_pat
     try:
         wait_until(lambda: all(s.shadow_sha256 == b for s in worker_states(settings, conn).values()), 30,
                    "the worker to load the challenger")
-        stream(settings, "line-shadow", fps=60.0).join(timeout=60)
-        results = check_stream(settings, conn, workers)
+        results = check_stream(settings, conn, streams(settings, "line-shadow", 60.0, SHADOW_FRAMES).finish())
     finally:
         stop(workers)
     stats = shadow_stats(conn, settings, b, a)
