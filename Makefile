@@ -22,7 +22,7 @@ test: $(STAMP)
 	./deploy/install-system-deps.sh --test
 	$(BIN)/ruff check .
 	./deploy/dependency-audit.sh
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadfile --max-worker-restart=1
 
 ## test-fast: the unit tier only (no servers, no shipped model), for the edit-test loop
 test-fast: $(STAMP)

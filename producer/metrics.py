@@ -14,7 +14,10 @@ LAST_FRAME = Gauge("steelsight_producer_last_frame_timestamp_seconds",
 
 
 def camera_started(line: str, camera: str):
-    """The camera's last-frame gauge, set to now: a camera silent since a restart still shows as silent."""
+    """The camera's last-frame gauge, set to now unless this process already set it: a camera silent since a
+    restart still shows as silent, and a second call (the command, then its producer) moves nothing."""
     gauge = LAST_FRAME.labels(line=line, camera=camera)
-    gauge.set_to_current_time()
+    labels = {"line": line, "camera": camera}
+    if not any(s.labels == labels and s.value for m in LAST_FRAME.collect() for s in m.samples):
+        gauge.set_to_current_time()
     return gauge

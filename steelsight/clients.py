@@ -126,7 +126,7 @@ class ObjectStore:
         except S3Error as exc:
             if exc.code in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):  # another service was first
                 return
-            if exc.code in S3_AUTH_CODES or exc.code == "AccessDenied":
+            if exc.code not in ("NoSuchBucket", "OperationAborted", "ResourceConflict"):
                 raise
             # a create racing another's may get an empty 409 (which the SDK names NoSuchBucket) while
             # the winner's bucket is still settling: it is fine if the bucket turns up

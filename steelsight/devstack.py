@@ -238,6 +238,10 @@ def s3_identities(path: Path) -> S3Credentials:
                            "delete it to have new credentials generated") from exc
 
 
+MAX_VOLUMES = 2000
+MIN_FREE_SPACE = "512MiB"  # below it weed turns volumes read-only and refuses writes (as on a full disk)
+
+
 class SeaweedFS(Service):
     """``weed server``: master, volume server, filer and S3 gateway in one process, data under ``data_dir``.
 
@@ -268,10 +272,14 @@ class SeaweedFS(Service):
                 "-volume.preStopSeconds=0",
                 # a lone master restarting waits out a whole election timeout (10 s) before it leads
                 "-master.electionTimeout=1s",
-                # each bucket is a collection with volumes of its own, so the default cap of 8 volumes
-                # runs out after a few buckets; 0 sizes the cap from the free disk
-                f"-master.volumeSizeLimitMB={volume_size_mb}", "-volume.max=0"]
-        super().__init__(args, port, data_dir.parent / f"seaweedfs-{port}.log")
+                # each bucket is a collection with volumes of its own: the default cap of 8 runs out after a
+                # few buckets, and 0 (sized from the free disk as if every volume were full) runs out on a
+                # small disk. Volumes are sparse files; what guards the disk is the free-space floor.
+                f"-master.volumeSizeLimitMB={volume_size_mb}", f"-volume.max={MAX_VOLUMES}",
+                f"-volume.minFreeSpace={MIN_FREE_SPACE}"]
+        # a new bucket starts with one volume, not seven: a test run makes hundreds of buckets
+        env = {**os.environ, "WEED_MASTER_VOLUME_GROWTH_COPY_1": "1"}
+        super().__init__(args, port, data_dir.parent / f"seaweedfs-{port}.log", env)
 
     def start(self) -> SeaweedFS:
         super().start()

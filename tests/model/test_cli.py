@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -130,9 +131,12 @@ def test_kfold_scores_every_image_once_trains_in_stages_and_resumes(tmp_path, ne
     # resumable: finished folds are evaluated again, not retrained
     stamps = {f: (out / f / "model.safetensors").stat().st_mtime_ns for f in ("fold0", "fold1")}
     assert main(args) == 0
-    # --only scores a subset (folds split across machines)
-    assert main([*args, "--only", "1"]) == 0
     assert {f: (out / f / "model.safetensors").stat().st_mtime_ns for f in ("fold0", "fold1")} == stamps
+    # --only scores a subset (folds split across machines): it trains a missing fold, and only that one
+    shutil.rmtree(out / "fold1")
+    assert main([*args, "--only", "1"]) == 0
+    assert (out / "fold0" / "model.safetensors").stat().st_mtime_ns == stamps["fold0"]
+    assert (out / "fold1" / "model.safetensors").exists()
     summary = json.loads((out / "kfold.json").read_text())
     assert summary["folds_scored"] == [1] and summary["n"] == 12
     assert "| 1 | 12 |" in capsys.readouterr().out
