@@ -274,7 +274,7 @@ class SeaweedFS(Service):
                 "-master.electionTimeout=1s",
                 # each bucket is a collection with volumes of its own: the default cap of 8 runs out after a
                 # few buckets, and 0 (sized from the free disk as if every volume were full) runs out on a
-                # small disk. Volumes are sparse files; what guards the disk is the free-space floor.
+                # small disk. Volumes are not preallocated (they grow as written); the free-space floor guards the disk.
                 f"-master.volumeSizeLimitMB={volume_size_mb}", f"-volume.max={MAX_VOLUMES}",
                 f"-volume.minFreeSpace={MIN_FREE_SPACE}"]
         # a new bucket starts with one volume, not seven: a test run makes hundreds of buckets

@@ -40,8 +40,8 @@ AFTER = 100  # frames sent once every worker has acted on the change: 200 frames
 SHADOW_FRAMES = 200
 # The target, every worker within 10 s, is measured by bench/model_switch.py on a quiet machine. Here two
 # workers load and smoke-check on cores shared with another test file: the bound catches a switch that
-# waits for the stream's end, not the target.
-PROMOTION_BOUND_S = 30.0
+# does not come, not a slow one.
+PROMOTION_BOUND_S = 60.0
 
 
 def seeded_checkpoint(folder: Path, seed: int, size: int = 64, poison: bool = False) -> Path:
@@ -186,7 +186,7 @@ def test_promote_mid_stream_switches_every_worker_without_losing_a_frame(lifecyc
         wait_until(lambda: len(records(settings, conn)) >= SWITCH_AT, 90, f"{SWITCH_AT} results")
         promoted = time.time()
         registry.promote(b, "tester")
-        wait_until(lambda: {s.sha256 for s in worker_states(settings, conn).values()} == {b}, 30,
+        wait_until(lambda: {s.sha256 for s in worker_states(settings, conn).values()} == {b}, PROMOTION_BOUND_S,
                    "every worker to serve the promoted model")
         took = max(s.switched_at.timestamp() for s in worker_states(settings, conn).values()) - promoted
         results = check_stream(settings, conn, frames.finish(AFTER))
@@ -219,7 +219,7 @@ def test_rollback_mid_stream_returns_to_the_previous_model(lifecycle, checkpoint
         frames = streams(settings, "line-rollback")
         wait_until(lambda: len(records(settings, conn)) >= SWITCH_AT, 90, f"{SWITCH_AT} results")
         assert registry.rollback("tester") == a
-        wait_until(lambda: {s.sha256 for s in worker_states(settings, conn).values()} == {a}, 30,
+        wait_until(lambda: {s.sha256 for s in worker_states(settings, conn).values()} == {a}, PROMOTION_BOUND_S,
                    "every worker to serve the model rolled back to")
         results = check_stream(settings, conn, frames.finish(AFTER))
     finally:
@@ -244,12 +244,12 @@ def test_a_corrupt_or_failing_checkpoint_is_refused_and_the_stream_goes_on(lifec
     workers = start_workers(settings, tmp_path)
     try:
         frames = streams(settings, "line-refuse")
-        wait_until(lambda: len(records(settings, conn)) >= SWITCH_AT // 2, 90, "the first results")
+        wait_until(lambda: len(records(settings, conn)) >= SWITCH_AT, 90, f"{SWITCH_AT} results")
         refusals = {}
         for bad in (b, poisoned):
             registry.promote(bad, "tester")
             wait_until(lambda bad=bad: all(s.refused_sha256 == bad for s in worker_states(settings, conn).values()),
-                       30, f"every worker to refuse {bad[:12]}")
+                       PROMOTION_BOUND_S, f"every worker to refuse {bad[:12]}")
             refusals[bad] = {s.refused_reason for s in worker_states(settings, conn).values()}
         results = check_stream(settings, conn, frames.finish(AFTER))
         scraped = [urllib.request.urlopen(f"http://127.0.0.1:{w.metrics_port}/metrics", timeout=5).read().decode()
@@ -279,7 +279,7 @@ def test_shadow_agreement_matches_a_direct_count(lifecycle, checkpoints, streams
     registry.shadow(b, 0.5, "tester")
     workers = start_workers(settings, tmp_path, n=1)
     try:
-        wait_until(lambda: all(s.shadow_sha256 == b for s in worker_states(settings, conn).values()), 30,
+        wait_until(lambda: all(s.shadow_sha256 == b for s in worker_states(settings, conn).values()), PROMOTION_BOUND_S,
                    "the worker to load the challenger")
         results = check_stream(settings, conn, streams(settings, "line-shadow", 60.0, SHADOW_FRAMES).finish())
     finally:
