@@ -303,6 +303,9 @@ def _write_success(worker, done, pipe) -> None:
     pipe.hincrbyfloat(worker.key, "total_working_time", working_s)
 
 
+RETRY_DUE = "retry_due"  # job meta: when a scheduled retry is due (Unix time)
+
+
 def enqueue_due(queue, job_class, serializer) -> int:
     """Move scheduled jobs whose time has come onto the queue, as RQ's scheduler does; how many moved."""
     registry = ScheduledJobRegistry(queue.name, connection=queue.connection, job_class=job_class,
@@ -311,12 +314,20 @@ def enqueue_due(queue, job_class, serializer) -> int:
     if not ids:
         return 0
     found = job_class.fetch_many(ids, connection=queue.connection, serializer=serializer)
+    # RQ files a job under its due time truncated to the second: the precise one, kept in the job's meta
+    # (``RETRY_DUE``), keeps a 2 s backoff from coming due after 1.0x s
+    clock = now().timestamp()
+    due = [(job_id, job) for job_id, job in zip(ids, found, strict=True)
+           if job is None or job.meta.get(RETRY_DUE, 0.0) <= clock]
+    if not due:
+        return 0
     with queue.connection.pipeline() as pipe:
-        for job_id, job in zip(ids, found, strict=True):
+        for job_id, job in due:
             if job is not None:
                 queue._enqueue_job(job, pipeline=pipe, at_front=job.should_enqueue_at_front())
             registry.remove(job_id, pipeline=pipe)
         pipe.execute()
+    ids = [job_id for job_id, _ in due]
     log.info("re-queued %d job%s due for retry", len(ids), "s" * (len(ids) > 1))
     return len(ids)
 

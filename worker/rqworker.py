@@ -99,9 +99,10 @@ class BatchingWorker(SimpleWorker):
         elif job.should_retry:
             # failed attempts so far, kept in the job (RQ counts only retries a job asked for itself)
             failed = job.meta.get("failed_attempts", 0) + 1
-            job.meta["failed_attempts"] = failed
-            job.save_meta()  # RQ's retry path does not always write meta, and the next delay doubles from it
             delay = self.settings.job_retry_backoff_s * 2 ** (failed - 1)
+            job.meta["failed_attempts"] = failed
+            job.meta[rq_compat.RETRY_DUE] = time.time() + delay
+            job.save_meta()  # RQ's retry path does not always write meta, and the next delay doubles from it
             waited = (now() - job.created_at).total_seconds() if job.created_at else 0.0
             if waited + delay > retry_window_s:
                 log.warning("job %s: not retried, %.0fs after enqueue the retry window of %.0fs is spent",

@@ -44,12 +44,15 @@ def test_retries_back_off(settings):
     gaps = [round(b - a, 2) for a, b in zip(engine.attempts, engine.attempts[1:], strict=False)]
     print(f"retry gaps {gaps} s")
     assert len(engine.attempts) == 3 and set(records(settings, conn)) == {"line-r__cam-1__f0"}
-    assert 1.0 <= gaps[0] < 2.5 and 2.0 <= gaps[1] < 3.5  # 1 s, then 2 s (the worker checks every second)
+    # 1 s, then 2 s, never less (RQ's due time is truncated to the second: without the worker's own, a 2 s
+    # backoff came due after 1.1 s); found within the worker's 1 s check
+    assert 1.0 <= gaps[0] < 2.5 and 2.0 <= gaps[1] < 3.5
     assert FailedJobRegistry(settings.queue_name, connection=conn).count == 0
 
 
 def test_retries_stop_at_the_retry_window(settings):
-    # attempts at 0 and ~1 s; the next would start ~3 s after enqueue, past the 2.5 s window
+    # attempts at 0 and 1-2 s (due after 1 s, found within the 1 s check); the next would start at least
+    # 2 s later, past the 2.5 s window
     settings = settings.model_copy(update={"job_retries": 5, "job_retry_backoff_s": 1.0, "job_retry_window_s": 2.5})
     enqueue_frames(settings, "line-w", 1)
     engine = FlakyEngine(failures=99)
@@ -61,3 +64,30 @@ def test_retries_stop_at_the_retry_window(settings):
     assert failed == ["line-w__cam-1__f0"] and records(settings, conn) == {}
     reason = Job.fetch(failed[0], connection=conn, serializer=JSONSerializer).latest_result().exc_string
     assert "S3 still down" in reason and "retry window of 2s is spent" in reason
+
+
+def test_a_retry_is_not_due_before_its_backoff_though_rq_files_it_under_the_whole_second(settings):
+    from datetime import UTC, datetime
+
+    from rq import Queue
+
+    from steelsight.worker.rq_compat import RETRY_DUE, FrameJob, enqueue_due
+
+    enqueue_frames(settings, "line-d", 1)
+    conn = redis_client(settings)
+    queue = Queue(settings.queue_name, connection=conn, serializer=JSONSerializer)
+    job_class = FrameJob.bound(settings)
+    job = job_class.fetch(queue.job_ids[0], connection=conn, serializer=JSONSerializer)
+    queue.remove(job)
+    due = time.time() + 1.2
+    while due % 1 < 0.6:  # a due time late in its second, so the whole second comes well before it
+        time.sleep(0.05)
+        due = time.time() + 1.2
+    job.meta[RETRY_DUE] = due
+    job.save_meta()
+    queue.schedule_job(job, datetime.fromtimestamp(due, UTC))  # what RQ's retry does: filed under int(due)
+    time.sleep(max(0.0, int(due) + 0.1 - time.time()))
+    assert time.time() < due - 0.3
+    assert enqueue_due(queue, job_class, JSONSerializer) == 0 and queue.count == 0  # RQ's own test says due
+    time.sleep(max(0.0, due + 0.05 - time.time()))
+    assert enqueue_due(queue, job_class, JSONSerializer) == 1 and queue.job_ids == [job.id]
