@@ -306,19 +306,30 @@ def _write_success(worker, done, pipe) -> None:
 RETRY_DUE = "retry_due"  # job meta: when a scheduled retry is due (Unix time)
 
 
+def _due_at(job, score: float) -> float:
+    """The job's precise due time, within the second RQ filed it under; whatever its meta holds, a job is
+    never kept past that second (an unreadable value must not stall or crash the worker)."""
+    meta = job.meta if isinstance(job.meta, dict) else {}
+    due = meta.get(RETRY_DUE)
+    if isinstance(due, bool) or not isinstance(due, int | float) or not math.isfinite(due):
+        return score
+    return min(float(due), score + 1.0)
+
+
 def enqueue_due(queue, job_class, serializer) -> int:
     """Move scheduled jobs whose time has come onto the queue, as RQ's scheduler does; how many moved."""
     registry = ScheduledJobRegistry(queue.name, connection=queue.connection, job_class=job_class,
                                     serializer=serializer)
-    ids = registry.get_jobs_to_schedule(current_timestamp())
-    if not ids:
+    rows = queue.connection.zrangebyscore(registry.key, 0, current_timestamp(), start=0, num=1000, withscores=True)
+    if not rows:
         return 0
+    ids = [as_text(job_id) for job_id, _ in rows]
     found = job_class.fetch_many(ids, connection=queue.connection, serializer=serializer)
     # RQ files a job under its due time truncated to the second: the precise one, kept in the job's meta
     # (``RETRY_DUE``), keeps a 2 s backoff from coming due after 1.0x s
     clock = now().timestamp()
-    due = [(job_id, job) for job_id, job in zip(ids, found, strict=True)
-           if job is None or job.meta.get(RETRY_DUE, 0.0) <= clock]
+    due = [(job_id, job) for job_id, job, (_, score) in zip(ids, found, rows, strict=True)
+           if job is None or _due_at(job, score) <= clock]
     if not due:
         return 0
     with queue.connection.pipeline() as pipe:

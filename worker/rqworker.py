@@ -101,8 +101,7 @@ class BatchingWorker(SimpleWorker):
             failed = job.meta.get("failed_attempts", 0) + 1
             delay = self.settings.job_retry_backoff_s * 2 ** (failed - 1)
             job.meta["failed_attempts"] = failed
-            job.meta[rq_compat.RETRY_DUE] = time.time() + delay
-            job.save_meta()  # RQ's retry path does not always write meta, and the next delay doubles from it
+            job.meta.pop(rq_compat.RETRY_DUE, None)
             waited = (now() - job.created_at).total_seconds() if job.created_at else 0.0
             if waited + delay > retry_window_s:
                 log.warning("job %s: not retried, %.0fs after enqueue the retry window of %.0fs is spent",
@@ -111,6 +110,8 @@ class BatchingWorker(SimpleWorker):
                 job.retries_left = None
             else:
                 job.backoff_s = delay
+                job.meta[rq_compat.RETRY_DUE] = time.time() + delay  # RQ's own due time is truncated
+            job.save_meta()  # RQ's retry path does not always write meta, and the next delay doubles from it
         super().handle_job_failure(job, queue, started_job_registry=started_job_registry, exc_string=exc_string,
                                    execution=execution)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from rq.job import Job
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
@@ -66,28 +67,69 @@ def test_retries_stop_at_the_retry_window(settings):
     assert "S3 still down" in reason and "retry window of 2s is spent" in reason
 
 
-def test_a_retry_is_not_due_before_its_backoff_though_rq_files_it_under_the_whole_second(settings):
+def test_a_retry_is_not_due_before_its_backoff_though_rq_files_it_under_the_whole_second(settings, monkeypatch):
     from datetime import UTC, datetime
 
     from rq import Queue
 
-    from steelsight.worker.rq_compat import RETRY_DUE, FrameJob, enqueue_due
+    from steelsight.worker import rq_compat
 
     enqueue_frames(settings, "line-d", 1)
     conn = redis_client(settings)
     queue = Queue(settings.queue_name, connection=conn, serializer=JSONSerializer)
-    job_class = FrameJob.bound(settings)
-    job = job_class.fetch(queue.job_ids[0], connection=conn, serializer=JSONSerializer)
+    job_class = rq_compat.FrameJob.bound(settings)
+    job = job_class.fetch("line-d__cam-1__f0", connection=conn, serializer=JSONSerializer)
     queue.remove(job)
-    due = time.time() + 1.2
-    while due % 1 < 0.6:  # a due time late in its second, so the whole second comes well before it
-        time.sleep(0.05)
-        due = time.time() + 1.2
-    job.meta[RETRY_DUE] = due
+    due = float(int(time.time()) + 100) + 0.9  # late in its second
+    job.meta[rq_compat.RETRY_DUE] = due
     job.save_meta()
-    queue.schedule_job(job, datetime.fromtimestamp(due, UTC))  # what RQ's retry does: filed under int(due)
-    time.sleep(max(0.0, int(due) + 0.1 - time.time()))
-    assert time.time() < due - 0.3
-    assert enqueue_due(queue, job_class, JSONSerializer) == 0 and queue.count == 0  # RQ's own test says due
-    time.sleep(max(0.0, due + 0.05 - time.time()))
-    assert enqueue_due(queue, job_class, JSONSerializer) == 1 and queue.job_ids == [job.id]
+    queue.schedule_job(job, datetime.fromtimestamp(due, UTC))  # as RQ's retry does: filed under int(due)
+
+    def at(t: float) -> None:  # the worker's clock, fixed: no sleeps to race on a loaded machine
+        monkeypatch.setattr(rq_compat, "now", lambda: datetime.fromtimestamp(t, UTC))
+        monkeypatch.setattr(rq_compat, "current_timestamp", lambda: int(t))
+
+    at(int(due) + 0.1)
+    assert rq_compat.enqueue_due(queue, job_class, JSONSerializer) == 0 and job.id not in queue.job_ids
+    at(due + 0.01)
+    assert rq_compat.enqueue_due(queue, job_class, JSONSerializer) == 1 and job.id in queue.job_ids
+
+
+UNREADABLE_DUE = ['{"retry_due": "x"}', '{"retry_due": NaN}', '{"retry_due": 1e300}']
+
+
+@pytest.mark.parametrize("n, meta", list(enumerate(UNREADABLE_DUE)))
+def test_an_unreadable_retry_due_neither_crashes_nor_strands_the_job(settings, monkeypatch, n, meta):
+    from datetime import UTC, datetime
+
+    from rq import Queue
+
+    from steelsight.worker import rq_compat
+
+    enqueue_frames(settings, f"line-u{n}", 1)
+    conn = redis_client(settings)
+    queue = Queue(settings.queue_name, connection=conn, serializer=JSONSerializer)
+    job_class = rq_compat.FrameJob.bound(settings)
+    job = job_class.fetch(f"line-u{n}__cam-1__f0", connection=conn, serializer=JSONSerializer)
+    queue.remove(job)
+    filed = int(time.time()) + 100
+    queue.schedule_job(job, datetime.fromtimestamp(filed, UTC))
+    conn.hset(job.key, "meta", meta)
+    monkeypatch.setattr(rq_compat, "now", lambda: datetime.fromtimestamp(filed + 1.01, UTC))
+    monkeypatch.setattr(rq_compat, "current_timestamp", lambda: filed + 1)
+    assert rq_compat.enqueue_due(queue, job_class, JSONSerializer) == 1 and job.id in queue.job_ids
+
+
+def test_the_worker_files_the_precise_due_time_with_the_retry(settings):
+    from rq.registry import ScheduledJobRegistry
+
+    settings = settings.model_copy(update={"job_retries": 3, "job_retry_backoff_s": 5.0})
+    enqueue_frames(settings, "line-p", 1)
+    engine = FlakyEngine(failures=99)
+    failed_at = time.time()
+    work_until_idle(settings, engine, idle_s=2)
+    conn = redis_client(settings)
+    (job_id, score), = conn.zrange(ScheduledJobRegistry(settings.queue_name, connection=conn).key, 0, -1,
+                                   withscores=True)
+    due = Job.fetch(job_id.decode(), connection=conn, serializer=JSONSerializer).meta["retry_due"]
+    assert len(engine.attempts) == 1 and failed_at + 5.0 <= due and score <= due < score + 1
