@@ -52,9 +52,9 @@ TIERS = ("unit", "model", "integration")
 MIN_FREE_GB = 4  # the suite's peak under tmp is about 3 GB: SeaweedFS volumes, checkpoints, training runs
 
 
-def pytest_sessionstart(session):
+def pytest_configure(config):
     """A full disk makes the S3 store refuse writes and the producers wait forever: say so up front."""
-    if hasattr(session.config, "workerinput"):
+    if hasattr(config, "workerinput"):
         return  # the controller checks once
     free = shutil.disk_usage(tempfile.gettempdir()).free / 1e9
     if free < MIN_FREE_GB:
