@@ -115,6 +115,8 @@ def main() -> None:
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="let cuDNN time its algorithms per batch shape (first call per shape is slower)")
     parser.add_argument("--parity", action="store_true", help="check each backend against CPU float32 eager")
+    parser.add_argument("--parity-images", type=int, default=None, metavar="N",
+                        help="check parity on the first N of the parity images only (default: all)")
     args = parser.parse_args()
 
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
@@ -126,7 +128,7 @@ def main() -> None:
         figures["sweep"][backend] = sweep(checkpoint, args.device, backend, args.batch, args.repeats, samples)
     figures["device"] = device_description(device)  # after the sweep: Predictor sets the CUDA numerics it runs with
     if args.parity:
-        images = parity_set(samples)
+        images = parity_set(samples)[: args.parity_images]
         reference = eager_cpu_predictor(args.checkpoint).predict(images)
         for backend in args.backend:
             figures["parity"][backend] = parity(checkpoint, args.device, backend, images, reference)

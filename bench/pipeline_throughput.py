@@ -7,18 +7,21 @@
 1. model only: W processes, each explaining (label + Grad-CAM + overlay RGB) decoded
    frames in batches, with the threads a worker gets; aggregate frames/s. Measured
    before the first round and after each; a round's ratios use the runs either side
-   of it (the machine's speed drifts by several percent within a run).
+   of it (the machine's speed drifts by several percent within a run). ``--model-once``
+   measures it before the first round only, one start of the model-only processes less.
 2. workers only: frames queued while the workers are stopped (SIGSTOP); frames/s from
    the end of the first batch to the last result (fetch, decode, explain, overlay
    encode and upload, publish), with Redis and the S3 server on the same cores.
 3. end to end: the producer (unpaced) uploads to S3 and enqueues in Redis while the
    workers run; frames/s from the first upload to the last result. Redis, the S3
    server and the producer share the same cores, as they would on a single box.
-4. capture-to-result latency p50/p95 with the producer paced at 50% and 90% of the
-   end-to-end capacity measured in step 3 (median over the rounds).
+4. capture-to-result latency p50/p95 with the producer paced at shares of the end-to-end
+   capacity measured in step 3 (median over the rounds): ``--latency-shares``, 50% and 90%
+   unless given.
 5. model only beside the producer: step 1 again, while this process streams frames at
    the end-to-end rate into S3 and a queue no worker reads. It shows what the
-   services' load alone costs the model on a box whose cores share caches and memory.
+   services' load alone costs the model on a box whose cores share caches and memory
+   (``--skip-beside`` leaves it out).
 
 Steps 1-3 repeat ``--rounds`` times, interleaved; the table then gives each value's
 median and range. While the workers drain the prefilled queue (step 2) and during step 3
@@ -29,6 +32,9 @@ With ``--worker-cores 0 --service-cores 1`` the model-only processes and the wor
 are pinned to the first set of cores and Redis, the S3 server and the producer to
 the second, as when those services run on their own hosts: the ratio then measures
 the pipeline overhead inside the worker alone.
+
+The workers take their other settings from the environment (``STEELSIGHT_*``), e.g.
+``STEELSIGHT_EXPLAIN_ON_DEVICE=on``; the result records the one that decides the overlay path.
 """
 
 from __future__ import annotations
@@ -69,31 +75,37 @@ from bench.harness import (
 from steelsight.clients import redis_client
 from steelsight.contract import Settings
 from steelsight.devstack import free_port
+from steelsight.model.inference.backends import BACKEND_NAMES
 from steelsight.producer.service import Producer, replay, run_producer
 
 NAME = "pipeline_throughput"
 
 
-def model_only_child(frames: int, batch: int, checkpoint: str | None, device: str) -> None:
-    """One worker's model work with no I/O; prints frames/s after a warm-up batch."""
+def model_only_child(frames: int, batch: int, checkpoint: str | None, device: str, backend: str) -> None:
+    """One worker's model work with no I/O; prints frames/s after a warm-up batch. With
+    STEELSIGHT_EXPLAIN_ON_DEVICE in force (as the workers read it) that is the device path, JPEG included."""
     from steelsight.model.inference.imageio import read_gray
+    from steelsight.model.inference.ondevice import DeviceExplainer
     from steelsight.model.inference.predictor import Predictor
 
-    predictor = Predictor.load(checkpoint, device=device, batch_size=batch)
+    predictor = Predictor.load(checkpoint, device=device, batch_size=batch, backend=backend)
+    wanted = Settings().explain_on_device
+    on_device = wanted == "on" or (wanted == "auto" and predictor.device.type == "cuda")
+    explain = DeviceExplainer(predictor).explain if on_device else predictor.explain
     images = [read_gray(p) for p in sorted(SAMPLES.rglob("*.bmp"))]
     work = [images[i % len(images)] for i in range(frames)]
-    predictor.explain(work[:batch])
+    explain(work[:batch])
     start = time.perf_counter()
     for i in range(0, frames, batch):
-        predictor.explain(work[i : i + batch])
-    print(json.dumps({"fps": frames / (time.perf_counter() - start)}))
+        explain(work[i : i + batch])
+    print(json.dumps({"fps": frames / (time.perf_counter() - start), "explain_on_device": on_device}))
 
 
 def start_model_only(workers: int, frames: int, batch: int, threads: int, checkpoint: str | None, device: str,
-                     cores: set[int] | None = None) -> list[subprocess.Popen]:
+                     backend: str, cores: set[int] | None = None) -> list[subprocess.Popen]:
     env = dict(os.environ) | {"OMP_NUM_THREADS": str(threads)}
     args = [sys.executable, "-m", f"bench.{NAME}", "--model-only-child", "--frames", str(frames // workers),
-            "--batch", str(batch), "--device", device]
+            "--batch", str(batch), "--device", device, "--backend", backend]
     if checkpoint:
         args += ["--checkpoint", checkpoint]
     return [subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, preexec_fn=pinned(cores))
@@ -111,7 +123,7 @@ def model_only_beside_producer(settings: Settings, fps: float, workers: int, fra
     The service cores then carry the producer's and the S3 server's share of the
     end-to-end load, so the model runs beside the same neighbours as in end to end.
     """
-    procs = start_model_only(workers, frames, batch, threads, checkpoint, settings.device, cores)
+    procs = start_model_only(workers, frames, batch, threads, checkpoint, settings.device, settings.backend, cores)
     producer = Producer(settings.model_copy(update={"queue_name": "bench-neighbour-load"}), "neighbour", "cam-1")
     frames_while_running = itertools.takewhile(lambda _: any(p.poll() is None for p in procs),
                                                replay(SAMPLES, loop=True))
@@ -176,6 +188,16 @@ def parser() -> BenchParser:
     p.add_argument("--device", default="cpu",
                    help="cpu (default) or cuda: where the model-only processes and the workers run the model; "
                         "on cuda, W workers share the one GPU")
+    p.add_argument("--backend", default="auto", choices=BACKEND_NAMES, metavar="NAME",
+                   help=f"trunk backend of the model-only processes and the workers: {', '.join(BACKEND_NAMES)} "
+                        "(default: auto)")
+    p.add_argument("--latency-shares", type=float, nargs="+", default=[0.5, 0.9], metavar="SHARE",
+                   help="shares of the end-to-end capacity to pace the producer at for the latency runs "
+                        "(default: 0.5 0.9)")
+    p.add_argument("--model-once", action="store_true",
+                   help="measure model only before the first round only, not after each too")
+    p.add_argument("--skip-beside", action="store_true",
+                   help="leave out step 5, model only beside the producer (one model-only run less)")
     p.add_argument("--worker-cores", default=None, metavar="LIST",
                    help="pin model-only processes and workers to these cores, e.g. 0 or 0-7 (default: no pinning)")
     p.add_argument("--service-cores", default=None, metavar="LIST",
@@ -191,23 +213,25 @@ def main() -> None:
     p = parser()
     args = p.parse_args()
     if args.model_only_child:
-        return model_only_child(args.frames, args.batch, args.checkpoint, args.device)
+        return model_only_child(args.frames, args.batch, args.checkpoint, args.device, args.backend)
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device is available here")
+    if not all(0 < share <= 1 for share in args.latency_shares):
+        p.error("--latency-shares: each share must be above 0 and at most 1")
     worker_cores, service_cores = parse_cores(args.worker_cores), parse_cores(args.service_cores)
     cores = len(worker_cores) if worker_cores else os.cpu_count() or 1
     threads = max(cores // args.workers, 1)
 
     def measure_model() -> float:
         return model_only_fps(start_model_only(args.workers, args.frames, args.batch, threads, args.checkpoint,
-                                               args.device, worker_cores))
+                                               args.device, args.backend, worker_cores))
 
     model = [measure_model()]
     workdir = Path(tempfile.mkdtemp(prefix="steelsight-pipeline-"))
     procs, rounds = [], []
     with local_stack(workdir, service_cores, device=args.device, batch_size=args.batch, checkpoint=args.checkpoint,
-                     max_queue_depth=10_000) as (settings, servers):
+                     backend=args.backend, max_queue_depth=max(10_000, 2 * args.frames)) as (settings, servers):
         try:
             conn = redis_client(settings)
             ports = [free_port() for _ in range(args.workers)]
@@ -223,30 +247,34 @@ def main() -> None:
                 (e2e_fps, steady_fps, _), cpu = cpu_split(
                     pids, lambda r=r: run_stream(settings, conn, f"capacity{r}", args.frames, None))
                 streamed = batch_totals(ports)
-                model.append(measure_model())  # the workers wait on an empty queue meanwhile
-                print(f"round {r + 1}: model only {model[-2]:.1f} -> {model[-1]:.1f}, workers only "
+                if not args.model_once:
+                    model.append(measure_model())  # the workers wait on an empty queue meanwhile
+                before, after = model[-1 if args.model_once else -2], model[-1]
+                print(f"round {r + 1}: model only {before:.1f} -> {after:.1f}, workers only "
                       f"{workers_fps:.1f}, end to end {e2e_fps:.1f} frames/s", file=sys.stderr, flush=True)
-                rounds.append({"model": (model[-2] + model[-1]) / 2, "workers": workers_fps, "e2e": e2e_fps,
+                rounds.append({"model": (before + after) / 2, "workers": workers_fps, "e2e": e2e_fps,
                                "steady": steady_fps, "batch_prefilled": mean_batch(start, prefilled),
                                "batch_e2e": mean_batch(prefilled, streamed), "cpu": cpu,
                                "cpu_prefilled": cpu_prefilled})
             e2e_median = float(np.median([r["e2e"] for r in rounds]))
             latency = {share: run_stream(settings, conn, f"load{int(share * 100)}", max(args.frames // 2, 20),
-                                         share * e2e_median)[2] for share in (0.5, 0.9)}
+                                         share * e2e_median)[2] for share in args.latency_shares}
             for p in procs:  # the neighbour-load stream below must not be worked on
                 p.terminate()
                 p.wait(timeout=30)
             procs = []
-            model_beside = model_only_beside_producer(settings, e2e_median, args.workers, args.frames, args.batch,
-                                                      threads, args.checkpoint, worker_cores)
+            model_beside = None if args.skip_beside else model_only_beside_producer(
+                settings, e2e_median, args.workers, args.frames, args.batch, threads, args.checkpoint, worker_cores)
         finally:
             for p in procs:
                 p.terminate()
                 p.wait(timeout=30)
     figures = {
         "workers": args.workers, "threads": threads, "batch": args.batch, "frames": args.frames,
-        "device": args.device, "worker_cores": args.worker_cores, "service_cores": args.service_cores,
-        "model_only": model, "rounds": rounds, "model_only_beside_producer": model_beside,
+        "device": args.device, "backend": args.backend, "explain_on_device": settings.explain_on_device,
+        "worker_cores": args.worker_cores, "service_cores": args.service_cores,
+        "model_only": model, "model_once": args.model_once, "rounds": rounds,
+        "model_only_beside_producer": model_beside,
         "e2e_over_model": [r["e2e"] / r["model"] for r in rounds],
         "workers_over_model": [r["workers"] / r["model"] for r in rounds],
         "latency_p50_p95_s": {f"{share:.0%}": list(np.percentile(v, [50, 95])) for share, v in latency.items()}}
@@ -275,10 +303,15 @@ def render(record: dict) -> list[str]:
     placement = (f"workers on cores {record['worker_cores']}, services on cores {record['service_cores']}"
                  if record["worker_cores"] or record["service_cores"] else "all processes on all cores")
     lines = [f"# {machine_line} ({placement}), {workers} workers x {threads} threads, batch {record['batch']}, "
-             f"{record['frames']} frames per measurement, device {record['device']}"]
+             f"{record['frames']} frames per measurement, device {record['device']}"
+             + (f", backend {record['backend']}, explain on device {record['explain_on_device']}"
+                if "backend" in record else "")]
     if len(rounds) > 1:
         lines.append(f"# {len(rounds)} rounds, each: workers only, end to end, model only; each round's ratios use "
-                     "the mean of the model-only runs either side of it. Values: median (min–max).")
+                     "the mean of the model-only runs either side of it. Values: median (min–max)."
+                     if not record.get("model_once") else
+                     f"# {len(rounds)} rounds, each: workers only, end to end; the ratios use the one model-only "
+                     "run before them. Values: median (min–max).")
     e2e_median = float(np.median(col("e2e")))
     lines += [
         "| measure | value |", "|---|---:|",
@@ -288,9 +321,11 @@ def render(record: dict) -> list[str]:
         f"| end to end, producer → S3 → Redis → workers → results | {spread(col('e2e'))} frames/s |",
         f"| **workers only / model only** | **{ratio('workers')}** |",
         f"| **end to end / model only** | **{ratio('e2e')}** |",
-        f"| end to end, first result to last (no fill time) / model only | {ratio('steady')} |",
-        f"| model only beside the producer streaming at the end-to-end rate (no workers) / model only | "
-        f"{record['model_only_beside_producer'] / float(np.median(model)):.2f} |",
+        f"| end to end, first result to last (no fill time) / model only | {ratio('steady')} |"]
+    if record["model_only_beside_producer"] is not None:
+        lines.append("| model only beside the producer streaming at the end-to-end rate (no workers) / model only | "
+                     f"{record['model_only_beside_producer'] / float(np.median(model)):.2f} |")
+    lines += [
         f"| mean micro-batch: workers only / end to end | {np.mean(col('batch_prefilled')):.1f} / "
         f"{np.mean(col('batch_e2e')):.1f} frames |"]
     for phase, key in (("workers only", "cpu_prefilled"), ("end to end", "cpu")):

@@ -21,6 +21,7 @@ from steelsight.model.training.transforms import AUGMENT_PRESETS
 
 EXIT_SOME_REJECTED = 3
 EXIT_WORKER_CRASHED = 4  # the work loop quit on an unhandled error (the log has the traceback)
+EXIT_BAD_SETUP = 2  # a one-line error: bad settings, a missing file, credentials refused for good
 
 
 def _add_checkpoint_args(p: argparse.ArgumentParser, batch_size: int = 16, backend: bool = True) -> None:
@@ -33,7 +34,7 @@ def _add_checkpoint_args(p: argparse.ArgumentParser, batch_size: int = 16, backe
         return
     p.add_argument("--backend", choices=BACKEND_NAMES, default="auto",
                    help="trunk runtime: auto = on CPU the faster of ONNX Runtime and OpenVINO, timed once per "
-                        "machine (see bench/); PyTorch on GPU; torch-fp16 = half precision, for GPUs")
+                        "machine (see bench/); PyTorch on GPU; torch-fp16, torch-bf16 = half precision, for GPUs")
 
 
 def _train_parser(sub) -> None:
@@ -234,6 +235,8 @@ def _predict_parser(sub) -> None:
 
 
 def _worker_parser(sub) -> None:
+    from steelsight.worker.processes import MAX_PROCESSES, process_count  # light: no torch, Redis or RQ
+
     p = sub.add_parser(
         "worker", help="serve the frame queue: predict, Grad-CAM, write results",
         description="Loads the checkpoint once, then takes frames from the Redis queue in micro-batches, "
@@ -245,7 +248,7 @@ def _worker_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="max frames per micro-batch (default: settings, 8)")
     p.add_argument("--backend", choices=BACKEND_NAMES, default=None,
                    help="trunk runtime (default: settings, auto = on CPU the faster of ONNX Runtime and OpenVINO, "
-                        "timed once per machine; PyTorch on GPU; torch-fp16 = half precision, for GPUs)")
+                        "timed once per machine; PyTorch on GPU; torch-fp16, torch-bf16 = half precision, for GPUs)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="port of /metrics (Prometheus) and /healthz (200 while the work loop beats, else 503) "
                         "(default: settings, 9100)")
@@ -254,6 +257,16 @@ def _worker_parser(sub) -> None:
     p.add_argument("--name", default=None,
                    help="worker name shown in RQ (default: <hostname>-<pid>-<6 hex chars>, unique per process)")
     p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    p.add_argument("--processes", type=process_count, default=1, metavar="N",
+                   help="run N worker processes under this one (default 1: the worker runs in this process; at "
+                        f"most {MAX_PROCESSES}). Use it to keep one GPU busy: each process has its own CUDA context "
+                        "and copy of the model, and while one computes a batch the others fetch frames, write to "
+                        "S3 and book jobs with RQ. Process i serves /metrics and /healthz on the metrics port + i "
+                        "(i = 0..N-1; all must be free); with --name X they are X-1 .. X-N (a restarted one gets "
+                        "a suffix: .1, .2, ..). Each uses cores/N torch CPU threads. One that dies is restarted "
+                        "(after 1 s, doubling to 30 s) unless --burst, or unless it exits 2, a setup error, which "
+                        "stops them all; SIGTERM or Ctrl-C is passed on to all: they finish the batch in hand (a "
+                        "second one: stop now; any still running 10 s later is killed)")
     p.set_defaults(func=cmd_worker)
 
 
@@ -726,11 +739,22 @@ def _logging() -> None:
 def cmd_worker(args) -> int:
     import logging
 
-    from steelsight.worker.service import WorkerCrashed, run_worker
-
     _logging()
     settings = _settings_with(checkpoint=args.checkpoint, device=args.device, batch_size=args.batch_size,
                               metrics_port=args.metrics_port, metrics_host=args.metrics_host, backend=args.backend)
+    if args.processes > 1:  # the supervisor imports no torch: its children load everything
+        from steelsight.worker.processes import supervise
+
+        def child_args(index: int, restarts: int) -> argparse.Namespace:
+            # RQ keeps a dead worker's name registered about a minute: a restarted child takes a new one
+            name = args.name and f"{args.name}-{index + 1}" + (f".{restarts}" if restarts else "")
+            return argparse.Namespace(**{**vars(args), "processes": 1, "name": name,
+                                         "metrics_port": settings.metrics_port + index})
+        ports = [settings.metrics_port + i for i in range(args.processes)]
+        return supervise(run, child_args, args.processes, settings.metrics_host, ports, args.burst,
+                         fatal_status=EXIT_BAD_SETUP)
+    from steelsight.worker.service import WorkerCrashed, run_worker
+
     try:
         run_worker(settings, burst=args.burst, name=args.name)
     except WorkerCrashed as exc:
@@ -944,15 +968,15 @@ def cmd_dataset(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """A parsed command, with the one-line errors (``EXIT_BAD_SETUP``) for what no retry can mend."""
     from steelsight.model.inference.checkpoint import CheckpointError
 
     try:
         return args.func(args)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"steelsight {args.command}: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_SETUP
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -964,7 +988,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"steelsight {args.command}: Redis or S3 refused the connection for good ({type(exc).__name__}: "
               f"{exc}); check the password, credentials and CA certificate in the settings", file=sys.stderr)
-        return 2
+        return EXIT_BAD_SETUP
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

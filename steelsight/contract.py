@@ -105,6 +105,11 @@ class Settings(BaseSettings):
     overlay_jpeg_quality: int = Field(default=90, ge=50, le=100)
     # PNG deflate level: 0 stores it (fastest, largest), 1-9 compress (an order of magnitude slower)
     overlay_png_level: int = Field(default=0, ge=0, le=9)
+    explain_on_device: Literal["auto", "on", "off"] = Field(default="auto", description=(
+        "run resize, Grad-CAM, colormap, blend and the JPEG encode of single-tile frames (up to `tile_size`) on "
+        "the model's device (model/inference/ondevice.py); the CPU keeps the decode, the quality gate and the "
+        "upload, and the inference time then includes the encode. `auto`: on with a GPU, off on CPU. Tiled "
+        "frames, PNG overlays and other CAM methods take the CPU path"))
     maintenance_interval_s: int = 30
     # a claimed frame's heartbeat lives claim_ttl_s and is renewed every second; every worker checks
     # for expired claims every reclaim_interval_s, so a dead worker's frames are re-queued within ~7 s
@@ -328,6 +333,14 @@ class Settings(BaseSettings):
                 f"sink_retry_max_s + webhook_timeout_s must stay under {SINK_CLAIM_IDLE_S / 2:g} s (they are "
                 f"{longest:g} s): a runner that goes longer without refreshing its claim on an event may see another "
                 f"worker take the event over after {SINK_CLAIM_IDLE_S:g} s, and the sink gets it twice")
+        return self
+
+    @model_validator(mode="after")
+    def _device_explain_possible(self):
+        if self.explain_on_device == "on" and (self.cam_method, self.overlay_format) != ("gradcam", "jpeg"):
+            raise ValueError(f"explain_on_device=on computes gradcam overlays as JPEG, not {self.cam_method} as "
+                             f"{self.overlay_format}: set cam_method=gradcam and overlay_format=jpeg, or "
+                             "explain_on_device=auto")
         return self
 
     @model_validator(mode="after")

@@ -53,7 +53,7 @@ DESCRIPTIONS: dict[str, str] = {
     "checkpoint": "model file; unset: the shipped `model/checkpoints/steelsight-neu.safetensors`",
     "device": "`cpu`, `cuda` or `auto`",
     "backend": "trunk runtime; `auto`: the faster of ONNX Runtime and OpenVINO on CPU, PyTorch on GPU; "
-               "`torch-fp16`: half precision on GPU",
+               "`torch-fp16`, `torch-bf16`: half precision on GPU",
     "batch_size": "frames a worker runs through the model together, at most",
     "cam_method": "explanation of the overlays (`gradcam`, `gradcam++`, `hirescam`, `xgradcam`, `layercam`, "
                   "`eigencam`)",

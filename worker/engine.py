@@ -27,6 +27,7 @@ from PIL import Image
 from steelsight.clients import PERMANENT, MissingObject, ObjectStore, s3_transient
 from steelsight.contract import OVERLAY_FORMATS, UNKNOWN, Frame, FrameResult, Settings, Timings
 from steelsight.model.inference.imageio import DecodeLimits, ImageRejected, decode_gray, encode_overlay
+from steelsight.model.inference.ondevice import DeviceExplainer, explain_plans_on_device
 from steelsight.model.inference.predictor import Predictor
 from steelsight.model.inference.tiling import FramePlan, TilingConfig, TooManyTiles, plan_frame, tile_count
 from steelsight.retry import with_backoff
@@ -137,6 +138,7 @@ class FrameEngine:
         self.decoding = PixelBudget(settings.decode_pixel_budget)
         self.tiling = TilingConfig.from_settings(settings)
         self.tiling.size(predictor.input_size)  # a tiling the checkpoint cannot use stops the worker at start
+        self._on_device: DeviceExplainer | None = None
         self._publish_model(predictor)
 
     @staticmethod
@@ -248,10 +250,11 @@ class FrameEngine:
             raise TooManyTiles(tiles, self.tiling.max_tiles, (height, width))
         return tiles
 
-    def _upload_overlay(self, frame: Frame, overlay) -> str:
+    def _upload_overlay(self, frame: Frame, exp) -> str:
         fmt = self.settings.overlay_format
         key, content_type = frame.overlay_key(fmt), OVERLAY_FORMATS[fmt][1]
-        data = encode_overlay(overlay, fmt, self.settings.overlay_jpeg_quality, self.settings.overlay_png_level)
+        data = exp.overlay_bytes or encode_overlay(exp.overlay, fmt, self.settings.overlay_jpeg_quality,
+                                                   self.settings.overlay_png_level)
         self._s3_retry(lambda: self.store.put(self.settings.overlays_bucket, key, data, content_type),
                        f"upload overlay {key}")
         return key
@@ -319,11 +322,27 @@ class FrameEngine:
         metrics.BATCH_SIZE.observe(len(frames))
         return outcomes
 
+    def _device_explainer(self, predictor: Predictor) -> DeviceExplainer | None:
+        """The explainer that keeps the batch on the model's device (ondevice.py), when the settings ask for it
+        (``explain_on_device``; ``auto``: on a GPU and where it computes what the settings ask), else None."""
+        wanted = self.settings.explain_on_device
+        fits = (self.settings.cam_method, self.settings.overlay_format) == ("gradcam", "jpeg")
+        if wanted == "off" or not fits or (wanted == "auto" and predictor.device.type != "cuda"):
+            return None
+        if self._on_device is None or self._on_device.predictor is not predictor:
+            self._on_device = DeviceExplainer(predictor, self.settings.overlay_jpeg_quality)
+            log.info("explaining single-tile frames on %s: resize, Grad-CAM, overlay and JPEG on the device",
+                     predictor.device)
+        return self._on_device
+
     def _infer(self, predictor: Predictor, decoded: list[Decoded]) -> tuple[list, float]:
         """The batch's explanations and the model time they took."""
         t0 = time.perf_counter()
+        plans = [d.plan for d in decoded]
+        on_device = self._device_explainer(predictor)
         # a wide frame's tiles share the model's batches with the other frames' tiles
-        explained = predictor.explain_plans([d.plan for d in decoded], self.settings.cam_method)
+        explained = (explain_plans_on_device(on_device, plans) if on_device
+                     else predictor.explain_plans(plans, self.settings.cam_method))
         inference_s = time.perf_counter() - t0
         metrics.INFERENCE_SECONDS.observe(inference_s)
         return explained, inference_s
@@ -361,7 +380,7 @@ class FrameEngine:
 
     def _upload_and_report(self, frame: Frame, exp, started: float, batch_start: datetime,
                            inference_s: float, model: str) -> FrameResult:
-        overlay_key = self._upload_overlay(frame, exp.overlay)
+        overlay_key = self._upload_overlay(frame, exp)
         return self._result(
             frame, started, batch_start, inference_s, model, status="ok", label=exp.label, confidence=exp.confidence,
             probabilities=exp.probabilities, ood_score=exp.ood_score, unknown=exp.unknown,

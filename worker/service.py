@@ -100,6 +100,11 @@ def run_worker(settings: Settings, burst: bool = False, name: str | None = None,
             runner.stop()
 
 
+def name_taken(worker: BatchingWorker) -> bool:
+    """Whether RQ would refuse to register ``worker``: a worker key by its name exists and has no death record."""
+    return bool(worker.connection.exists(worker.key)) and not worker.connection.hexists(worker.key, "death")
+
+
 def work(settings: Settings, engine: FrameEngine, burst: bool = False, name: str | None = None,
          liveness: health.Liveness | None = None) -> bool:
     """Work the queue with ``engine`` until done (burst) or stopped; raise :class:`WorkerCrashed`."""
@@ -110,6 +115,12 @@ def work(settings: Settings, engine: FrameEngine, burst: bool = False, name: str
         # mid-flight is found abandoned by the started-job registry and re-queued.
         worker = make_worker(settings, engine, base_name if generation == 0 else f"{base_name}-r{generation}",
                              liveness)
+        if name_taken(worker):
+            # RQ refuses a name whose worker key lives on (about a minute after a SIGKILL, an OOM kill or a
+            # container restart): a restart under a fixed --name would exit, not work
+            log.warning("worker name %s is still registered in Redis (a predecessor that died without signing "
+                        "off, or another worker named so); working under the next name", worker.name)
+            continue
         log.info("worker %s on queue %s, batches of up to %d", worker.name, settings.queue_name, worker.max_batch)
         try:
             worked = worker.work(burst=burst, with_scheduler=False, logging_level="INFO")

@@ -38,6 +38,9 @@ from steelsight.model.inference.tiling import (
 log = logging.getLogger(__name__)
 
 
+IMAGE_FIELDS = ("heatmap", "overlay", "overlay_bytes")  # an explanation's pictures, left out of its dict
+
+
 @dataclass
 class Prediction:
     label: str
@@ -56,11 +59,12 @@ class Explanation(Prediction):
     cam_class: str = ""
     heatmap: np.ndarray = field(default=None, repr=False)  # (H, W) float32 in [0, 1], input size
     overlay: np.ndarray = field(default=None, repr=False)  # (H, W, 3) uint8 RGB, input size
+    overlay_bytes: bytes | None = field(default=None, repr=False)  # the overlay already encoded (ondevice.py)
 
     def to_dict(self) -> dict:
         data = super().to_dict()
-        data.pop("heatmap")
-        data.pop("overlay")
+        for name in IMAGE_FIELDS:
+            data.pop(name)
         return data
 
 
@@ -81,7 +85,7 @@ class FramePrediction(Prediction):
 
     def to_dict(self) -> dict:
         """Without heatmap and overlay; tiles, defect_counts and top_defect only for a tiled frame."""
-        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("heatmap", "overlay")}
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in IMAGE_FIELDS}
         if self.tiles:
             data["tiles"] = [t.to_dict() for t in self.tiles]
             data["top_defect"] = None if self.top_defect is None else self.top_defect.to_dict()
@@ -194,7 +198,7 @@ class Predictor:
             return UNFAMILIAR_REASON
         return None
 
-    def _postprocess(self, images, logits: torch.Tensor, pooled: torch.Tensor, texture: torch.Tensor
+    def postprocess(self, images, logits: torch.Tensor, pooled: torch.Tensor, texture: torch.Tensor
                      ) -> list[Prediction]:
         log_probs = torch.log_softmax(logits.float() / self.temperature, dim=1)
         probs = log_probs.exp().cpu()
@@ -227,7 +231,7 @@ class Predictor:
         for chunk in self._chunks(images):
             feats, texture = self.trunk(self.preprocess(chunk))
             pooled = self.net.pooled(feats.to(self.device))
-            results.extend(self._postprocess(chunk, self.net.head(pooled), pooled, texture))
+            results.extend(self.postprocess(chunk, self.net.head(pooled), pooled, texture))
         return results
 
     def explain(
@@ -254,7 +258,7 @@ class Predictor:
         heatmaps, logits, feats, texture = self.cam(batch, targets, method)
         feats = feats.to(self.device)
         with torch.inference_mode():
-            preds = self._postprocess(images, logits, self.net.pooled(feats), texture)
+            preds = self.postprocess(images, logits, self.net.pooled(feats), texture)
         out = []
         for i, (image, pred, heat) in enumerate(zip(images, preds, heatmaps, strict=True)):
             gray = as_gray(image)

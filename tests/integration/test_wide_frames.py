@@ -33,7 +33,8 @@ def _strip(width: int, height: int) -> np.ndarray:
 
 
 def test_a_wide_frame_comes_back_tile_by_tile_with_a_full_size_overlay(settings, tmp_path):
-    settings = settings.model_copy(update={"max_tiles_per_frame": 20})
+    # the single frame takes the on-device explain path (on CPU tensors here), the wide one the CPU path
+    settings = settings.model_copy(update={"max_tiles_per_frame": 20, "explain_on_device": "on"})
     conn = redis_client(settings)
     producer = Producer(settings, "line-w", "cam-1")
     dark = np.full((256, 100), 5, np.uint8)  # the dark margins beside the strip
@@ -47,6 +48,7 @@ def test_a_wide_frame_comes_back_tile_by_tile_with_a_full_size_overlay(settings,
         wait_until(lambda: len(records(settings, conn)) == 3, 120, "3 results")
     finally:
         worker.kill(signal.SIGTERM)
+    assert "explaining single-tile frames on cpu" in worker.output()
     results = {k.rsplit("__", 1)[1]: r for k, r in records(settings, conn).items()}
 
     wide_result = results["wide"]
@@ -74,7 +76,7 @@ def test_a_wide_frame_comes_back_tile_by_tile_with_a_full_size_overlay(settings,
     single = results["single"]
     assert single["status"] == "ok" and single["tiles"] == [] and single["top_defect"] is None
     with Image.open(io.BytesIO(ObjectStore(settings).get(settings.overlays_bucket, single["overlay_key"]))) as img:
-        assert img.size[0] == img.size[1]
+        assert img.format == "JPEG" and img.size == (200, 200)
 
     # Redis sizing counts each tile's verdict in the record, RQ's copy and the stream entry (the record's JSON)
     job_id = next(k for k in records(settings, conn) if k.endswith("__wide"))

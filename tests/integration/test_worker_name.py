@@ -5,13 +5,14 @@ from __future__ import annotations
 import socket
 
 from rq import Queue
+from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from steelsight.clients import redis_client
 from steelsight.worker import service
 from steelsight.worker.rqworker import BatchingWorker
 
-from ..helpers import SlowEngine
+from ..helpers import SlowEngine, enqueue_frames
 
 
 def test_default_names_differ_for_the_same_pid(monkeypatch):
@@ -38,3 +39,22 @@ def test_a_replica_starts_beside_a_live_worker_with_the_same_pid(settings, monke
     finally:
         first.register_death()
         old_style.register_death()
+
+
+def test_a_restart_under_a_fixed_name_works_while_its_dead_predecessor_is_still_registered(settings):
+    conn = redis_client(settings)
+    queue = Queue(settings.queue_name, connection=conn, serializer=JSONSerializer)
+    engine = SlowEngine(compute_s=0.0)
+    # the predecessor was SIGKILLed: its key lives on without a death record; RQ refuses the name (ValueError)
+    dead = BatchingWorker([queue], settings=settings, engine=engine, connection=conn, serializer=JSONSerializer,
+                          name="fixed")
+    dead.register_birth()
+    try:
+        enqueue_frames(settings, "line-fixed", 3)
+        service.work(settings, engine, burst=True, name="fixed")  # before: ValueError, an active worker named so
+        assert queue.get_job_ids() == [] and sum(n for event, n, _ in engine.events if event == "computed") == 3
+        jobs = Job.fetch_many([f"line-fixed__cam-1__f{i}" for i in range(3)], connection=conn,
+                              serializer=JSONSerializer)
+        assert {job.worker_name for job in jobs} == {"fixed-r1"}
+    finally:
+        dead.register_death()

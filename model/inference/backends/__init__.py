@@ -16,6 +16,7 @@ BACKENDS: dict[str, str] = {
     "auto": "the faster of ONNX Runtime and OpenVINO on CPU (timed once per machine), PyTorch on GPU",
     "torch": "PyTorch, BatchNorm folded, channels-last",
     "torch-fp16": "PyTorch in half precision: the GPU's tensor-core path",
+    "torch-bf16": "PyTorch in bfloat16: the GPU's tensor cores with float32's range",
     "onnxruntime": "ONNX Runtime's CPU provider on the exported trunk",
     "openvino": "OpenVINO's CPU plugin on the exported trunk, float32",
 }

@@ -84,7 +84,7 @@ def pick_cpu_runtime(net: AttentionResNet50, size: int, cache_key: str) -> Trunk
 def make_trunk(name: str, net: AttentionResNet50, size: int, cache_key: str) -> Trunk:
     """The trunk for backend ``name`` (see :data:`BACKENDS`).
 
-    ``torch-fp16`` runs on CPU too (CI checks its parity there) but is only fast on a GPU.
+    ``torch-fp16`` and ``torch-bf16`` run on CPU too (CI checks their parity there) but are only fast on a GPU.
     """
     on_cpu = next(net.parameters()).device.type == "cpu"
     if name == "auto":
@@ -93,6 +93,8 @@ def make_trunk(name: str, net: AttentionResNet50, size: int, cache_key: str) -> 
         return TorchTrunk(net)
     if name == "torch-fp16":
         return TorchTrunk(net, dtype=torch.float16)
+    if name == "torch-bf16":
+        return TorchTrunk(net, dtype=torch.bfloat16)
     if name in CPU_RUNTIMES:
         if not on_cpu:
             raise ValueError(f"the {name} backend runs on CPU; use --backend torch with a GPU")

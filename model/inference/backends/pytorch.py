@@ -1,4 +1,4 @@
-"""The trunk in PyTorch: ``torch`` and, in half precision, ``torch-fp16``."""
+"""The trunk in PyTorch: ``torch`` and, in half precision, ``torch-fp16`` and ``torch-bf16``."""
 
 from __future__ import annotations
 
