@@ -9,6 +9,9 @@ Rows, per trunk backend:
                (what the accelerator does; no decode, resize or post-processing)
   label only   ``Predictor.predict``: resize on the CPU, copy, forward, softmax, OOD score, quality checks
   explained    ``Predictor.explain``: the same plus Grad-CAM and the overlay (not encoded to a file)
+  explained on device, JPEG
+               ``ondevice.DeviceExplainer``: what a worker with STEELSIGHT_EXPLAIN_ON_DEVICE runs, from
+               decoded frames to JPEG bytes, every step on the device
 "Saturates at" is the first batch size whose frames/s is within 10% of the next one's;
 "largest ÷ first" is the frames/s at the largest batch over that at the first.
 
@@ -28,6 +31,7 @@ from steelsight.model.inference.backends import BACKEND_NAMES
 from steelsight.model.inference.checkpoint import load_checkpoint
 from steelsight.model.inference.device import resolve_device
 from steelsight.model.inference.imageio import read_gray
+from steelsight.model.inference.ondevice import DeviceExplainer
 from steelsight.model.inference.predictor import Predictor
 
 NAME = "batch_sweep"
@@ -57,7 +61,8 @@ def model_only(predictor: Predictor):
 
 
 def sweep(checkpoint, device: str, backend: str, batches: list[int], repeats: int, samples) -> dict[str, list[float]]:
-    rows: dict[str, list[float]] = {"model only": [], "label only": [], "explained": []}
+    rows: dict[str, list[float]] = {"model only": [], "label only": [], "explained": [],
+                                    "explained on device, JPEG": []}
     for batch in batches:
         predictor = Predictor(checkpoint, resolve_device(device), batch_size=batch, backend=backend)
         images = [samples[i % len(samples)] for i in range(batch)]
@@ -65,6 +70,9 @@ def sweep(checkpoint, device: str, backend: str, batches: list[int], repeats: in
         rows["model only"].append(frames_per_second(model_only(predictor), on_device, repeats, predictor.device))
         rows["label only"].append(frames_per_second(predictor.predict, images, repeats, predictor.device))
         rows["explained"].append(frames_per_second(predictor.explain, images, repeats, predictor.device))
+        # what a worker with STEELSIGHT_EXPLAIN_ON_DEVICE runs: decoded frames in, JPEG overlays out
+        rows["explained on device, JPEG"].append(frames_per_second(DeviceExplainer(predictor).explain, images,
+                                                                   repeats, predictor.device))
     return rows
 
 

@@ -14,10 +14,12 @@
 #     process the sweep starts (benches, workers, producer) imports the code that travelled;
 #  3. prints the versions (nvidia-smi, python, torch and its CUDA, weed, redis-server, py-spy) and imports
 #     what the sweep needs, and stops at once when something is missing;
-#  4. runs python -m bench.gpu_sweep with PYTHONUNBUFFERED=1 under a hard time limit;
+#  4. runs the parity tests of the device path and the half-precision trunks on CUDA (parity-tests.txt), then
+#     python -m bench.gpu_sweep with PYTHONUNBUFFERED=1 under a hard time limit, its results mirrored into $OUT
+#     after every step;
 #  5. leaves in $OUT: the sweep's results JSON, bench-results.tar.gz (every result file the run wrote; unpack
 #     it into bench/results/ here), logs.tar.gz (each step's output), env.txt and run.log (all of the
-#     above): 5 files, within what the tool brings back (8 files of 16 MiB at most).
+#     above), parity-tests.txt: 6 files, within what the tool brings back (8 files of 16 MiB at most).
 #
 # Time: it stops itself within GPU_RUN_LIMIT_S (560 s; the tool allows 600). The sweep gets what is left after
 # the set-up less 20 s for step 5, and unless --budget-s is given it gets a budget 30 s under that (at most
@@ -44,6 +46,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 2
 COPY_RESERVE_S=20    # step 5, after the sweep
 BUDGET_MARGIN_S=30   # between the sweep's own budget and the hard limit: its clean-up and summary
+PARITY_LIMIT_S=120   # the CUDA parity tests before the sweep (step 3b)
 MAX_BUDGET_S=480     # gpu_sweep's default --budget-s
 
 usage() { sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
@@ -241,6 +244,13 @@ EOF
 echo "gpu_run: set-up took $((SECONDS - START)) s"
 [ "$SETUP_ONLY" = 1 ] && exit 0
 
+# -- 3b. the device path's parity with the CPU path, and the half-precision trunks' (skipped in CI: no GPU) ----
+if [ "$DRY" = 0 ]; then
+  timeout --signal=TERM --kill-after=10 "$PARITY_LIMIT_S" "$PYBIN" -m pytest -q -p no:cacheprovider \
+    tests/model/test_ondevice.py tests/model/test_backends.py -k "cuda or half" > "$OUT/parity-tests.txt" 2>&1
+  echo "gpu_run: parity tests exited with $? ($OUT/parity-tests.txt): $(tail -1 "$OUT/parity-tests.txt")"
+fi
+
 # -- 4. the sweep -----------------------------------------------------------------------------------------------
 if [ ${#SWEEP_ARGS[@]} -eq 0 ]; then
   if [ "$DRY" = 1 ]; then SWEEP_ARGS=(--quick); else SWEEP_ARGS=(--device cuda); fi
@@ -275,7 +285,7 @@ collect() {  # step 5; also when the sweep failed or was stopped
 touch "$WORK/started"
 COLLECT=1
 echo "gpu_run: python -m bench.gpu_sweep ${SWEEP_ARGS[*]} (stopped after $left s at the latest)"
-timeout --signal=TERM --kill-after=15 "$left" \
+GPU_SWEEP_MIRROR="$OUT" timeout --signal=TERM --kill-after=15 "$left" \
   "$PYBIN" -m bench.gpu_sweep --logs "$WORK/logs" "${SWEEP_ARGS[@]}"
 rc=$?
 [ "$rc" = 124 ] && echo "gpu_run: the sweep reached the time limit and was stopped;" \

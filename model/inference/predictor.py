@@ -199,7 +199,7 @@ class Predictor:
         return None
 
     def postprocess(self, images, logits: torch.Tensor, pooled: torch.Tensor, texture: torch.Tensor
-                     ) -> list[Prediction]:
+                    ) -> list[Prediction]:
         log_probs = torch.log_softmax(logits.float() / self.temperature, dim=1)
         probs = log_probs.exp().cpu()
         preds = []

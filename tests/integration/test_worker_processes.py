@@ -162,22 +162,31 @@ def test_a_killed_child_is_restarted_and_no_frame_is_lost(settings, tmp_path):
     assert serving <= 20 and stopped <= 30
 
 
-def deaf(_args) -> int:
+def deaf(ready: Path) -> int:
     """A child stuck for good: it ignores the stop signals (as a worker hung in an upload would)."""
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
+    (ready / str(os.getpid())).touch()
     while True:
         time.sleep(1)
 
 
 @pytest.mark.timeout(90)
-def test_children_still_running_after_a_second_stop_signal_are_killed():
+def test_children_still_running_after_a_second_stop_signal_are_killed(tmp_path):
     host, port = "127.0.0.1", free_ports(2)
-    stopper = threading.Thread(target=lambda: [time.sleep(s) or os.kill(os.getpid(), signal.SIGTERM)
-                                               for s in (12, 1)])  # after the children are up; then once more
+    asked: list[float] = []
+
+    def stop_twice():
+        wait_until(lambda: len(list(tmp_path.iterdir())) == 2, 60, "both children to ignore the signals", 0.1)
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGTERM)
+            asked.append(time.monotonic())
+            time.sleep(1)
+
+    stopper = threading.Thread(target=stop_twice)
     stopper.start()
-    start = time.monotonic()
-    code = supervise(deaf, lambda i, r: None, 2, host, [port, port + 1], burst=False)
-    took = time.monotonic() - start
+    code = supervise(deaf, lambda i, r: tmp_path, 2, host, [port, port + 1], burst=False)
+    stopped = time.monotonic()
     stopper.join()
-    assert code == 0 and took < 13 + KILL_AFTER_S + 5, took
+    assert code == 0 and len(asked) == 2
+    assert KILL_AFTER_S <= stopped - asked[1] < KILL_AFTER_S + 5, stopped - asked[1]
