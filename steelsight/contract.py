@@ -38,6 +38,8 @@ SAMPLE_FRAMES = Path(__file__).resolve().parents[1] / "deploy" / "samples"
 FRAME_UNKNOWN_SHARE = 0.5
 # share of in-distribution images (the checkpoint's val) the unknown verdict may flag (Settings.unknown_false_rate)
 UNKNOWN_FALSE_RATE = 0.005
+# what explain_on_device computes on the model's device: this CAM method, overlays in this format
+ON_DEVICE_EXPLAIN = ("gradcam", "jpeg")
 
 # an event a sink runner has held this long without refreshing its claim (its worker died) is taken over by
 # another worker's runner; a live runner refreshes before each attempt, so one attempt and the pause before
@@ -337,9 +339,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _device_explain_possible(self):
-        if self.explain_on_device == "on" and (self.cam_method, self.overlay_format) != ("gradcam", "jpeg"):
-            raise ValueError(f"explain_on_device=on computes gradcam overlays as JPEG, not {self.cam_method} as "
-                             f"{self.overlay_format}: set cam_method=gradcam and overlay_format=jpeg, or "
+        if self.explain_on_device == "on" and (self.cam_method, self.overlay_format) != ON_DEVICE_EXPLAIN:
+            cam, fmt = ON_DEVICE_EXPLAIN
+            raise ValueError(f"explain_on_device=on computes {cam} overlays as {fmt.upper()}, not {self.cam_method} "
+                             f"as {self.overlay_format}: set cam_method={cam} and overlay_format={fmt}, or "
                              "explain_on_device=auto")
         return self
 

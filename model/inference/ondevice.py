@@ -26,12 +26,18 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import encode_jpeg
 
-from steelsight.model.inference.predictor import Explanation, FrameExplanation, Predictor, as_gray
+from steelsight.contract import ON_DEVICE_EXPLAIN
+from steelsight.model.inference.predictor import (
+    OVERLAY_IMAGE_WEIGHT,
+    Explanation,
+    FrameExplanation,
+    Predictor,
+    as_gray,
+)
 from steelsight.model.inference.preprocess import resize_for_model
 from steelsight.model.inference.tiling import FramePlan
 
-IMAGE_WEIGHT = 0.55  # overlay_heatmap's default: the surface's share of the blend
-CAM_METHOD = "gradcam"  # the one method computed here; the others go through the grad-cam package
+CAM_METHOD = ON_DEVICE_EXPLAIN[0]  # the one method computed here; the others go through the grad-cam package
 
 
 def jet_lut() -> np.ndarray:
@@ -102,7 +108,7 @@ class DeviceExplainer:
     def _overlay(self, gray: torch.Tensor, heat: torch.Tensor) -> torch.Tensor:
         """overlay_heatmap on tensors: (N, 1, H, W) gray levels and heatmaps in [0, 1] -> (N, 3, H, W) uint8."""
         color = self.lut[(255 * heat[:, 0]).to(torch.uint8).long()]  # truncated, as np.uint8 does
-        mix = gray[:, 0, ..., None] * IMAGE_WEIGHT + color * (1 - IMAGE_WEIGHT)
+        mix = gray[:, 0, ..., None] * OVERLAY_IMAGE_WEIGHT + color * (1 - OVERLAY_IMAGE_WEIGHT)
         mix = mix * (255.0 / mix.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6))  # each image to full range
         return mix.round_().clamp_(0, 255).to(torch.uint8).permute(0, 3, 1, 2)
 

@@ -113,7 +113,10 @@ def as_gray(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def overlay_heatmap(gray: np.ndarray, heatmap: np.ndarray, image_weight: float = 0.55) -> np.ndarray:
+OVERLAY_IMAGE_WEIGHT = 0.55  # the surface's share of an overlay's blend, the heatmap's the rest
+
+
+def overlay_heatmap(gray: np.ndarray, heatmap: np.ndarray, image_weight: float = OVERLAY_IMAGE_WEIGHT) -> np.ndarray:
     """JET heatmap blended over the surface, rescaled to full range: grad-cam's
     ``show_cam_on_image`` (within 1 gray level) in uint8 OpenCV ops, which are faster."""
     color = cv2.cvtColor(cv2.applyColorMap(np.uint8(255 * heatmap), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
