@@ -92,8 +92,8 @@ def proc_start(pid: int) -> int | None:
 
 
 def descendants(pid: int) -> list[tuple[int, int | None]]:
-    """Every process below ``pid`` with its start time, read from /proc. The servers a bench starts run in
-    sessions of their own, so killing the bench's process group alone would leave them behind."""
+    """Every process below ``pid`` with its start time, read from /proc. The servers a bench starts detach
+    (setsid), so killing the bench's process group alone would leave them behind."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -129,8 +129,8 @@ def run_step(argv: list[str], timeout: float, log: Path, env: dict[str, str] | N
     """Run one step; ``(status, wall seconds, output)`` with status ok, failed or timeout."""
     start = time.monotonic()
     with open(log, "w") as out:
-        # a process group of its own, so a timeout can interrupt the step's whole tree and nothing else; still
-        # this session's, so whoever ends the session ends the step too
+        # a process group of its own, so a timeout can interrupt the step's whole tree and nothing else; not
+        # detached, so whoever ends the sweep's terminal ends the step too
         proc = subprocess.Popen(argv, cwd=ROOT, env=dict(os.environ) | (env or {}), stdout=out,
                                 stderr=subprocess.STDOUT, text=True, process_group=0)
         try:

@@ -89,8 +89,7 @@ def model_only_child(frames: int, batch: int, checkpoint: str | None, device: st
     from steelsight.model.inference.predictor import Predictor
 
     predictor = Predictor.load(checkpoint, device=device, batch_size=batch, backend=backend)
-    wanted = Settings().explain_on_device
-    on_device = wanted == "on" or (wanted == "auto" and predictor.device.type == "cuda")
+    on_device = Settings().explains_on_device(predictor.device.type)
     explain = DeviceExplainer(predictor).explain if on_device else predictor.explain
     images = [read_gray(p) for p in sorted(SAMPLES.rglob("*.bmp"))]
     work = [images[i % len(images)] for i in range(frames)]

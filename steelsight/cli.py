@@ -262,11 +262,11 @@ def _worker_parser(sub) -> None:
                         f"most {MAX_PROCESSES}). Use it to keep one GPU busy: each process has its own CUDA context "
                         "and copy of the model, and while one computes a batch the others fetch frames, write to "
                         "S3 and book jobs with RQ. Process i serves /metrics and /healthz on the metrics port + i "
-                        "(i = 0..N-1; all must be free); with --name X they are X-1 .. X-N (a restarted one gets "
-                        "a suffix: .1, .2, ..). Each uses cores/N torch CPU threads. One that dies is restarted "
-                        "(after 1 s, doubling to 30 s) unless --burst, or unless it exits 2, a setup error, which "
-                        "stops them all; SIGTERM or Ctrl-C is passed on to all: they finish the batch in hand (a "
-                        "second one: stop now; any still running 10 s later is killed)")
+                        "(i = 0..N-1; all must be free); with --name X they are X-1 .. X-N (one restarted while RQ "
+                        "still lists its predecessor works as X-1-r1). Each uses cores/N torch CPU threads. One that "
+                        "dies is restarted (after 1 s, doubling to 30 s) unless --burst, or unless it exits 2, a "
+                        "setup error, which stops them all; SIGTERM or Ctrl-C is passed on to all: they finish the "
+                        "batch in hand (a second one: stop now; any still running 10 s later is killed)")
     p.set_defaults(func=cmd_worker)
 
 
@@ -745,9 +745,8 @@ def cmd_worker(args) -> int:
     if args.processes > 1:  # the supervisor imports no torch: its children load everything
         from steelsight.worker.processes import supervise
 
-        def child_args(index: int, restarts: int) -> argparse.Namespace:
-            # RQ keeps a dead worker's name registered about a minute: a restarted child takes a new one
-            name = args.name and f"{args.name}-{index + 1}" + (f".{restarts}" if restarts else "")
+        def child_args(index: int) -> argparse.Namespace:
+            name = args.name and f"{args.name}-{index + 1}"  # a restart within RQ's memory of it: X-1-r1
             return argparse.Namespace(**{**vars(args), "processes": 1, "name": name,
                                          "metrics_port": settings.metrics_port + index})
         ports = [settings.metrics_port + i for i in range(args.processes)]

@@ -337,6 +337,12 @@ class Settings(BaseSettings):
                 f"worker take the event over after {SINK_CLAIM_IDLE_S:g} s, and the sink gets it twice")
         return self
 
+    def explains_on_device(self, device_type: str) -> bool:
+        """Whether a worker whose model runs on ``device_type`` ("cpu", "cuda") takes the on-device explain path."""
+        if (self.cam_method, self.overlay_format) != ON_DEVICE_EXPLAIN:
+            return False  # what the validator refuses with "on"; "auto" keeps the CPU path then
+        return self.explain_on_device == "on" or (self.explain_on_device == "auto" and device_type == "cuda")
+
     @model_validator(mode="after")
     def _device_explain_possible(self):
         if self.explain_on_device == "on" and (self.cam_method, self.overlay_format) != ON_DEVICE_EXPLAIN:

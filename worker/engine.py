@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from steelsight.clients import PERMANENT, MissingObject, ObjectStore, s3_transient
-from steelsight.contract import ON_DEVICE_EXPLAIN, OVERLAY_FORMATS, UNKNOWN, Frame, FrameResult, Settings, Timings
+from steelsight.contract import OVERLAY_FORMATS, UNKNOWN, Frame, FrameResult, Settings, Timings
 from steelsight.model.inference.imageio import DecodeLimits, ImageRejected, decode_gray, encode_overlay
 from steelsight.model.inference.ondevice import DeviceExplainer, explain_plans_on_device
 from steelsight.model.inference.predictor import Predictor
@@ -325,9 +325,7 @@ class FrameEngine:
     def _device_explainer(self, predictor: Predictor) -> DeviceExplainer | None:
         """The explainer that keeps the batch on the model's device (ondevice.py), when the settings ask for it
         (``explain_on_device``; ``auto``: on a GPU and where it computes what the settings ask), else None."""
-        wanted = self.settings.explain_on_device
-        fits = (self.settings.cam_method, self.settings.overlay_format) == ON_DEVICE_EXPLAIN
-        if wanted == "off" or not fits or (wanted == "auto" and predictor.device.type != "cuda"):
+        if not self.settings.explains_on_device(predictor.device.type):
             return None
         if self._on_device is None or self._on_device.predictor is not predictor:
             self._on_device = DeviceExplainer(predictor, self.settings.overlay_jpeg_quality)

@@ -117,9 +117,9 @@ def pass_on(child: Child, stops: list[int]) -> None:
         child.signalled += 1
 
 
-def supervise(run: Callable[[Any], int], child_args: Callable[[int, int], Any], n: int, host: str,
+def supervise(run: Callable[[Any], int], child_args: Callable[[int], Any], n: int, host: str,
               ports: list[int], burst: bool, fatal_status: int | None = None) -> int:
-    """Run ``run(child_args(i, restarts))`` in N spawned processes until they are done or told to stop.
+    """Run ``run(child_args(i))`` in N spawned processes until they are done or told to stop.
 
     Returns 0 after a stop signal; in burst mode the worst child status; otherwise 0 once
     every child stopped cleanly (exit 0: someone stopped it directly, so it stays stopped).
@@ -138,7 +138,7 @@ def supervise(run: Callable[[Any], int], child_args: Callable[[int, int], Any], 
 
     def start(child: Child) -> None:
         child.process = spawn.Process(target=_child, name=child.label,
-                                      args=(run, child_args(child.index, child.restarts), threads, os.getpid()))
+                                      args=(run, child_args(child.index), threads, os.getpid()))
         child.process.start()
         child.pid, child.started, child.due, child.signalled = child.process.pid, time.monotonic(), None, 0
         log.info("%s started, pid %d, metrics on %s:%d", child.label, child.pid, host, ports[child.index])

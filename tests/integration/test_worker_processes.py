@@ -141,9 +141,9 @@ def test_a_killed_child_is_restarted_and_no_frame_is_lost(settings, tmp_path):
         killed = time.monotonic()
         wait_until(lambda: start_time(port) > first_start, 20, "a new process on pk-1's metrics port", 0.1)
         serving = time.monotonic() - killed
-        wait_until(lambda: "pk-1.1" in workers(conn), 40, "the restarted child to register with RQ", 0.1)
+        wait_until(lambda: "pk-1-r1" in workers(conn), 40, "the restarted child to register with RQ", 0.1)
         ready = time.monotonic() - killed
-        restarted = workers(conn)["pk-1.1"].pid
+        restarted = workers(conn)["pk-1-r1"].pid
         wait_until(lambda: len(records(settings, conn)) >= TOTAL, 60, f"{TOTAL} results", 0.1)
         finished = time.monotonic() - killed
         assert_each_frame_once(settings, conn)
@@ -185,7 +185,7 @@ def test_children_still_running_after_a_second_stop_signal_are_killed(tmp_path):
 
     stopper = threading.Thread(target=stop_twice)
     stopper.start()
-    code = supervise(deaf, lambda i, r: tmp_path, 2, host, [port, port + 1], burst=False)
+    code = supervise(deaf, lambda i: tmp_path, 2, host, [port, port + 1], burst=False)
     stopped = time.monotonic()
     stopper.join()
     assert code == 0 and len(asked) == 2

@@ -110,3 +110,8 @@ def test_on_needs_what_the_device_path_computes():
     with pytest.raises(ValueError, match="gradcam"):
         Settings(explain_on_device="on", cam_method="gradcam++")
     assert Settings(explain_on_device="auto", overlay_format="png").explain_on_device == "auto"
+    # who takes the path: auto on a GPU only, on everywhere, never for what it does not compute, off never
+    assert [Settings().explains_on_device(d) for d in ("cuda", "cpu")] == [True, False]
+    assert Settings(explain_on_device="on").explains_on_device("cpu")
+    assert not Settings(overlay_format="png").explains_on_device("cuda")
+    assert not Settings(explain_on_device="off").explains_on_device("cuda")
