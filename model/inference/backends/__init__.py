@@ -18,6 +18,9 @@ BACKENDS: dict[str, str] = {
     "torch-fp16": "PyTorch in half precision: the GPU's tensor-core path",
     "onnxruntime": "ONNX Runtime's CPU provider on the exported trunk",
     "openvino": "OpenVINO's CPU plugin on the exported trunk, float32",
+    "openvino-int8": "the trunk quantized to int8 by `steelsight quantize`, on OpenVINO (CPU)",
 }
 BACKEND_NAMES = tuple(BACKENDS)
 CPU_RUNTIMES = ("onnxruntime", "openvino")  # the exported-graph runtimes ``auto`` chooses between on CPU
+# ``auto`` adds it to those only for a checkpoint whose parity file says it passed (factory.int8_eligible)
+INT8_RUNTIME = "openvino-int8"
