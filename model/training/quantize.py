@@ -39,9 +39,10 @@ from steelsight.model.inference.backends.openvino_int8 import (
     INT8_LAYOUT,
     OpenVinoInt8Trunk,
     int8_model_path,
+    ood_path,
     parity_path,
+    save_ood_calibration,
 )
-from steelsight.model.inference.cam import CheapCam
 from steelsight.model.inference.checkpoint import LoadedCheckpoint, load_checkpoint
 from steelsight.model.inference.imageio import read_gray
 from steelsight.model.inference.predictor import Explanation, Prediction, Predictor
@@ -135,13 +136,49 @@ def quantize_trunk(onnx_path: Path, size: int, calibration: torch.Tensor, fp32_p
 
 
 def with_trunk(reference: Predictor, trunk) -> Predictor:
-    """A predictor sharing ``reference``'s network, head and OOD scorer, with another trunk."""
+    """A predictor sharing ``reference``'s network and head, with another trunk (and that trunk's OOD scorer)."""
     import copy
 
     other = copy.copy(reference)
-    other.trunk = trunk
-    other.cam = CheapCam(other.net, trunk)
+    other.use_trunk(trunk)
     return other
+
+
+def fit_trunk_ood(ckpt: LoadedCheckpoint, trunk, train: list[Sample], val: list[Sample], progress: bool
+                  ) -> tuple:
+    """The OOD scorer, threshold and camera bank fitted anew on ``trunk``'s features, as ``refit-ood`` fits
+    them on float32's: the training split (with its corrupted copies where the checkpoint's was), val for
+    the scales and threshold."""
+    from torch.utils.data import DataLoader
+
+    from steelsight.model.training.data import SurfaceDataset
+    from steelsight.model.training.train import (
+        camera_bank_inputs,
+        concat_inferred,
+        corrupted_copies,
+        fit_ood,
+        infer,
+    )
+
+    net, size, cpu = ckpt.model, int(ckpt.meta.input_size), torch.device("cpu")
+    steps = tqdm(total=3, desc="int8 OOD fit", unit="step", leave=False, disable=not progress)
+
+    def features(split: list[Sample]):
+        return infer(net, DataLoader(SurfaceDataset(split, None, size), batch_size=16), cpu, trunk)
+
+    fitted_on = (ckpt.meta.ood or {}).get("fitted_on", "train")
+    train_feats = features(train)
+    if "corruptions" in fitted_on:
+        train_feats = concat_inferred([train_feats, *corrupted_copies(net, train, size, cpu, 16, trunk)])
+    steps.update()
+    camera = camera_bank_inputs(net, train, size, cpu, 16, trunk) if ckpt.ood is not None and ckpt.ood.camera \
+        is not None else None
+    steps.update()
+    scorer, ood_meta = fit_ood(train_feats, features(val), float(ckpt.meta.temperature or 1.0), net, camera)
+    ood_meta["fitted_on"] = f"{fitted_on}, through the int8 trunk"
+    steps.update()
+    steps.close()
+    return scorer, ood_meta
 
 
 def _predict(predictor: Predictor, images: list[np.ndarray], desc: str, progress: bool) -> list[Prediction]:
@@ -302,17 +339,21 @@ def quantize(checkpoint: Path | str | None, data: Path, annotations: Path | None
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             staged = Path(tmp) / "candidate.xml"
             ov.save_model(model, str(staged), compress_to_fp16=False)
+            scorer, ood_meta = fit_trunk_ood(ckpt, OpenVinoInt8Trunk(staged, size), train, val, progress)
+            save_ood_calibration(ood_path(staged), scorer, ood_meta)
             candidate = with_trunk(fp32, OpenVinoInt8Trunk(staged, size))
             figures = compare(ref, candidate, classes, progress, full=True)
         attempts.append({"fp32_layers": label, "top1_agreement": figures["top1_agreement"],
                          "worst_recall_drop": figures["worst_recall_drop"],
                          "unknown_agreement": figures.get("unknown_agreement", {}).get("all"),
                          "passed": figures["passed"]})
-        chosen = (label, patterns, model)
+        chosen = (label, patterns, model, scorer, ood_meta)
         if figures["passed"]:
             break
-    label, patterns, model = chosen
+    label, patterns, model, scorer, ood_meta = chosen
+    ood_path(target).unlink(missing_ok=True)  # never an older scorer beside a new model
     _save(model, target)
+    save_ood_calibration(ood_path(target), scorer, ood_meta)
     parity = {
         "int8_layout": INT8_LAYOUT, "checkpoint": ckpt.path.name, "checkpoint_sha256": ckpt.sha256,
         "input_size": size, "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -321,6 +362,8 @@ def quantize(checkpoint: Path | str | None, data: Path, annotations: Path | None
         "evaluated_on": {"val": len(val), "corrupted_copies": sorted(CORRUPTIONS),
                          "annotations": None if annotations is None else str(annotations)},
         "subset": {"limit_per_class": per_class} if per_class else None,
+        "ood": {"fitted_on": ood_meta["fitted_on"], "method": ood_meta["method"], "threshold": ood_meta["threshold"],
+                "fp32_threshold": (ckpt.meta.ood or {}).get("threshold"), "file": ood_path(target).name},
         "criteria": CRITERIA, "fp32_layers": label, "fp32_layer_patterns": patterns, "attempts": attempts,
         **figures, "seconds": round(time.perf_counter() - started, 1),
     }
