@@ -138,15 +138,22 @@ class Predictor:
         self.checkpoint = checkpoint
         self.meta = checkpoint.meta
         self.net = checkpoint.model.to(device).eval().requires_grad_(False)
-        self.ood = None if checkpoint.ood is None else checkpoint.ood.to(device)
         self.classes = list(self.meta.classes)
         self.input_size = int(self.meta.input_size)
         self.temperature = float(self.meta.temperature or 1.0)
-        self.val_ood_scores = np.asarray((self.meta.ood or {}).get("val_scores", []), dtype=np.float64)
-        self.ood_threshold = self._threshold(unknown_false_rate)
+        self.unknown_false_rate = unknown_false_rate
         # the trunk is ~99% of the compute; a backends/ runtime runs it (ONNX Runtime on CPU by default)
-        self.trunk = make_trunk(backend, self.net, self.input_size, checkpoint.sha256)
-        self.cam = CheapCam(self.net, self.trunk)
+        self.use_trunk(make_trunk(backend, self.net, self.input_size, checkpoint.sha256))
+
+    def use_trunk(self, trunk) -> None:
+        """Serve ``trunk``; its OOD scorer and threshold too when it brings its own (fitted on its features)."""
+        self.trunk = trunk
+        self.cam = CheapCam(self.net, trunk)
+        own = getattr(trunk, "ood_calibration", None)
+        scorer, self.ood_meta = own if own is not None else (self.checkpoint.ood, self.meta.ood)
+        self.ood = None if scorer is None else scorer.to(self.device)
+        self.val_ood_scores = np.asarray((self.ood_meta or {}).get("val_scores", []), dtype=np.float64)
+        self.ood_threshold = self._threshold(self.unknown_false_rate)
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str = "auto", batch_size: int = 16,
@@ -159,7 +166,7 @@ class Predictor:
         ``unknown_false_rate`` of its val images flagged (from the val scores the checkpoint stores)."""
         if unknown_false_rate is not None and not 0.0 <= unknown_false_rate < 1.0:
             raise ValueError(f"unknown_false_rate must be in [0, 1), not {unknown_false_rate}")
-        stored = self.meta.ood.get("threshold") if self.meta.ood else None
+        stored = self.ood_meta.get("threshold") if self.ood_meta else None
         if unknown_false_rate is None or stored is None:
             return stored
         if not len(self.val_ood_scores):  # an older checkpoint: serve it as it was fitted

@@ -116,11 +116,13 @@ class Inferred:
 
 
 @torch.inference_mode()
-def infer(model: AttentionResNet50, loader: DataLoader, device: torch.device) -> Inferred:
+def infer(model: AttentionResNet50, loader: DataLoader, device: torch.device, trunk=None) -> Inferred:
+    """``trunk``: another runtime of the model's trunk (the int8 one), whose features the rest reads."""
     model.eval()
     columns: list[list[torch.Tensor]] = [[], [], [], [], []]
     for x, y in loader:
-        feats, texture = model.trunk_outputs(x.to(device))
+        feats, texture = (trunk or model.trunk_outputs)(x.to(device))
+        feats, texture = feats.to(device), texture.to(device)
         pooled = model.pooled(feats)
         hidden = model.hidden(pooled)
         for column, value in zip(columns, (model.classifier(hidden), y, pooled, texture, hidden), strict=True):
@@ -401,15 +403,15 @@ def refit_ood(checkpoint: Path, data: Path, out: Path, device: str = "auto", bat
     return path
 
 
-def corrupted_copies(model: AttentionResNet50, samples, size: int, device: torch.device, batch_size: int
-                     ) -> list[Inferred]:
+def corrupted_copies(model: AttentionResNet50, samples, size: int, device: torch.device, batch_size: int,
+                     trunk=None) -> list[Inferred]:
     """The samples under each moderate corruption, applied at full resolution as ``evaluate`` applies them."""
     originals = [read_gray(s.path) for s in samples]
     labels = torch.tensor([s.label for s in samples])
     copies = []
     for name in tqdm(CORRUPTIONS, desc="corrupted copies", unit="corruption", leave=False):
         batch = eval_batch(corrupt_all(originals, name), size)
-        copies.append(infer(model, DataLoader(TensorDataset(batch, labels), batch_size=batch_size), device))
+        copies.append(infer(model, DataLoader(TensorDataset(batch, labels), batch_size=batch_size), device, trunk))
     return copies
 
 
@@ -417,8 +419,8 @@ def corrupted_copies(model: AttentionResNet50, samples, size: int, device: torch
 CAMERA_BANK_STRIDE = 8
 
 
-def camera_fault_copies(model: AttentionResNet50, samples, size: int, device: torch.device, batch_size: int
-                        ) -> tuple[Inferred, tuple[str, ...]]:
+def camera_fault_copies(model: AttentionResNet50, samples, size: int, device: torch.device, batch_size: int,
+                        trunk=None) -> tuple[Inferred, tuple[str, ...]]:
     """The samples under every camera fault (``CAMERA_FAULTS``), labelled by the fault's reason index."""
     reasons = tuple(dict.fromkeys(reason for _, reason in CAMERA_FAULTS.values()))
     originals = [read_gray(s.path) for s in samples]
@@ -426,12 +428,12 @@ def camera_fault_copies(model: AttentionResNet50, samples, size: int, device: to
     for fault, reason in tqdm(CAMERA_FAULTS.values(), desc="camera faults", unit="fault", leave=False):
         batch = eval_batch([fault(img, seed=i) for i, img in enumerate(originals)], size)
         labels = torch.full((len(originals),), reasons.index(reason))
-        parts.append(infer(model, DataLoader(TensorDataset(batch, labels), batch_size=batch_size), device))
+        parts.append(infer(model, DataLoader(TensorDataset(batch, labels), batch_size=batch_size), device, trunk))
     return concat_inferred(parts), reasons
 
 
 def camera_bank_inputs(model: AttentionResNet50, train_samples, size: int, device: torch.device,
-                       batch_size: int) -> tuple[Inferred, Inferred, tuple[str, ...]]:
+                       batch_size: int, trunk=None) -> tuple[Inferred, Inferred, tuple[str, ...]]:
     """fit_ood's ``camera``: every ``CAMERA_BANK_STRIDE``-th training image under each fault (the bank), and as
     many others half a stride on (its cut).
 
@@ -439,8 +441,8 @@ def camera_bank_inputs(model: AttentionResNet50, train_samples, size: int, devic
     sample.
     """
     stride = CAMERA_BANK_STRIDE
-    bank, reasons = camera_fault_copies(model, train_samples[::stride], size, device, batch_size)
-    cut, _ = camera_fault_copies(model, train_samples[stride // 2 :: stride], size, device, batch_size)
+    bank, reasons = camera_fault_copies(model, train_samples[::stride], size, device, batch_size, trunk)
+    cut, _ = camera_fault_copies(model, train_samples[stride // 2 :: stride], size, device, batch_size, trunk)
     return bank, cut, reasons
 
 

@@ -19,6 +19,9 @@ BACKENDS: dict[str, str] = {
     "torch-bf16": "PyTorch in bfloat16: the GPU's tensor cores with float32's range",
     "onnxruntime": "ONNX Runtime's CPU provider on the exported trunk",
     "openvino": "OpenVINO's CPU plugin on the exported trunk, float32",
+    "openvino-int8": "the trunk quantized to int8 by `steelsight quantize`, on OpenVINO (CPU)",
 }
 BACKEND_NAMES = tuple(BACKENDS)
 CPU_RUNTIMES = ("onnxruntime", "openvino")  # the exported-graph runtimes ``auto`` chooses between on CPU
+# ``auto`` adds it to those only for a checkpoint whose parity file says it passed (factory.int8_eligible)
+INT8_RUNTIME = "openvino-int8"

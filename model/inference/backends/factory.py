@@ -11,11 +11,12 @@ import time
 
 import torch
 
-from steelsight.model.inference.backends import BACKEND_NAMES, CPU_RUNTIMES
+from steelsight.model.inference.backends import BACKEND_NAMES, CPU_RUNTIMES, INT8_RUNTIME
 from steelsight.model.inference.backends.base import Trunk
 from steelsight.model.inference.backends.onnx_export import cache_dir, cached_onnx
 from steelsight.model.inference.backends.onnxruntime import OnnxRuntimeTrunk
 from steelsight.model.inference.backends.openvino import OpenVinoTrunk
+from steelsight.model.inference.backends.openvino_int8 import load_int8, parity_passed
 from steelsight.model.inference.backends.pytorch import TorchTrunk
 from steelsight.model.inference.network import AttentionResNet50
 
@@ -30,7 +31,15 @@ def installed(runtime: str) -> bool:
     return True
 
 
+def int8_eligible(size: int, cache_key: str) -> bool:
+    """Whether ``auto`` may consider the int8 trunk: OpenVINO installed, and this checkpoint's int8 model
+    written by ``steelsight quantize`` with a parity file that says it passed. Being faster is timed after."""
+    return installed("openvino") and parity_passed(cache_key, size)
+
+
 def _cpu_runtime(name: str, net: AttentionResNet50, size: int, cache_key: str) -> Trunk:
+    if name == INT8_RUNTIME:
+        return load_int8(cache_key, size)
     path = cached_onnx(net, size, cache_key)
     return OnnxRuntimeTrunk(path) if name == "onnxruntime" else OpenVinoTrunk(path, size)
 
@@ -48,12 +57,17 @@ def pick_cpu_runtime(net: AttentionResNet50, size: int, cache_key: str) -> Trunk
     """The faster installed CPU runtime on this machine, timed once (best of 3 on a batch of 8) and remembered.
 
     Which wins depends on the CPU, so it is measured rather than assumed; the choice is
-    kept per CPU, thread count, input size and checkpoint in the cache folder.
+    kept per CPU, thread count, input size and checkpoint in the cache folder. The int8 trunk
+    competes only where its parity file says it passed (:func:`int8_eligible`); the key then
+    says so, so a choice made before quantizing is timed again.
     """
     runtimes = [r for r in CPU_RUNTIMES if installed(r)]
+    int8 = int8_eligible(size, cache_key)
+    if int8:
+        runtimes.append(INT8_RUNTIME)
     record = cache_dir() / "fastest-runtime.json"
     key = "|".join(map(str, (platform.processor() or platform.machine(), os.cpu_count(), torch.get_num_threads(),
-                             size, cache_key[:16])))
+                             size, cache_key[:16]))) + ("|int8" if int8 else "")
     try:
         known = json.loads(record.read_text())
     except (OSError, ValueError):
@@ -95,10 +109,17 @@ def make_trunk(name: str, net: AttentionResNet50, size: int, cache_key: str) -> 
         return TorchTrunk(net, dtype=torch.float16)
     if name == "torch-bf16":
         return TorchTrunk(net, dtype=torch.bfloat16)
-    if name in CPU_RUNTIMES:
+    if name in (*CPU_RUNTIMES, INT8_RUNTIME):
+        runtime = "openvino" if name == INT8_RUNTIME else name
         if not on_cpu:
             raise ValueError(f"the {name} backend runs on CPU; use --backend torch with a GPU")
-        if not installed(name):
-            raise ValueError(f"{name} is not installed: pip install {name}, or use --backend torch")
-        return _cpu_runtime(name, net, size, cache_key)
+        if not installed(runtime):
+            raise ValueError(f"{runtime} is not installed: pip install {runtime}, or use --backend torch")
+        if name == INT8_RUNTIME and not parity_passed(cache_key, size):
+            log.warning("the int8 trunk for checkpoint %s has no passing parity file: served as asked, but its "
+                        "verdicts may differ from float32 (see `steelsight quantize`)", cache_key[:16])
+        try:
+            return _cpu_runtime(name, net, size, cache_key)
+        except FileNotFoundError as exc:
+            raise ValueError(str(exc)) from exc
     raise ValueError(f"unknown backend {name!r}; choose {', '.join(BACKEND_NAMES)}")

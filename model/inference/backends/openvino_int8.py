@@ -1,0 +1,101 @@
+"""The trunk quantized to int8 by NNCF (``openvino-int8``), served by OpenVINO.
+
+``steelsight quantize CHECKPOINT`` (model/training/quantize.py) writes the int8 IR into the
+same cache folder as the ONNX export, keyed by the checkpoint's sha256 and input size, and a
+parity file beside it: how far int8 moves labels, recall, OOD scores, unknown verdicts and
+CAMs from float32 on the checkpoint's val split, and whether that passed. Attention, head,
+Grad-CAM and the OOD score stay in float32 PyTorch, as for every backend; only the trunk's
+convolutions run in int8.
+
+The OOD scorer is the exception: its Mahalanobis and ViM parts whiten the features, so int8's
+rounding, small in the labels, moves the scores far. ``quantize`` fits a scorer and threshold on
+the int8 trunk's own features of the training split (``*.ood.safetensors`` beside the IR), and a
+predictor serving this trunk scores with it (``ood_calibration``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from steelsight.model.inference.backends.onnx_export import ONNX_LAYOUT, cache_dir
+from steelsight.model.inference.backends.openvino import OpenVinoTrunk
+
+INT8_LAYOUT = 1  # bump when the quantization recipe or the parity file's meaning changes: older files are ignored
+PARITY_SUFFIX = ".parity.json"
+OOD_SUFFIX = ".ood.safetensors"
+
+
+def int8_model_path(cache_key: str, size: int) -> Path:
+    """The int8 IR's .xml (its weights are the .bin beside it), named like the ONNX export it comes from."""
+    return cache_dir() / f"trunk-v{ONNX_LAYOUT}-{cache_key[:16]}-{size}-int8v{INT8_LAYOUT}.xml"
+
+
+def parity_path(model: Path) -> Path:
+    return model.with_suffix(PARITY_SUFFIX)
+
+
+def ood_path(model: Path) -> Path:
+    return model.with_suffix(OOD_SUFFIX)
+
+
+def save_ood_calibration(path: Path, scorer, ood_meta: dict) -> None:
+    """The scorer's tensors and its metadata (threshold, val scores, camera reasons) in one file."""
+    state = {k: v.contiguous() for k, v in scorer.prefixed_state().items()}
+    save_file(state, str(path), metadata={"ood": json.dumps(ood_meta)})
+
+
+def load_ood_calibration(path: Path):
+    """(OodScorer, its metadata) from ``save_ood_calibration``'s file, or None when there is none."""
+    from steelsight.model.inference.ood import OodScorer
+
+    if not path.exists():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        ood_meta = json.loads(f.metadata()["ood"])
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iteration
+    scorer = OodScorer.from_prefixed_state(state, tuple(ood_meta.get("camera_reasons", ())))
+    return scorer.eval(), ood_meta
+
+
+def read_parity(cache_key: str, size: int) -> dict | None:
+    """The parity file of this checkpoint's int8 trunk, or None when there is none (or not for this checkpoint)."""
+    model = int8_model_path(cache_key, size)
+    try:
+        parity = json.loads(parity_path(model).read_text())
+    except (OSError, ValueError):
+        return None
+    if not model.exists() or not model.with_suffix(".bin").exists():
+        return None
+    # the name holds only a prefix of the sha: the file itself must name the whole checkpoint
+    if parity.get("checkpoint_sha256") != cache_key or parity.get("input_size") != size:
+        return None
+    return parity
+
+
+def parity_passed(cache_key: str, size: int) -> bool:
+    parity = read_parity(cache_key, size)
+    return bool(parity and parity.get("passed") is True)
+
+
+class OpenVinoInt8Trunk(OpenVinoTrunk):
+    """The NNCF-quantized trunk: int8 convolutions, everything NNCF left alone (and the outputs) in float32.
+
+    The precision hint stays f32, so the layers kept out of int8 run in float32, not bfloat16.
+    """
+
+    name = "openvino-int8"
+
+    def __init__(self, path: Path, size: int, threads: int | None = None):
+        if not path.exists():
+            raise FileNotFoundError(f"no int8 trunk at {path}: run `steelsight quantize CHECKPOINT --data NEU_DIR`")
+        super().__init__(path, size, threads)
+        self.ood_calibration = load_ood_calibration(ood_path(path))
+
+
+def load_int8(cache_key: str, size: int, threads: int | None = None) -> OpenVinoInt8Trunk:
+    """This checkpoint's int8 trunk from the cache folder (a clear error when it was never quantized)."""
+    return OpenVinoInt8Trunk(int8_model_path(cache_key, size), size, threads)
