@@ -499,6 +499,9 @@ def _quantize_parser(sub) -> None:
                    help="use only this many train and val images per class: smoke runs (default: 0 = all)")
     p.add_argument("--max-attempts", type=int, default=None,
                    help="stop keeping more layers in float32 after this many tries (default: every step)")
+    p.add_argument("--from-step", default=None, metavar="STEP",
+                   help="start the float32 ladder at this step, one of tap, stem, stem+layer3, stem+layers1,3, "
+                        "stem+layers1-3 (docs/int8.md; default: tap, the fewest layers in float32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_quantize)
 
@@ -984,17 +987,20 @@ def cmd_compare(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from steelsight.model.training.quantize import FP32_LADDER, quantize, summary
+    from steelsight.model.training.quantize import FP32_LADDER, FP32_STEPS, quantize, summary
 
     if args.calibration_images < 1 or args.limit_per_class < 0:
         raise SystemExit("steelsight quantize: --calibration-images must be >= 1 and --limit-per-class >= 0")
+    if args.from_step is not None and args.from_step not in FP32_STEPS:
+        raise SystemExit(f"steelsight quantize: --from-step must be one of {', '.join(FP32_STEPS)}")
     try:
         import nncf  # noqa: F401 - only quantizing needs it
     except ImportError:
         raise SystemExit("steelsight quantize: NNCF is not installed: pip install 'steelsight[quantize]' "
                          "(or pip install nncf)") from None
     _, parity = quantize(args.checkpoint, args.data, args.annotations, args.limit_per_class,
-                         args.calibration_images, args.max_attempts or len(FP32_LADDER), not args.no_progress)
+                         args.calibration_images, args.max_attempts or len(FP32_LADDER), not args.no_progress,
+                         args.from_step or FP32_STEPS[0])
     print(summary(parity))
     return 0 if parity["passed"] else 1
 

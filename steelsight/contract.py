@@ -98,7 +98,7 @@ class Settings(BaseSettings):
     # worker
     checkpoint: str | None = None
     device: str = "auto"
-    # trunk runtime; auto: the faster of ONNX Runtime and OpenVINO on CPU, torch on GPU; torch-fp16: GPU
+    # trunk runtime; auto: the fastest of ONNX Runtime, OpenVINO and a passing int8 trunk on CPU, torch on GPU
     backend: Literal[BACKEND_NAMES] = "auto"
     batch_size: int = 8
     cam_method: str = "gradcam"

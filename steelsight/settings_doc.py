@@ -52,7 +52,8 @@ DESCRIPTIONS: dict[str, str] = {
     "max_frame_bytes": "largest frame file: the producer refuses it (`too_large`), a worker rejects it",
     "checkpoint": "model file; unset: the shipped `model/checkpoints/steelsight-neu.safetensors`",
     "device": "`cpu`, `cuda` or `auto`",
-    "backend": "trunk runtime; `auto`: the faster of ONNX Runtime and OpenVINO on CPU, PyTorch on GPU; "
+    "backend": "trunk runtime; `auto`: the fastest of ONNX Runtime, OpenVINO and the int8 trunk on CPU (int8 "
+               "only where `steelsight quantize` passed its parity: docs/int8.md), PyTorch on GPU; "
                "`torch-fp16`, `torch-bf16`: half precision on GPU",
     "batch_size": "frames a worker runs through the model together, at most",
     "cam_method": "explanation of the overlays (`gradcam`, `gradcam++`, `hirescam`, `xgradcam`, `layercam`, "

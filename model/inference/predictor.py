@@ -150,7 +150,11 @@ class Predictor:
         self.trunk = trunk
         self.cam = CheapCam(self.net, trunk)
         own = getattr(trunk, "ood_calibration", None)
-        scorer, self.ood_meta = own if own is not None else (self.checkpoint.ood, self.meta.ood)
+        self.use_ood(*(own if own is not None else (self.checkpoint.ood, self.meta.ood)))
+
+    def use_ood(self, scorer, ood_meta: dict | None) -> None:
+        """Score with ``scorer`` and take the threshold from ``ood_meta`` (its stored threshold and val scores)."""
+        self.ood_meta = ood_meta
         self.ood = None if scorer is None else scorer.to(self.device)
         self.val_ood_scores = np.asarray((self.ood_meta or {}).get("val_scores", []), dtype=np.float64)
         self.ood_threshold = self._threshold(self.unknown_false_rate)

@@ -13,7 +13,8 @@ runtime holds its class, and :mod:`.factory` builds the one a name asks for.
 
 # name -> what it is; ``auto`` picks at start-up (factory.make_trunk)
 BACKENDS: dict[str, str] = {
-    "auto": "the faster of ONNX Runtime and OpenVINO on CPU (timed once per machine), PyTorch on GPU",
+    "auto": "the fastest of ONNX Runtime, OpenVINO and, where `steelsight quantize` passed, OpenVINO int8 on CPU "
+            "(timed once per machine); PyTorch on GPU",
     "torch": "PyTorch, BatchNorm folded, channels-last",
     "torch-fp16": "PyTorch in half precision: the GPU's tensor-core path",
     "torch-bf16": "PyTorch in bfloat16: the GPU's tensor cores with float32's range",

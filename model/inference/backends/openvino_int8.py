@@ -24,9 +24,21 @@ from safetensors.torch import save_file
 from steelsight.model.inference.backends.onnx_export import ONNX_LAYOUT, cache_dir
 from steelsight.model.inference.backends.openvino import OpenVinoTrunk
 
-INT8_LAYOUT = 1  # bump when the quantization recipe or the parity file's meaning changes: older files are ignored
+INT8_LAYOUT = 2  # bump when the quantization recipe or the parity file's meaning changes: older files are ignored
 PARITY_SUFFIX = ".parity.json"
 OOD_SUFFIX = ".ood.safetensors"
+
+
+INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # /proc/cpuinfo flags with int8 dot products
+
+
+def int8_instructions() -> list[str]:
+    """This CPU's int8 dot-product instruction sets (empty where /proc/cpuinfo is missing or names none)."""
+    try:
+        words = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return [flag for flag in INT8_FLAGS if flag in words]
 
 
 def int8_model_path(cache_key: str, size: int) -> Path:
@@ -77,8 +89,12 @@ def read_parity(cache_key: str, size: int) -> dict | None:
 
 
 def parity_passed(cache_key: str, size: int) -> bool:
+    """The parity file says it passed, on a CPU like the one it was made on: a model quantized without the
+    overflow fix (for CPUs with VNNI or AMX) can saturate on one without."""
     parity = read_parity(cache_key, size)
-    return bool(parity and parity.get("passed") is True)
+    if not (parity and parity.get("passed") is True):
+        return False
+    return (parity.get("recipe") or {}).get("overflow_fix") != "disable" or bool(int8_instructions())
 
 
 class OpenVinoInt8Trunk(OpenVinoTrunk):
