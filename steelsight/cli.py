@@ -475,28 +475,31 @@ def _quantize_parser(sub) -> None:
     p = sub.add_parser(
         "quantize", help="int8 trunk for the CPU (NNCF), held to float32's verdicts: --backend openvino-int8",
         description="Quantizes the checkpoint's ResNet-50 trunk to int8 with NNCF post-training quantization "
-                    "(pip install nncf; serving needs OpenVINO only), calibrated on the checkpoint's own training "
-                    "split of --data. It then compares int8 with the float32 PyTorch trunk on the val split: top-1 "
-                    "agreement (>= 99.7%), each class's recall (no drop over 0.5 point), unknown verdicts on val and "
-                    "its corrupted copies (>= 99%), OOD scores and Grad-CAM heatmaps (correlation; pointing game on "
-                    "the NEU-DET boxes under DATA/annotations). Where a criterion fails it keeps more layers in "
-                    "float32 and tries again. The int8 model and its parity file (*.parity.json: every figure, the "
-                    "layers kept in float32, passed or not) go into the ONNX cache folder ($STEELSIGHT_CACHE/onnx), "
-                    "keyed by the checkpoint's sha256; `--backend auto` picks the int8 trunk only where that file "
-                    "says it passed and it is the fastest runtime on the machine. Exit status 1 when it did not pass.",
+                    "(pip install 'steelsight[quantize]'; serving needs OpenVINO only), calibrated on the "
+                    "checkpoint's own training split of --data, and fits an OOD scorer on the int8 trunk's features. "
+                    "It then compares int8 with the float32 PyTorch trunk on the val split: top-1 agreement "
+                    "(>= 99.7%), each class's recall (no drop over 0.5 point), unknown verdicts on val and its "
+                    "corrupted copies (>= 99%), OOD scores and Grad-CAM heatmaps (correlation; pointing game on the "
+                    "NEU-DET boxes under DATA/annotations). Where a criterion fails it keeps more layers in float32 "
+                    "and tries again. The int8 model, its OOD scorer and its parity file (*.parity.json: every "
+                    "figure, the layers kept in float32, passed or not) go into this machine's ONNX cache folder "
+                    "($STEELSIGHT_CACHE/onnx), keyed by the checkpoint's sha256; `--backend auto` picks the int8 "
+                    "trunk only where that file says it passed and it is the fastest runtime on the machine. Exit "
+                    "status 1 when it did not pass.",
         epilog="Example: steelsight quantize --data NEU_DIR (the shipped checkpoint); "
                "steelsight quantize runs/neu/model.safetensors --data NEU_DIR; a smoke run: "
-               "steelsight quantize --data NEU_DIR --limit-per-class 4 --max-attempts 1")
+               "steelsight quantize --data NEU_DIR --limit-per-class 12 --max-attempts 1 --from-step stem+layer3")
     p.add_argument("checkpoint", type=Path, nargs="?", default=None, metavar="CHECKPOINT",
                    help="model .safetensors (default: the checkpoint shipped in the repository)")
     p.add_argument("--data", type=Path, required=True, metavar="NEU_DIR",
                    help="the data the checkpoint was trained on (DIR/<class>/ or DIR/images/<class>/)")
     p.add_argument("--annotations", type=Path, default=None,
                    help="NEU-DET boxes for the pointing game (default: DATA/annotations when it exists)")
-    p.add_argument("--calibration-images", type=int, default=300,
-                   help="training images NNCF calibrates on, spread over the split (default: 300)")
+    p.add_argument("--calibration-images", type=int, default=None,
+                   help="training images NNCF calibrates on, spread over the split (default: 300, NNCF's own)")
     p.add_argument("--limit-per-class", type=int, default=0,
-                   help="use only this many train and val images per class: smoke runs (default: 0 = all)")
+                   help="use only this many train and val images per class: a smoke run, written under a name of "
+                        "its own and never served (default: 0 = all)")
     p.add_argument("--max-attempts", type=int, default=None,
                    help="stop keeping more layers in float32 after this many tries (default: every step)")
     p.add_argument("--from-step", default=None, metavar="STEP",
@@ -989,8 +992,10 @@ def cmd_compare(args) -> int:
 def cmd_quantize(args) -> int:
     from steelsight.model.training.quantize import FP32_LADDER, FP32_STEPS, quantize, summary
 
-    if args.calibration_images < 1 or args.limit_per_class < 0:
-        raise SystemExit("steelsight quantize: --calibration-images must be >= 1 and --limit-per-class >= 0")
+    if (args.calibration_images is not None and args.calibration_images < 1) or args.limit_per_class < 0 \
+            or (args.max_attempts is not None and args.max_attempts < 1):
+        raise SystemExit("steelsight quantize: --calibration-images and --max-attempts must be >= 1, "
+                         "--limit-per-class >= 0")
     if args.from_step is not None and args.from_step not in FP32_STEPS:
         raise SystemExit(f"steelsight quantize: --from-step must be one of {', '.join(FP32_STEPS)}")
     try:
@@ -998,9 +1003,10 @@ def cmd_quantize(args) -> int:
     except ImportError:
         raise SystemExit("steelsight quantize: NNCF is not installed: pip install 'steelsight[quantize]' "
                          "(or pip install nncf)") from None
+    calibration = {} if args.calibration_images is None else {"calibration_images": args.calibration_images}
     _, parity = quantize(args.checkpoint, args.data, args.annotations, args.limit_per_class,
-                         args.calibration_images, args.max_attempts or len(FP32_LADDER), not args.no_progress,
-                         args.from_step or FP32_STEPS[0])
+                         max_attempts=args.max_attempts or len(FP32_LADDER), progress=not args.no_progress,
+                         from_step=args.from_step or FP32_STEPS[0], **calibration)
     print(summary(parity))
     return 0 if parity["passed"] else 1
 

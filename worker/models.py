@@ -20,7 +20,8 @@ from datetime import UTC, datetime
 from steelsight.clients import REDIS_TRANSIENT, s3_transient
 from steelsight.contract import Settings, WorkerModelState
 from steelsight.model.evaluation.smoke import smoke_check
-from steelsight.model.inference.backends import CPU_RUNTIMES
+from steelsight.model.inference.backends import CPU_RUNTIMES, INT8_RUNTIME
+from steelsight.model.inference.backends.factory import int8_eligible
 from steelsight.model.inference.backends.onnx_export import cached_onnx
 from steelsight.model.inference.checkpoint import load_checkpoint
 from steelsight.model.inference.device import resolve_device
@@ -81,14 +82,18 @@ def load_checked(path, settings: Settings, engine: FrameEngine | None = None,
     checkpoint = load_checkpoint(path, device=device)
     backend = settings.backend
     serving = engine.predictor if engine is not None else None
-    if (backend == "auto" and serving is not None and serving.trunk.name in CPU_RUNTIMES
-            and serving.input_size == int(checkpoint.meta.input_size)):
+    size = int(checkpoint.meta.input_size)
+    if backend == "auto" and serving is not None and serving.input_size == size:
         # the runtime that won for the same network at the same size: weights do not change which is faster,
-        # and timing them beside a serving worker would measure the worker
-        backend = serving.trunk.name
-    exported = device.type == "cpu" and backend in ("auto", *CPU_RUNTIMES)
+        # and timing them beside a serving worker would measure the worker. int8 only where the new
+        # checkpoint has a passing int8 trunk of its own; else its float32 runtime
+        if serving.trunk.name in CPU_RUNTIMES:
+            backend = serving.trunk.name
+        elif serving.trunk.name == INT8_RUNTIME:
+            backend = INT8_RUNTIME if int8_eligible(size, checkpoint.sha256) else "openvino"
+    exported = device.type == "cpu" and backend in ("auto", *CPU_RUNTIMES, INT8_RUNTIME)
     if exported:
-        cached_onnx(checkpoint.model, int(checkpoint.meta.input_size), checkpoint.sha256)
+        cached_onnx(checkpoint.model, size, checkpoint.sha256)
     lap("read")
 
     def build() -> Predictor:

@@ -150,6 +150,9 @@ class Predictor:
         self.trunk = trunk
         self.cam = CheapCam(self.net, trunk)
         own = getattr(trunk, "ood_calibration", None)
+        if own is None and getattr(trunk, "needs_own_ood", False) and self.checkpoint.ood is not None:
+            raise ValueError(f"the {trunk.name} trunk has no OOD scorer fitted on its features (its "
+                             "*.ood.safetensors is missing): run `steelsight quantize` for this checkpoint again")
         self.use_ood(*(own if own is not None else (self.checkpoint.ood, self.meta.ood)))
 
     def use_ood(self, scorer, ood_meta: dict | None) -> None:

@@ -43,6 +43,7 @@ from steelsight.model.inference.backends.openvino_int8 import (
     ood_path,
     parity_path,
     save_ood_calibration,
+    weights_sha256,
 )
 from steelsight.model.inference.checkpoint import LoadedCheckpoint, load_checkpoint
 from steelsight.model.inference.imageio import read_gray
@@ -154,7 +155,7 @@ def quantize_trunk(onnx_path: Path, size: int, calibration: torch.Tensor, fp32_p
         overflow_fix=OverflowFix.DISABLE if settings["overflow_fix"] == "disable" else OverflowFix.FIRST_LAYER)
     return nncf.quantize(
         model, dataset, subset_size=len(calibration), preset=nncf.QuantizationPreset.PERFORMANCE,
-        ignored_scope=nncf.IgnoredScope(patterns=TEXTURE_TAP + fp32_patterns, validate=False),
+        ignored_scope=nncf.IgnoredScope(patterns=TEXTURE_TAP + fp32_patterns),  # each pattern must match a node
         advanced_parameters=advanced,
     )
 
@@ -274,6 +275,8 @@ def compare(ref: Reference, candidate: Predictor, classes: list[str], progress: 
                     if a.ood_score is not None and b.ood_score is not None])
     figures["unknown_agreement"] = verdicts
     figures["unknown_agreement_images"] = len(pairs)
+    kept = [b.unknown for a, b in pairs if a.unknown]  # what float32 flags, int8 flags too: the verdict's purpose
+    figures["fp32_unknowns_also_flagged"] = {"of": len(kept), "share": float(np.mean(kept)) if kept else None}
     figures["ood_score_abs_diff"] = ({"of": "score - own threshold", "mean": float(diffs.mean()),
                                       "p99": float(np.quantile(diffs, 0.99)), "max": float(diffs.max()),
                                       "tolerance_mean": OOD_SCORE_TOLERANCE,
@@ -321,17 +324,6 @@ def reference(ckpt: LoadedCheckpoint, val: list[Sample], annotations: Path | Non
     return fp32, ref
 
 
-def _save(model, target: Path) -> None:
-    """Write the IR atomically: the .bin first, then the .xml that names it (a reader never sees half)."""
-    import openvino as ov
-
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        staged = Path(tmp) / target.name
-        ov.save_model(model, str(staged), compress_to_fp16=False)
-        os.replace(staged.with_suffix(".bin"), target.with_suffix(".bin"))
-        os.replace(staged, target)
-
-
 def _write_json(path: Path, data: dict) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".json", delete=False) as tmp:
         json.dump(data, tmp, indent=2)
@@ -362,7 +354,7 @@ def quantize(checkpoint: Path | str | None, data: Path, annotations: Path | None
     calibration = eval_batch([read_gray(s.path) for s in tqdm(calib_samples, desc="decode calibration",
                                                              unit="img", leave=False, disable=not progress)], size)
     onnx_path = cached_onnx(ckpt.model, size, ckpt.sha256)
-    target = int8_model_path(ckpt.sha256, size)
+    target = int8_model_path(ckpt.sha256, size, per_class)
     # a crash part-way must not leave an older passing parity file beside a new model
     parity_path(target).unlink(missing_ok=True)
     fp32, ref = reference(ckpt, val, annotations, progress, refit_on=train if per_class else None)
@@ -372,37 +364,48 @@ def quantize(checkpoint: Path | str | None, data: Path, annotations: Path | None
     first = FP32_STEPS.index(from_step)
     steps = tqdm(FP32_LADDER[first : first + max(max_attempts, 1)], desc="quantize", unit="try",
                  disable=not progress)
-    for _, label, patterns in steps:
-        steps.set_postfix_str(f"fp32: {label}")
-        model = quantize_trunk(onnx_path, size, calibration, patterns, settings)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            staged = Path(tmp) / "candidate.xml"
-            ov.save_model(model, str(staged), compress_to_fp16=False)
-            scorer, ood_meta = fit_trunk_ood(ckpt, OpenVinoInt8Trunk(staged, size), train, val, progress)
-            save_ood_calibration(ood_path(staged), scorer, ood_meta)
-            candidate = with_trunk(fp32, OpenVinoInt8Trunk(staged, size))
-            figures = compare(ref, candidate, classes, progress, full=True)
-        attempts.append({"fp32_layers": label, "top1_agreement": figures["top1_agreement"],
-                         "worst_recall_drop": figures["worst_recall_drop"],
-                         "unknown_agreement": figures.get("unknown_agreement", {}).get("all"),
-                         "passed": figures["passed"]})
-        chosen = (label, patterns, model, scorer, ood_meta)
-        if figures["passed"]:
-            break
-    label, patterns, model, scorer, ood_meta = chosen
-    ood_path(target).unlink(missing_ok=True)  # never an older scorer beside a new model
-    _save(model, target)
-    save_ood_calibration(ood_path(target), scorer, ood_meta)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        for index, (_, label, patterns) in enumerate(steps):
+            steps.set_postfix_str(f"fp32: {label}")
+            staged = Path(tmp) / f"try{index}" / target.name
+            staged.parent.mkdir()
+            ov.save_model(quantize_trunk(onnx_path, size, calibration, patterns, settings), str(staged),
+                          compress_to_fp16=False)
+            ood_meta = None  # a checkpoint without an OOD scorer gets none here either
+            if ckpt.ood is not None:
+                scorer, ood_meta = fit_trunk_ood(ckpt, OpenVinoInt8Trunk(staged, size), train, val, progress)
+                ood_meta["weights_sha256"] = weights_sha256(staged)
+                save_ood_calibration(ood_path(staged), scorer, ood_meta)
+            figures = compare(ref, with_trunk(fp32, OpenVinoInt8Trunk(staged, size)), classes, progress, full=True)
+            attempts.append({"fp32_layers": label, "top1_agreement": figures["top1_agreement"],
+                             "worst_recall_drop": figures["worst_recall_drop"],
+                             "unknown_agreement": figures.get("unknown_agreement", {}).get("all"),
+                             "passed": figures["passed"]})
+            chosen = (label, patterns, staged, ood_meta)
+            if figures["passed"]:
+                break
+        label, patterns, staged, ood_meta = chosen
+        # the scorer names the weights it was fitted with, so a reader never pairs it with other ones;
+        # the .xml that names the weights last, the parity file after it
+        ood_path(target).unlink(missing_ok=True)
+        if ood_meta is not None:
+            os.replace(ood_path(staged), ood_path(target))
+        os.replace(staged.with_suffix(".bin"), target.with_suffix(".bin"))
+        os.replace(staged, target)
     parity = {
         "int8_layout": INT8_LAYOUT, "checkpoint": ckpt.path.name, "checkpoint_sha256": ckpt.sha256,
         "input_size": size, "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "nncf": nncf.__version__, "openvino": ov.__version__, "model": target.name,
-        "recipe": settings, "calibration": {"split": "train", "images": len(calib_samples), "of": len(train)},
+        "recipe": settings,
+        "calibration": {"split": "train", "images": len(calib_samples), "of": len(train),
+                        "also_in_val": len({s.path for s in calib_samples} & {s.path for s in val})},
         "evaluated_on": {"val": len(val), "corrupted_copies": sorted(CORRUPTIONS),
                          "annotations": None if annotations is None else str(annotations)},
         "subset": {"limit_per_class": per_class, "fp32_ood": "fitted on the same subset"} if per_class else None,
-        "ood": {"fitted_on": ood_meta["fitted_on"], "method": ood_meta["method"], "threshold": ood_meta["threshold"],
-                "fp32_threshold": (ckpt.meta.ood or {}).get("threshold"), "file": ood_path(target).name},
+        "ood": None if ood_meta is None else {
+            "fitted_on": ood_meta["fitted_on"], "method": ood_meta["method"], "threshold": ood_meta["threshold"],
+            "fp32_threshold": ref.threshold, "checkpoint_threshold": (ckpt.meta.ood or {}).get("threshold"),
+            "file": ood_path(target).name},
         "criteria": CRITERIA, "fp32_layers": label, "fp32_layer_patterns": patterns, "attempts": attempts,
         **figures, "seconds": round(time.perf_counter() - started, 1),
     }
@@ -416,9 +419,14 @@ def summary(parity: dict) -> str:
              f"kept in fp32: {parity['fp32_layers']})",
              f"  top-1 agreement with fp32 on val: {100 * parity['top1_agreement']:.2f}% "
              f"(n={parity['evaluated_on']['val']}); worst recall drop {100 * parity['worst_recall_drop']:.2f} points"]
+    if parity.get("subset"):
+        lines[0] += f" - a run on {parity['subset']['limit_per_class']} images per class, never served"
     if "unknown_agreement" in parity:
+        kept = parity["fp32_unknowns_also_flagged"]
         lines.append(f"  unknown verdict agreement, val + corrupted copies: "
-                     f"{100 * parity['unknown_agreement']['all']:.2f}% (n={parity['unknown_agreement_images']})")
+                     f"{100 * parity['unknown_agreement']['all']:.2f}% (n={parity['unknown_agreement_images']}); "
+                     f"of float32's {kept['of']} unknowns, int8 flags "
+                     + ("-" if kept["share"] is None else f"{100 * kept['share']:.1f}%"))
     if parity.get("ood_score_abs_diff"):
         d = parity["ood_score_abs_diff"]
         lines.append(f"  OOD score less its threshold, |int8 - fp32|: mean {d['mean']:.3f} (tolerance "

@@ -8,6 +8,7 @@ try, at the float32 step the full run passes with) serves every test here; it ne
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -26,17 +27,16 @@ from steelsight.model.inference.backends.openvino_int8 import (
 from steelsight.model.inference.checkpoint import load_checkpoint
 from steelsight.model.inference.imageio import read_gray
 from steelsight.model.inference.predictor import Predictor
+from steelsight.model.training.quantize import CAM_MIN_CORRELATION
 
 from ..helpers import SAMPLES
 
 pytest.importorskip("nncf")
 pytest.importorskip("openvino")
 
-# stated tolerance for the int8 trunk on the bundled samples (docs/int8.md): labels must not move and the
-# heatmaps stay close; the OOD score is int8's own (fitted on its features), so it is checked for being that
-CAM_MIN_MEAN_CORRELATION = 0.9
 # unknown verdicts on the subset's val + corrupted copies (432 images), both OOD scorers fitted on its 72 training
-# images: the full run's criterion is 99 % (docs/int8.md); here one step fewer in float32 (`stem`) agrees on 98.4 %
+# images. The full run's criterion is 99 % (docs/int8.md). On a CPU with AMX the `stem+layer3` step agreed on
+# 428 of 432 here, and one step fewer in float32 (`stem`) on 425 of 432, which this bound fails
 SUBSET_MIN_UNKNOWN_AGREEMENT = 0.985
 
 
@@ -47,12 +47,23 @@ def quantized(neu_dir, tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("STEELSIGHT_CACHE", str(cache))
-        code = main(["quantize", "--data", str(neu_dir), "--limit-per-class", "12", "--max-attempts", "1",
-                     "--calibration-images", "72", "--from-step", "stem+layer3", "--no-progress"])
         ckpt = load_checkpoint(None)
         size = int(ckpt.meta.input_size)
-        yield {"code": code, "ckpt": ckpt, "size": size, "model": int8_model_path(ckpt.sha256, size),
-               "parity": read_parity(ckpt.sha256, size), "cache": cache}
+        full = int8_model_path(ckpt.sha256, size)
+        full.parent.mkdir(parents=True, exist_ok=True)
+        parity_path(full).write_text('{"a full run": true}')  # a smoke run must leave the full run's files alone
+        code = main(["quantize", "--data", str(neu_dir), "--limit-per-class", "12", "--max-attempts", "1",
+                     "--calibration-images", "72", "--from-step", "stem+layer3", "--no-progress"])
+        full_run_kept = parity_path(full).read_text() == '{"a full run": true}'
+        model = int8_model_path(ckpt.sha256, size, subset=12)
+        parity = read_parity(ckpt.sha256, size, subset=12)
+        # the same files under the full run's name, as `steelsight quantize --data NEU_DIR` writes them: what
+        # serving and `auto` read
+        for suffix in (".xml", ".bin", ".ood.safetensors"):
+            shutil.copyfile(model.with_suffix(suffix), full.with_suffix(suffix))
+        parity_path(full).write_text(json.dumps(parity | {"subset": None, "passed": True}))
+        yield {"code": code, "ckpt": ckpt, "size": size, "model": model, "parity": parity, "full": full,
+               "cache": cache, "full_run_kept": full_run_kept}
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +77,18 @@ def test_quantize_writes_the_int8_model_and_its_parity_file_beside_the_export(qu
     assert parity_path(model).exists() and parity is not None
     assert model.parent == next(quantized["cache"].glob("onnx/trunk-v*-160.onnx")).parent  # the export's folder
     assert parity["checkpoint_sha256"] == quantized["ckpt"].sha256
-    assert parity["calibration"]["split"] == "train" and parity["calibration"]["images"] == 72
+    assert parity["calibration"]["images"] == 72 and parity["calibration"]["also_in_val"] == 0
     assert parity["evaluated_on"]["val"] == 72
+    # a subset run has a name of its own, left the full run's files alone, and nothing serves it whatever it says
+    assert model.name.endswith("-subset12.xml") and parity["subset"]["limit_per_class"] == 12
+    assert quantized["full_run_kept"]
+    full = parity_path(quantized["full"])
+    served = full.read_text()
+    try:
+        full.write_text(json.dumps(parity | {"passed": True}))
+        assert not parity_passed(quantized["ckpt"].sha256, quantized["size"])
+    finally:
+        full.write_text(served)
     assert ood_path(model).exists() and parity["ood"]["file"] == ood_path(model).name
     for key in ("top1_agreement", "recall", "worst_recall_drop", "criteria", "fp32_layers", "attempts", "passed"):
         assert key in parity, key
@@ -87,11 +108,12 @@ def test_quantize_writes_the_int8_model_and_its_parity_file_beside_the_export(qu
 
 def test_int8_holds_float32s_labels_verdicts_and_heatmaps_on_the_subset(quantized):
     parity = quantized["parity"]
-    assert parity["subset"]["fp32_ood"] == "fitted on the same subset"
+    # float32's scorer was fitted on the same 72 images as int8's, not taken from the checkpoint
+    assert parity["ood"]["fp32_threshold"] != parity["ood"]["checkpoint_threshold"]
     assert parity["top1_agreement"] == 1.0 and parity["worst_recall_drop"] == 0.0
     assert parity["unknown_agreement"]["all"] >= SUBSET_MIN_UNKNOWN_AGREEMENT, parity["unknown_agreement"]
     assert parity["unknown_agreement_images"] == 72 * 6
-    assert parity["cam"]["within_tolerance"] and parity["cam"]["mean_correlation"] >= CAM_MIN_MEAN_CORRELATION
+    assert parity["cam"]["within_tolerance"] and parity["cam"]["mean_correlation"] >= CAM_MIN_CORRELATION
     assert abs(parity["cam"]["pointing_game"]["change"]) <= 0.03, parity["cam"]["pointing_game"]
 
 
@@ -103,16 +125,16 @@ def test_int8_trunk_agrees_with_pytorch_on_the_bundled_samples(quantized, sample
     a, b = ref.predict(samples), int8.predict(samples)
     assert len(samples) == 30
     assert [p.label for p in b] == [p.label for p in a]  # top-1 agreement 100%
-    assert [p.unknown for p in b] == [p.unknown for p in a]
     corr = []
     for x, y in zip(ref.explain(samples[::5]), int8.explain(samples[::5]), strict=True):
         assert x.label == y.label
         hx, hy = x.heatmap.ravel() - x.heatmap.mean(), y.heatmap.ravel() - y.heatmap.mean()
         corr.append(float(hx @ hy / (np.linalg.norm(hx) * np.linalg.norm(hy))))
-    assert np.mean(corr) >= CAM_MIN_MEAN_CORRELATION, corr
+    assert np.mean(corr) >= CAM_MIN_CORRELATION, corr
 
 
-def test_the_int8_trunk_scores_with_the_ood_scorer_fitted_on_its_own_features(quantized, samples):
+def test_the_int8_trunk_scores_with_the_ood_scorer_fitted_on_its_own_features(quantized, samples, tmp_path,
+                                                                             monkeypatch):
     ckpt, parity = quantized["ckpt"], quantized["parity"]
     scorer, meta = load_ood_calibration(ood_path(quantized["model"]))
     assert parity["ood"]["threshold"] == meta["threshold"] and "int8" in meta["fitted_on"]
@@ -128,21 +150,38 @@ def test_the_int8_trunk_scores_with_the_ood_scorer_fitted_on_its_own_features(qu
                         int8.net.hidden(pooled), logits)
     served = int8.predict(samples[:8])
     assert np.allclose([p.ood_score for p in served], direct.tolist(), atol=1e-4)
-    # with its scorer file gone, the trunk falls back to the checkpoint's own
-    moved = ood_path(quantized["model"]).rename(quantized["model"].with_suffix(".moved"))
+    # with its scorer file gone, the trunk is refused rather than read with float32's scorer; auto leaves it out
+    full = quantized["full"]
+    moved = ood_path(full).rename(full.with_suffix(".moved"))
     try:
         plain = Predictor(ckpt, torch.device("cpu"), batch_size=8, backend="torch")
-        plain.use_trunk(OpenVinoInt8Trunk(quantized["model"], quantized["size"]))
-        assert plain.ood_threshold == ckpt.meta.ood["threshold"]
+        with pytest.raises(ValueError, match="no OOD scorer fitted on its features"):
+            plain.use_trunk(OpenVinoInt8Trunk(full, quantized["size"]))
+        assert not parity_passed(ckpt.sha256, quantized["size"])
     finally:
-        moved.rename(ood_path(quantized["model"]))
+        moved.rename(ood_path(full))
+    # weights other than the scorer was fitted with (a run cut short between its writes): no scorer, refused
+    other = tmp_path / "onnx" / full.name
+    other.parent.mkdir()
+    for suffix in (".xml", ".bin", ".ood.safetensors"):
+        shutil.copyfile(full.with_suffix(suffix), other.with_suffix(suffix))
+    weights = other.with_suffix(".bin").read_bytes()
+    other.with_suffix(".bin").write_bytes(weights[:-4] + bytes(4))
+    assert OpenVinoInt8Trunk(other, quantized["size"]).ood_calibration is None
+    # a truncated IR is a clear start-up error, not a traceback from OpenVINO
+    other.with_suffix(".bin").write_bytes(weights[: len(weights) // 2])
+    monkeypatch.setenv("STEELSIGHT_CACHE", str(tmp_path))
+    with pytest.raises(ValueError, match="could not be loaded"):
+        make_trunk("openvino-int8", ckpt.model, quantized["size"], ckpt.sha256)
 
 
 def test_auto_picks_int8_only_with_a_passing_parity_file(quantized, monkeypatch):
+    from steelsight.model.inference.backends import factory
+
     ckpt, size = quantized["ckpt"], quantized["size"]
     monkeypatch.setenv("STEELSIGHT_CACHE", str(quantized["cache"]))
     record = quantized["cache"] / "onnx" / "fastest-runtime.json"
-    path = parity_path(quantized["model"])
+    path = parity_path(quantized["full"])
     original = path.read_text()
     try:
         path.write_text(json.dumps(json.loads(original) | {"passed": False}))
@@ -160,7 +199,12 @@ def test_auto_picks_int8_only_with_a_passing_parity_file(quantized, monkeypatch)
         assert name == chosen.name
         # a remembered int8 win is served again without timing, while the parity file still passes
         record.write_text(json.dumps({key: "openvino-int8"}))
+        loads = []
+        real = factory._loaded
+        monkeypatch.setattr(factory, "_loaded", lambda runtime, *a: loads.append(runtime) or real(runtime, *a))
         assert make_trunk("auto", ckpt.model, size, ckpt.sha256).name == "openvino-int8"
+        assert loads == ["openvino-int8"]  # nothing else loaded, so nothing timed
+        monkeypatch.setattr(factory, "_loaded", real)
         path.unlink()
         assert make_trunk("auto", ckpt.model, size, ckpt.sha256).name != "openvino-int8"
     finally:
@@ -174,7 +218,7 @@ def test_the_float32_step_is_recorded_and_a_model_without_the_overflow_fix_needs
     assert parity["fp32_layers"] == "texture tap + first conv + layer3"
     assert [a["fp32_layers"] for a in parity["attempts"]] == [parity["fp32_layers"]]
     assert parity["recipe"]["activations_range"] == "minmax"
-    path = parity_path(quantized["model"])
+    path = parity_path(quantized["full"])
     original = path.read_text()
     try:
         path.write_text(json.dumps(json.loads(original) | {"passed": True, "recipe": {"overflow_fix": "disable"}}))
@@ -186,6 +230,23 @@ def test_the_float32_step_is_recorded_and_a_model_without_the_overflow_fix_needs
         assert parity_passed(ckpt.sha256, size)
     finally:
         path.write_text(original)
+
+
+def test_the_int8_instructions_are_the_cpus_less_what_onednn_is_capped_to(monkeypatch):
+    from steelsight.model.inference.backends.openvino_int8 import int8_instructions
+
+    amx = {"avx512_vnni", "avx_vnni", "amx_int8", "avx512f"}
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    assert int8_instructions(amx) == ["avx512_vnni", "avx_vnni", "amx_int8"]
+    assert int8_instructions({"avx2", "avx512f"}) == []
+    for cap, left in [("AVX2", []), ("avx512_core", []), ("AVX512_CORE_VNNI", ["avx512_vnni"]),
+                      ("AVX2_VNNI", ["avx_vnni"]), ("AVX512_CORE_AMX", ["avx512_vnni", "amx_int8"])]:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert int8_instructions(amx) == left, cap
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX2")  # oneDNN's older name for the same cap
+    assert int8_instructions(amx) == []
 
 
 def test_quantize_names_its_float32_steps(capsys):
@@ -205,3 +266,35 @@ def test_the_int8_backend_without_a_quantized_model_is_a_clear_error(tiny_checkp
     net = load_checkpoint(tiny_checkpoint).model
     with pytest.raises(ValueError, match="steelsight quantize"):
         make_trunk("openvino-int8", net, 64, "tiny")
+
+
+class _Serving:
+    """What load_checked reads of a serving worker: its predictor, and a way to run between its batches."""
+
+    def __init__(self, predictor):
+        self.predictor = predictor
+        self.built_between_batches = False
+
+    def between_batches(self, build):
+        self.built_between_batches = True
+        return build()
+
+
+def test_a_worker_serving_int8_reloads_into_int8_only_where_the_new_checkpoint_passed(quantized):
+    from steelsight.contract import Settings
+    from steelsight.worker.models import load_checked
+
+    ckpt = quantized["ckpt"]
+    serving = Predictor(ckpt, torch.device("cpu"), batch_size=8, backend="openvino-int8")
+    engine = _Serving(serving)
+    settings = Settings(backend="auto", smoke_min_accuracy=0.0)
+    reloaded = load_checked(ckpt.path, settings, engine)
+    # no runtime is timed beside a serving worker, and nothing waits for a batch
+    assert reloaded.trunk.name == "openvino-int8" and not engine.built_between_batches
+    path = parity_path(quantized["full"])
+    original = path.read_text()
+    try:
+        path.write_text(json.dumps(json.loads(original) | {"passed": False}))
+        assert load_checked(ckpt.path, settings, engine).trunk.name == "openvino"
+    finally:
+        path.write_text(original)

@@ -122,4 +122,9 @@ def make_trunk(name: str, net: AttentionResNet50, size: int, cache_key: str) -> 
             return _cpu_runtime(name, net, size, cache_key)
         except FileNotFoundError as exc:
             raise ValueError(str(exc)) from exc
+        except Exception as exc:  # OpenVINO's and safetensors' own errors, e.g. on a truncated file
+            if name != INT8_RUNTIME:
+                raise
+            raise ValueError(f"the int8 trunk for checkpoint {cache_key[:16]} could not be loaded ({exc}); if its "
+                             "files are damaged, run `steelsight quantize` for it again") from exc
     raise ValueError(f"unknown backend {name!r}; choose {', '.join(BACKEND_NAMES)}")
