@@ -31,6 +31,7 @@ from steelsight.model.inference.backends.openvino_int8 import (
     OpenVinoInt8Trunk,
     int8_instructions,
     int8_model_path,
+    parity_passed,
     read_parity,
 )
 from steelsight.model.inference.checkpoint import load_checkpoint
@@ -120,7 +121,8 @@ def main() -> None:
              + (f"; capped at ONEDNN_MAX_CPU_ISA={isa_cap}" if isa_cap else ""),
              f"# batch {args.batch} at {size}px, {threads} threads; parity on {len(val)} val images "
              f"(+ {len(val) * len(ref.corrupted)} corrupted copies); int8 keeps in fp32: "
-             f"{parity_file['fp32_layers'] if parity_file else '?'}",
+             f"{parity_file['fp32_layers'] if parity_file else '?'}; overflow fix "
+             f"{(parity_file or {}).get('recipe', {}).get('overflow_fix', '?')}",
              "| candidate | img/s | × eager fp32 |", "|---|---|---|"]
     for name, seconds in speed.items():
         lines.append(f"| {name} | {args.batch / seconds:.1f} | {base / seconds:.2f} |")
@@ -145,6 +147,8 @@ def main() -> None:
         "onednn_max_cpu_isa": isa_cap,
         "seconds_per_batch": speed, "speedup_over_eager": {n: base / t for n, t in speed.items()},
         "parity": figures, "parity_file": parity_file, "unseen_sources": unseen,
+        # whether `auto` would serve this model on this CPU (with the cap, as oneDNN sees it)
+        "served_by_auto_here": bool(not subset and parity_passed(ckpt.sha256, size)),
         "fp32_recall": dict(zip(ckpt.meta.classes, map(float, np.asarray(fp32_recall)), strict=True))})
 
 
