@@ -400,7 +400,8 @@ def quantize(checkpoint: Path | str | None, data: Path, annotations: Path | None
         "calibration": {"split": "train", "images": len(calib_samples), "of": len(train),
                         "also_in_val": len({s.path for s in calib_samples} & {s.path for s in val})},
         "evaluated_on": {"val": len(val), "corrupted_copies": sorted(CORRUPTIONS),
-                         "annotations": None if annotations is None else str(annotations)},
+                         # the folder's name only: the file stays meaningful on another machine
+                         "annotations": None if annotations is None else Path(annotations).name},
         "subset": {"limit_per_class": per_class, "fp32_ood": "fitted on the same subset"} if per_class else None,
         "ood": None if ood_meta is None else {
             "fitted_on": ood_meta["fitted_on"], "method": ood_meta["method"], "threshold": ood_meta["threshold"],
