@@ -8,6 +8,7 @@ fixtures live in ``tests/integration/conftest.py``, so a unit test cannot reach 
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -53,9 +54,17 @@ MIN_FREE_GB = 4  # the suite's peak under tmp is about 3 GB: SeaweedFS volumes, 
 
 
 def pytest_configure(config):
-    """A full disk makes the S3 store refuse writes and the producers wait forever: say so up front."""
+    """Split the cores between xdist's workers, and refuse to start on a nearly full disk."""
     if hasattr(config, "workerinput"):
-        return  # the controller checks once
+        return  # the controller does both, once
+    workers = getattr(config.option, "numprocesses", None)
+    if isinstance(workers, int) and workers > 1:
+        # read when torch starts in each worker; the ONNX Runtime and OpenVINO trunks take torch's count.
+        # Workers that each take every core spin-wait against each other, and the model tests run
+        # several times slower
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // workers)))
+    # a full disk makes the S3 store refuse writes and the producers wait forever: say so up front
     free = shutil.disk_usage(tempfile.gettempdir()).free / 1e9
     if free < MIN_FREE_GB:
         raise pytest.UsageError(f"{free:.1f} GB free under {tempfile.gettempdir()}; the tests need {MIN_FREE_GB} GB "

@@ -24,10 +24,11 @@ near 2; the unconfidence is scaled to match them at val's 99.5th percentile.
 
 * ``vim``: Virtual-logit Matching (Wang et al., CVPR 2022) on the head's 512-d hidden
   layer: the norm of the feature's part outside the training features' 64 principal
-  directions (measured from the classifier's origin), scaled to the mean top logit, minus
-  the log-sum-exp of the logits. Other materials land far off the subspace steel spans;
-  it is fitted on training images only, no outlier images (``bench/ood_sources.py``
-  compares it with outlier exposure, which is refitted leaving each source out).
+  directions (or as many as the fit images span; measured from the classifier's origin),
+  scaled to the mean top logit, minus the log-sum-exp of the logits. Other materials land
+  far off the subspace steel spans; it is fitted on training images only, no outlier images
+  (``bench/ood_sources.py`` compares it with outlier exposure, which is refitted leaving
+  each source out).
 
 With ``vim``, the score is the sum of the two scores, each minus its val median and over
 its val spread (99.5th percentile minus median): in-distribution images score near 0, and
@@ -50,6 +51,7 @@ from steelsight.contract import UNKNOWN_FALSE_RATE
 OOD_PREFIX = "ood."
 TEXTURE_LAYER = 6  # index of layer3 in the trunk (stem 0-3, layer1..layer4 = 4..7)
 VIM_DIM = 64  # principal directions of the 512-d hidden layer kept as "steel" (chosen among 32-256, MODEL_CARD.md)
+RANK_TOLERANCE = 1e-10  # eigenvalue, relative to the largest, below which a direction holds no variance
 
 
 def ood_threshold(val_scores, false_unknown_rate: float = UNKNOWN_FALSE_RATE) -> float:
@@ -127,7 +129,7 @@ class MahalanobisScorer(nn.Module):
 class VirtualLogitScorer(nn.Module):
     """ViM: ``alpha * |P_null (h - o)| - logsumexp(logits)``, o = -pinv(W) b of the last linear layer.
 
-    Stores the ``dim`` principal directions, not their (8x larger) complement: the residual's norm is
+    Stores at most ``dim`` principal directions, not their (8x larger) complement: the residual's norm is
     ``sqrt(|h - o|^2 - |(h - o) V|^2)`` for the orthonormal principal basis V.
     """
 
@@ -145,7 +147,10 @@ class VirtualLogitScorer(nn.Module):
         origin = -torch.linalg.pinv(weight) @ bias
         centred = hidden - origin
         values, vectors = torch.linalg.eigh(centred.T @ centred / len(centred))
-        principal = vectors[:, values.argsort(descending=True)[:dim]]
+        # directions the fit images do not span (fewer images than ``dim``) would be arbitrary picks from the
+        # null space, which float rounding moves: keep only those with variance
+        spanned = int((values > values.max() * RANK_TOLERANCE).sum())
+        principal = vectors[:, values.argsort(descending=True)[:min(dim, spanned)]]
         scorer = cls(hidden.shape[1], principal.shape[1])
         scorer.origin.copy_(origin.float())
         scorer.principal.copy_(principal.float())

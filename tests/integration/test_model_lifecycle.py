@@ -35,8 +35,8 @@ from steelsight.worker.engine import sampled
 
 from ..helpers import SAMPLES, WorkerProcess, records
 
-SWITCH_AT = 100  # results before the model changes
-AFTER = 100  # frames sent once every worker has acted on the change: 200 frames or more in all
+SWITCH_AT = 50  # results before the model changes
+AFTER = 50  # frames sent once every worker has acted on the change: 100 frames or more in all
 SHADOW_FRAMES = 200
 # The target, every worker within 10 s, is measured by bench/model_switch.py on a quiet machine. Here two
 # workers load and smoke-check on cores shared with another test file: the bound catches a switch that

@@ -57,10 +57,12 @@ def test_train_evaluate_predict_round_trip(tmp_path, neu_dir, capsys):
     refit = tmp_path / "refit.safetensors"
     assert main(["refit-ood", "--data", str(neu_dir), "--checkpoint", ckpt, "--out", str(refit)]) == 0
     before, after = load_checkpoint(ckpt), load_checkpoint(refit)
-    assert after.meta.ood["method"] == "mahalanobis_pooled2048+layer3_std1024+unconfidence+vim64"
-    # 24 training images span fewer than ViM's 64 directions, so its subspace takes arbitrary directions of the
-    # (near-)null eigenspace, which float rounding moves; with NEU's 1,152 it is well determined
-    assert after.meta.ood["threshold"] == pytest.approx(before.meta.ood["threshold"], rel=1e-2)
+    # 24 training images span at most 24 of ViM's 64 directions: it keeps only those (the rest would be
+    # arbitrary picks that float rounding moves), so the refit lands on the same threshold
+    method, spanned = after.meta.ood["method"].rsplit("+vim", 1)
+    assert method == "mahalanobis_pooled2048+layer3_std1024+unconfidence" and 0 < int(spanned) <= 24
+    assert after.meta.ood["method"] == before.meta.ood["method"]
+    assert after.meta.ood["threshold"] == pytest.approx(before.meta.ood["threshold"], rel=1e-3)
     assert after.meta.ood["camera_reasons"] == ["blurred", "noisy", "bad_exposure"]
     assert after.ood.camera is not None and after.meta.input_stats["sharpness"]["mean"] > 0
     # the threshold is a setting: a deployment's false-unknown rate picks it from the stored val scores

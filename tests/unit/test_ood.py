@@ -137,6 +137,20 @@ def test_vim_is_the_residual_off_the_principal_subspace_minus_the_energy():
     assert vim(queries[5:], q_logits[5:]).min() > vim(queries[:5], q_logits[:5]).max()
 
 
+def test_vim_fitted_on_fewer_images_than_its_directions_keeps_only_those_they_span():
+    """Directions the fit images do not span would be arbitrary null-space picks, moved by float rounding: two fits
+    on the same images, one nudged by rounding-sized noise, must measure the same residual for a new frame."""
+    torch.manual_seed(4)
+    hidden, weight, bias = torch.randn(10, 32).relu() + 1, torch.randn(3, 32), torch.randn(3) * 0.1
+    nudged = hidden * (1 + 1e-7 * torch.randn_like(hidden))
+    fits = [VirtualLogitScorer.fit(h, h @ weight.T + bias, weight, bias, dim=16) for h in (hidden, nudged)]
+    assert [f.principal.shape[1] for f in fits] == [10, 10]  # 10 images about the origin span 10 directions
+    queries = torch.randn(20, 32).relu() + 1
+    origin = fits[0].origin
+    first, second = (f.residual(queries - origin) for f in fits)
+    torch.testing.assert_close(first, second, rtol=1e-4, atol=1e-4)
+
+
 def test_camera_bank_names_the_nearest_fault_within_its_cut_only():
     directions = torch.eye(6)
     texture = torch.cat([directions[0] + 0.05 * torch.randn(20, 6), directions[1] + 0.05 * torch.randn(20, 6)]).abs()
