@@ -32,7 +32,7 @@ near 2; the unconfidence is scaled to match them at val's 99.5th percentile.
 
 With ``vim``, the score is the sum of the two scores, each minus its val median and over
 its val spread (99.5th percentile minus median): in-distribution images score near 0, and
-the threshold sits near 1.3. Checkpoints fitted before a part existed score without it
+the threshold sits near 1.5. Checkpoints fitted before a part existed score without it
 (on their own scale, with their own threshold).
 
 :class:`CameraBank` does not score: for a frame already called unknown it says whether the
@@ -52,14 +52,19 @@ OOD_PREFIX = "ood."
 TEXTURE_LAYER = 6  # index of layer3 in the trunk (stem 0-3, layer1..layer4 = 4..7)
 VIM_DIM = 64  # principal directions of the 512-d hidden layer kept as "steel" (chosen among 32-256, MODEL_CARD.md)
 RANK_TOLERANCE = 1e-10  # eigenvalue, relative to the largest, below which a direction holds no variance
+# added to the val score the threshold sits on (score units: val's spread is about 1). That val image scored again by
+# another runtime or batch size, or read from the header's 5-decimal copy, moves by float rounding and must not cross
+THRESHOLD_MARGIN = 1e-3
 
 
 def ood_threshold(val_scores, false_unknown_rate: float = UNKNOWN_FALSE_RATE) -> float:
-    """Score above which an image is unknown, leaving at most this share of val images flagged: a val score, not
-    an interpolation between two, so the rate is an upper bound on val (in steps of one image)."""
+    """Score above which an image is unknown, leaving at most this share of val images flagged: a val score (plus
+    ``THRESHOLD_MARGIN``), not an interpolation between two, so the rate is an upper bound on val (in steps of one
+    image) that rounding cannot break."""
     if not 0.0 <= false_unknown_rate < 1.0:
         raise ValueError(f"unknown_false_rate must be in [0, 1), not {false_unknown_rate}")
-    return float(np.quantile(np.asarray(val_scores, dtype=np.float64), 1.0 - false_unknown_rate, method="higher"))
+    at = np.quantile(np.asarray(val_scores, dtype=np.float64), 1.0 - false_unknown_rate, method="higher")
+    return float(at) + THRESHOLD_MARGIN
 
 
 class MahalanobisScorer(nn.Module):

@@ -20,6 +20,9 @@ AUGMENT_PRESETS: dict[str, tuple[str, dict]] = {
     "motion-long": ("standard plus a 5-21 px motion streak on a further 40 % of the images, for a fine-tune "
                     "that holds under fast lines and long exposures",
                     dict(_STANDARD, extra_motion=(5, 21), extra_motion_p=0.4)),
+    "motion-severe": ("standard plus a 7-25 px motion streak on half the images, for a fine-tune that holds "
+                      "under streaks of a tenth of the frame",
+                      dict(_STANDARD, extra_motion=(7, 25), extra_motion_p=0.5)),
 }
 
 
