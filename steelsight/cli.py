@@ -81,7 +81,8 @@ def _training_options(p, out_default: str = "runs/neu", folds_default: int = 0) 
                    help="start from every weight of an earlier steelsight checkpoint instead of --pretrained")
     p.add_argument("--augment", choices=list(AUGMENT_PRESETS), default="standard",
                    help="augmentation preset (default: standard): " + "; ".join(
-                       f"{name} = {what}" for name, (what, _) in AUGMENT_PRESETS.items()))
+                       # argparse %-formats help text
+                       f"{name} = {what}" for name, (what, _) in AUGMENT_PRESETS.items()).replace("%", "%%"))
     p.add_argument("--image-size", type=int, default=160, help="square input side in pixels (default: 160)")
     p.add_argument("--epochs", type=int, default=6, help="default: 6")
     p.add_argument("--batch-size", type=int, default=32, help="default: 32")
@@ -616,7 +617,8 @@ def cmd_evaluate(args) -> int:
         print(f"Grad-CAM pointing game {loc['pointing_game']:.3f}, energy in box {loc['energy_in_box']:.3f} "
               f"over {loc['images_scored']} images")
     for name, row in report.get("corruptions", {}).items():
-        print(f"  {name:20s} ({row['severity']}): accuracy {row['accuracy']:.4f}, unknown {row['unknown_rate']:.4f}")
+        print(f"  {name:20s} ({row['severity']}): accuracy {row['accuracy']:.4f}, unknown {row['unknown_rate']:.4f}, "
+              f"wrong and not unknown {row['wrong_not_unknown_rate']:.4f}")
     if "ood" in report:
         far, held_out = report["ood"]["far_ood"], report["ood"]["far_ood_held_out"]
         print(f"OOD: far AUROC {far['auroc']:.4f} (max-softmax {far['auroc_max_softmax']:.4f}), "

@@ -21,9 +21,35 @@ from pathlib import Path
 
 from .contract import REDIS_MAXMEMORY_POLICY
 
+# free_port's lowest pick: above the well-known ports and the default ports of `steelsight up` (up to 19389)
+# and the offset copies of them that tests start (up to 22389)
+PORT_FLOOR = 24000
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' source ports."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback port free now, picked outside the ephemeral range: a port the kernel hands out (bind to 0)
+    can be taken as the source port of any outgoing connection before the server that was meant to
+    have it binds it. Below the range if there is room, else above it."""
+    low, high = ephemeral_port_range()
+    start, stop = (PORT_FLOOR, low) if low - PORT_FLOOR >= 1000 else (max(high + 1, PORT_FLOOR), 65536)
+    pick = secrets.SystemRandom()
+    for _ in range(100 if stop - start >= 1000 else 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", pick.randrange(start, stop)))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    with socket.socket() as s:  # no room outside the range, or all of it taken
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
@@ -258,11 +284,18 @@ class SeaweedFS(Service):
 
     def __init__(self, data_dir: Path, port: int, credentials: S3Credentials, ports: dict[str, int],
                  identities: Path, volume_size_mb: int, expiry_days: int | None = None,
-                 expiring: tuple[str, ...] = ()):
+                 expiring: tuple[str, ...] = (), repick_ports: bool = False):
         self.credentials, self.ports, self.data_dir, self.expiry_days = credentials, ports, data_dir, expiry_days
-        self.expiring = expiring
+        self.expiring, self.identities, self.volume_size_mb = expiring, identities, volume_size_mb
+        self.repick_ports = repick_ports
+        # a new bucket starts with one volume, not seven: a test run makes hundreds of buckets
+        env = {**os.environ, "WEED_MASTER_VOLUME_GROWTH_COPY_1": "1"}
+        super().__init__(self.command(port), port, data_dir.parent / f"seaweedfs-{port}.log", env)
+
+    def command(self, port: int) -> list[str]:
+        data_dir, identities, ports, volume_size_mb = self.data_dir, self.identities, self.ports, self.volume_size_mb
         # -logtostderr: into our log file only, not also glog's files under /tmp
-        args = [weed_binary(), "-logtostderr", "server", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        return [weed_binary(), "-logtostderr", "server", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 *(f"-{name}={value}" for name, value in ports.items()),
                 "-s3", f"-s3.port={port}", "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={identities}",
                 # a missing bucket is an error, as on MinIO, not created by the first upload
@@ -277,19 +310,37 @@ class SeaweedFS(Service):
                 # small disk. Volumes are not preallocated (they grow as written); the free-space floor guards the disk.
                 f"-master.volumeSizeLimitMB={volume_size_mb}", f"-volume.max={MAX_VOLUMES}",
                 f"-volume.minFreeSpace={MIN_FREE_SPACE}"]
-        # a new bucket starts with one volume, not seven: a test run makes hundreds of buckets
-        env = {**os.environ, "WEED_MASTER_VOLUME_GROWTH_COPY_1": "1"}
-        super().__init__(args, port, data_dir.parent / f"seaweedfs-{port}.log", env)
+
+    # weed binds eight ports; one taken between the pick and the bind ends the process
+    bind_attempts = 3
 
     def start(self) -> SeaweedFS:
-        super().start()
+        for attempt in range(1, self.bind_attempts + 1):
+            logged = self.log_path.stat().st_size if self.log_path.exists() else 0
+            try:
+                super().start()
+                break
+            except ServiceExited:
+                with open(self.log_path, "rb") as log:  # this attempt's lines only
+                    log.seek(logged)
+                    lost_a_port = b"address already in use" in log.read()
+                if not (self.repick_ports and lost_a_port) or attempt == self.bind_attempts:
+                    raise
+                self.log.close()
+                self.remove_grpc_sockets()
+                self.ports = {name: free_port() for name in self.ports}
+                self.port = free_port()
+                self.args = self.command(self.port)
         if self.expiry_days is not None:
             self.set_ttl(self.expiry_days)
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         super().stop(sig)
-        # gRPC sockets that weed names after its ports, with no option to put them elsewhere
+        self.remove_grpc_sockets()
+
+    def remove_grpc_sockets(self) -> None:
+        """The gRPC sockets that weed names after its ports, with no option to put them elsewhere."""
         for kind in ("master", "volume", "filer", "s3"):
             Path(f"/tmp/seaweedfs-{kind}-grpc-{self.ports[f'{kind}.port.grpc']}.sock").unlink(missing_ok=True)
 
@@ -341,9 +392,10 @@ def s3_server(workdir: Path, port: int | None = None, ports: dict[str, int] | No
     credentials = s3_identities(identities)
     names = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
              "s3.port.grpc")
+    picked = port is None and ports is None
     ports = ports or {name: free_port() for name in names}
     return SeaweedFS(data_dir, port or free_port(), credentials, ports, identities, volume_size_mb, expiry_days,
-                     expiring)
+                     expiring, repick_ports=picked)
 
 
 class MinIO(Service):

@@ -73,6 +73,9 @@ def pooled_robustness(reports: list[dict]) -> dict:
             correct = sum(round(r["corruptions"][name]["accuracy"] * r["n"]) for r in reports)
             extras["corruptions"][name] = {"severity": row["severity"], "accuracy": correct / n,
                                            "accuracy_ci95": wilson_interval(correct, n), "n": n}
+            for rate in ("unknown_rate", "wrong_not_unknown_rate"):  # reports from before these lack them
+                if all(rate in r["corruptions"][name] for r in reports):
+                    extras["corruptions"][name][rate] = sum(r["corruptions"][name][rate] * r["n"] for r in reports) / n
     if all("localisation" in r for r in reports):
         scored = [r["localisation"]["images_scored"] for r in reports]
         extras["localisation"] = {"images_scored": sum(scored)} | {

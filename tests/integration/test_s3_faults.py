@@ -143,3 +143,61 @@ def test_seaweedfs_killed_mid_stream_loses_no_acknowledged_frame(settings, tmp_p
     assert counts.get("enqueued") == frames
     assert all(r["status"] == "ok" for r in results.values())
     assert failed_jobs(settings, conn) == {}
+
+
+def test_a_port_taken_between_the_pick_and_weeds_bind_is_picked_again(tmp_path, monkeypatch):
+    """weed binds eight ports picked free a moment before; one taken in between (by another test's
+    server or an outgoing connection) ends the process. The start picks fresh ports and serves."""
+    import socket
+
+    from minio import Minio
+
+    from steelsight import devstack
+
+    picked = devstack.free_port
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", picked()))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        first = iter([taken])
+        monkeypatch.setattr(devstack, "free_port", lambda: next(first, None) or picked())
+        server = devstack.s3_server(tmp_path)
+        assert server.ports["master.port"] == taken
+        server.start()
+        try:
+            assert taken not in (server.port, *server.ports.values())
+            assert "address already in use" in server.log_path.read_text()
+            creds = server.credentials
+            client = Minio(f"127.0.0.1:{server.port}", creds.access_key, creds.secret_key, secure=False)
+            assert client.list_buckets() == []
+        finally:
+            server.stop()
+
+
+def test_free_ports_are_picked_below_the_kernels_range_for_outgoing_connections():
+    """The kernel gives outgoing connections source ports from its ephemeral range, so a port picked
+    there can be gone before the server binds it (a SeaweedFS gRPC port was, once, in a full run)."""
+    from steelsight.devstack import ephemeral_port_range
+
+    low, high = ephemeral_port_range()
+    ports = [free_port() for _ in range(200)]
+    assert not [p for p in ports if low <= p <= high]
+
+
+def test_a_store_on_fixed_ports_reports_a_taken_port_instead_of_moving(tmp_path):
+    """`steelsight up` fixes its ports (links and dashboards point at them): a taken one is an error
+    naming weed's log, not a store quietly serving elsewhere."""
+    import socket
+
+    from steelsight.devstack import ServiceExited
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", free_port()))
+        holder.listen()
+        names = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+                 "filer.port.grpc", "s3.port.grpc")
+        ports = {name: free_port() for name in names} | {"master.port": holder.getsockname()[1]}
+        server = s3_server(tmp_path, port=free_port(), ports=ports)
+        with pytest.raises(ServiceExited, match="address already in use"):
+            server.start()
+        server.stop()

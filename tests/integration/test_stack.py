@@ -79,7 +79,8 @@ def stack_settings(data: Path, offset: int) -> Settings:
 
 
 def test_up_runs_keeps_its_data_and_ctrl_c_stops_it(tmp_path, pipeline_checkpoint):
-    # away from the defaults and below the ephemeral range (32768-), where outgoing connections sit
+    # away from the defaults, below devstack.PORT_FLOOR (free_port's picks for other tests' servers) and below
+    # the ephemeral range (32768-), where outgoing connections sit
     offset = 2000 + free_port() % 1000
     frames, data = 6, tmp_path / "stack"
     up = Up(data, offset, frames, pipeline_checkpoint)

@@ -1,3 +1,4 @@
+import argparse
 import json
 
 import pytest
@@ -12,6 +13,18 @@ def test_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for command in ("train", "kfold", "evaluate", "predict"):
         assert command in out
+
+
+def test_every_command_prints_its_help(capsys):
+    """argparse expands %-formats in help text: a preset described as "40 % of the images" crashed
+    ``train --help`` and ``kfold --help`` with a TypeError."""
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for name in commands.choices:
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args([name, "--help"])
+        assert exit_.value.code == 0, name
+        assert "usage: steelsight " + name in capsys.readouterr().out, name
 
 
 def test_train_evaluate_predict_round_trip(tmp_path, neu_dir, capsys):

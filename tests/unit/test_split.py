@@ -50,13 +50,16 @@ def test_pooled_kfold_figures_come_from_the_summed_confusion_matrices():
 
 def test_pooled_robustness_weighs_each_fold_by_its_images():
     def fold(n, blur_acc, scored, pointing):
-        return {"n": n, "corruptions": {"motion_blur": {"severity": "9 px", "accuracy": blur_acc}},
+        return {"n": n, "corruptions": {"motion_blur": {"severity": "9 px", "accuracy": blur_acc,
+                                                        "wrong_not_unknown_rate": 1 - blur_acc}},
                 "localisation": {"images_scored": scored, "pointing_game": pointing, "pointing_game_15px": 1.0,
                                  "energy_in_box": 0.5}}
 
     extras = pooled_robustness([fold(4, 1.0, 2, 1.0), fold(6, 0.5, 6, 0.5)])
     assert extras["corruptions"]["motion_blur"]["accuracy"] == (4 + 3) / 10
     assert extras["corruptions"]["motion_blur"]["n"] == 10
+    assert extras["corruptions"]["motion_blur"]["wrong_not_unknown_rate"] == (0 + 3) / 10
+    assert "unknown_rate" not in extras["corruptions"]["motion_blur"]  # not in every fold's report
     assert extras["localisation"] == {"images_scored": 8, "pointing_game": (2 + 3) / 8, "pointing_game_15px": 1.0,
                                       "energy_in_box": 0.5}
     assert pooled_robustness([{"n": 3}]) == {}  # folds scored without corruptions or boxes add nothing
