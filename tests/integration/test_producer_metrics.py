@@ -11,15 +11,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from steelsight.devstack import wait_until
+from steelsight.devstack import free_port, wait_until
 
 from ..helpers import SAMPLES, ChildProcess
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def listening(port: int) -> set[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from steelsight.devstack import free_port
 from steelsight.worker.health import Liveness, serve
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -23,12 +23,6 @@ def probe(dockerfile: str) -> list[str]:
     match = re.search(r"HEALTHCHECK [^\n]*\\\n\s*CMD (\[.*\])", text)
     assert match, f"no exec-form HEALTHCHECK in {dockerfile}"
     return json.loads(match.group(1))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cuda"])
