@@ -59,6 +59,8 @@ def pooled(reports: list[dict], classes: list[str]) -> dict:
         "classes": classes,
         "confusion_matrix": cm.tolist(),
         "per_fold": [{k: r[k] for k in ("n", "accuracy", "macro_f1", "ece", "ece_uncalibrated", "checkpoint_sha256")}
+                     | ({"corruptions": {name: {k: v for k, v in row.items() if k != "accuracy_ci95"}
+                                         for name, row in r["corruptions"].items()}} if "corruptions" in r else {})
                      for r in reports],
     }
 

@@ -18,13 +18,21 @@ def test_help_lists_every_command(capsys):
 def test_every_command_prints_its_help(capsys):
     """argparse expands %-formats in help text: a preset described as "40 % of the images" crashed
     ``train --help`` and ``kfold --help`` with a TypeError."""
+    def commands(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield [*path, name]
+                    yield from commands(sub, [*path, name])
+
     parser = build_parser()
-    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    for name in commands.choices:
+    found = list(commands(parser, []))
+    assert ["model", "promote"] in found and ["dataset", "export"] in found
+    for path in found:
         with pytest.raises(SystemExit) as exit_:
-            parser.parse_args([name, "--help"])
-        assert exit_.value.code == 0, name
-        assert "usage: steelsight " + name in capsys.readouterr().out, name
+            parser.parse_args([*path, "--help"])
+        assert exit_.value.code == 0, path
+        assert "usage: steelsight " + " ".join(path) in capsys.readouterr().out, path
 
 
 def test_train_evaluate_predict_round_trip(tmp_path, neu_dir, capsys):

@@ -19,6 +19,8 @@ def test_kfold_scores_every_image_once_trains_in_stages_and_resumes(tmp_path, ne
     assert sum(map(sum, summary["confusion_matrix"])) == 24
     assert "| **pooled** | 24 |" in capsys.readouterr().out
     assert summary["corruptions"]["motion_blur"]["n"] == 24  # every image scored once under each corruption
+    for fold in summary["per_fold"]:  # each fold's own figures stay beside the pooled ones
+        assert fold["corruptions"].keys() == summary["corruptions"].keys()
     for row in summary["corruptions"].values():  # a wrong label was either flagged unknown or let through
         wrong = 1 - row["accuracy"]
         assert wrong - row["unknown_rate"] - 1e-9 <= row["wrong_not_unknown_rate"] <= wrong + 1e-9

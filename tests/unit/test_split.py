@@ -38,6 +38,7 @@ def test_pooled_kfold_figures_come_from_the_summed_confusion_matrices():
                "checkpoint_sha256": "a", "confusion_matrix": [[2, 0], [0, 2]]}
     one_error = perfect | {"accuracy": 0.75, "confusion_matrix": [[2, 0], [1, 1]]}
     summary = pooled([perfect, one_error], ["a", "b"])
+    assert "corruptions" not in summary["per_fold"][0]  # folds scored clean only
     assert summary["n"] == 8 and summary["errors"] == 1 and summary["accuracy"] == 7 / 8
     assert summary["confusion_matrix"] == [[4, 0], [1, 3]]
     f1_a, f1_b = 2 * 4 / (2 * 4 + 1), 2 * 3 / (2 * 3 + 1)  # 2TP / (2TP + FP + FN) per class
