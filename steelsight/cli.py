@@ -67,7 +67,7 @@ def _kfold_parser(sub) -> None:
                    help="train and score only these folds, e.g. to split the folds across machines "
                         "(default: all; kfold.json then pools only these)")
     p.add_argument("--corruptions", action="store_true",
-                   help="also score each fold under the five corruptions of `evaluate --corruptions` and pool "
+                   help="also score each fold under the corruptions of `evaluate --corruptions` and pool "
                         "them; with --annotations (on the last stage) Grad-CAM localisation is pooled too")
     p.set_defaults(func=cmd_kfold, parser=p)
 
@@ -160,7 +160,8 @@ def _evaluate_parser(sub) -> None:
                    help="all images, or the checkpoint's own val/train split (default: all)")
     p.add_argument("--cam-method", default="gradcam", help="CAM method for localisation (default: gradcam)")
     p.add_argument("--corruptions", action="store_true",
-                   help="also score accuracy under noise, blur, motion blur, brightness/contrast and JPEG")
+                   help="also score accuracy under noise, blur, motion blur (5-17 px), brightness/contrast "
+                        "(five settings) and JPEG")
     p.add_argument("--ood", action="store_true",
                    help="also score the unknown verdict against blank, noise, pattern, photo and corrupted images")
     tiles = p.add_argument_group(
@@ -616,9 +617,10 @@ def cmd_evaluate(args) -> int:
         loc = report["localisation"]
         print(f"Grad-CAM pointing game {loc['pointing_game']:.3f}, energy in box {loc['energy_in_box']:.3f} "
               f"over {loc['images_scored']} images")
+    width = max(map(len, report.get("corruptions", {})), default=0)
     for name, row in report.get("corruptions", {}).items():
-        print(f"  {name:20s} ({row['severity']}): accuracy {row['accuracy']:.4f}, unknown {row['unknown_rate']:.4f}, "
-              f"wrong and not unknown {row['wrong_not_unknown_rate']:.4f}")
+        print(f"  {name:{width}s} ({row['severity']}): accuracy {row['accuracy']:.4f}, "
+              f"unknown {row['unknown_rate']:.4f}, wrong and not unknown {row['wrong_not_unknown_rate']:.4f}")
     if "ood" in report:
         far, held_out = report["ood"]["far_ood"], report["ood"]["far_ood_held_out"]
         print(f"OOD: far AUROC {far['auroc']:.4f} (max-softmax {far['auroc_max_softmax']:.4f}), "

@@ -55,6 +55,13 @@ CORRUPTIONS: dict[str, tuple[Callable[..., np.ndarray], str]] = {
 
 # motion blur is also scored at each of these lengths (px at the image's own scale), not at one kernel only
 MOTION_BLUR_LENGTHS = (5, 9, 13, 17)
+# and brightness/contrast at these (contrast about the mean, brightness in gray levels) beside the headline
+# x0.7 +30: dimmer, flatter, harsher and brighter, the last three past the `motion-exposure` preset's drift
+EXPOSURE_LEVELS = ((0.7, -30.0), (0.5, 0.0), (1.4, 0.0), (0.7, 50.0))
+
+
+def exposure_name(contrast: float, brightness: float) -> str:
+    return f"brightness_contrast_x{contrast:g}{brightness:+.0f}"
 
 
 def corrupt_all(images: list[np.ndarray], name: str) -> list[np.ndarray]:

@@ -14,11 +14,14 @@ from tqdm import tqdm
 from steelsight.contract import unknown_kind
 from steelsight.model.evaluation.corruptions import (
     CORRUPTIONS,
+    EXPOSURE_LEVELS,
     FAR_OOD,
     FAR_OOD_HELD_OUT,
     MOTION_BLUR_LENGTHS,
     auroc,
+    brightness_contrast,
     corrupt_all,
+    exposure_name,
     motion_blur,
     ood_sets,
 )
@@ -109,12 +112,16 @@ def predict_all(predictor: Predictor, images: list, desc: str = "predict") -> li
 
 def corruption_report(predictor: Predictor, images: list, labels: np.ndarray) -> dict:
     """Accuracy on the same images under each corruption (severities in corruptions.CORRUPTIONS), and under
-    motion blur of each length in ``MOTION_BLUR_LENGTHS`` (so no one kernel decides the figure)."""
+    motion blur of each length in ``MOTION_BLUR_LENGTHS`` and brightness/contrast at each of
+    ``EXPOSURE_LEVELS`` (so no one kernel or setting decides the figure)."""
     report = {}
     variants = {name: (severity, corrupt_all(images, name)) for name, (_, severity) in CORRUPTIONS.items()}
     variants.update({f"motion_blur_{n}px": (f"{n} px streak, random angle",
                                             [motion_blur(img, n, seed=i) for i, img in enumerate(images)])
                      for n in MOTION_BLUR_LENGTHS})
+    variants.update({exposure_name(c, b): (f"contrast x{c:g}, brightness {b:+.0f}",
+                                           [brightness_contrast(img, c, b) for img in images])
+                     for c, b in EXPOSURE_LEVELS})
     for name, (severity, corrupted) in variants.items():
         preds = predict_all(predictor, corrupted, desc=name)
         right = [predictor.classes.index(p.label) == y for p, y in zip(preds, labels, strict=True)]

@@ -41,7 +41,7 @@ from steelsight.model.training.data import (
 )
 from steelsight.model.training.losses import FocalLoss, cam_outside_box_loss
 from steelsight.model.training.pretrained import resolve_pretrained
-from steelsight.model.training.transforms import train_augment
+from steelsight.model.training.transforms import reseed, seed_augment_worker, train_augment
 
 
 @dataclass
@@ -217,10 +217,13 @@ class Trainer:
         ]
 
     def _loader(self, dataset, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.cfg.seed + len(self.history))
+        epoch_seed = self.cfg.seed + len(self.history)
+        if getattr(dataset, "transform", None) is not None:  # augmenting in this process (workers 0)
+            reseed(dataset.transform, epoch_seed)
         return DataLoader(
             dataset, batch_size=self.cfg.batch_size, shuffle=shuffle, num_workers=self.cfg.workers,
-            generator=generator, drop_last=False, pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(epoch_seed), worker_init_fn=seed_augment_worker,
+            drop_last=False, pin_memory=self.device.type == "cuda",
         )
 
     # resume state -------------------------------------------------------------------

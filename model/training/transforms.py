@@ -23,6 +23,10 @@ AUGMENT_PRESETS: dict[str, tuple[str, dict]] = {
     "motion-severe": ("standard plus a 7-25 px motion streak on half the images, for a fine-tune that holds "
                       "under streaks of a tenth of the frame",
                       dict(_STANDARD, extra_motion=(7, 25), extra_motion_p=0.5)),
+    "motion-exposure": ("motion-severe plus exposure drift on half the images: gain about the frame's mean "
+                        "x0.6-1.35 and an offset of -40 to +40 gray levels, as when a line's lighting or "
+                        "camera gain changes (not the shipped recipe: MODEL_CARD.md says what it traded)",
+                        dict(_STANDARD, extra_motion=(7, 25), extra_motion_p=0.5, exposure=((0.6, 1.35), 40.0))),
 }
 
 
@@ -39,12 +43,15 @@ def train_augment(size: int, strength: str = "standard") -> A.Compose:
 
 def _augment(size: int, photometric_p: float, light: float, noise_std, motion, jpeg_p: float,
              blur_p: float | None = None, extra_motion: tuple[int, int] | None = None,
-             extra_motion_p: float = 0.25) -> A.Compose:
+             extra_motion_p: float = 0.25, exposure: tuple[tuple[float, float], float] | None = None) -> A.Compose:
     import albumentations as A
     import cv2
 
+    from steelsight.model.training.exposure import ExposureDrift
+
     reflect = cv2.BORDER_REFLECT_101
     streaks = [A.MotionBlur(blur_limit=extra_motion, p=extra_motion_p)] if extra_motion else []
+    drift = [ExposureDrift(*exposure, p=0.5)] if exposure else []
 
     return A.Compose(
         [
@@ -61,6 +68,7 @@ def _augment(size: int, photometric_p: float, light: float, noise_std, motion, j
             ),
             A.CLAHE(clip_limit=(1, 3), p=0.2),
             A.RandomBrightnessContrast(brightness_limit=light, contrast_limit=light, p=0.5),
+            *drift,
             A.GaussNoise(std_range=noise_std, p=photometric_p),
             A.OneOf(
                 [
@@ -74,3 +82,30 @@ def _augment(size: int, photometric_p: float, light: float, noise_std, motion, j
             A.ImageCompression(quality_range=(25, 95), p=jpeg_p),
         ]
     )
+
+
+def reseed(transform, seed: int) -> None:
+    """Seed an albumentations pipeline with one generator that all its steps share.
+
+    ``Compose.set_random_seed`` would give each step its own generator from the same seed, so steps that
+    draw alike (the two flips, the two lighting changes) would always agree.
+    """
+    import random
+
+    import numpy as np
+
+    transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+
+def seed_augment_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: reseed the dataset's augmentation from the worker's own torch seed.
+
+    Albumentations keeps its own random state, which every worker of every epoch would otherwise copy
+    unchanged from the main process: workers drew alike, and each epoch repeated the first epoch's draws.
+    """
+    import torch.utils.data
+
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None) if info else None
+    if transform is not None:
+        reseed(transform, info.seed % 2**32)

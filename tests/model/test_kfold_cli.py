@@ -4,6 +4,7 @@ import json
 import shutil
 
 from steelsight.cli import main
+from steelsight.model.evaluation.corruptions import EXPOSURE_LEVELS, exposure_name
 
 
 def test_kfold_scores_every_image_once_trains_in_stages_and_resumes(tmp_path, neu_dir, capsys):
@@ -19,6 +20,7 @@ def test_kfold_scores_every_image_once_trains_in_stages_and_resumes(tmp_path, ne
     assert sum(map(sum, summary["confusion_matrix"])) == 24
     assert "| **pooled** | 24 |" in capsys.readouterr().out
     assert summary["corruptions"]["motion_blur"]["n"] == 24  # every image scored once under each corruption
+    assert {exposure_name(c, b) for c, b in EXPOSURE_LEVELS} <= summary["corruptions"].keys()
     for fold in summary["per_fold"]:  # each fold's own figures stay beside the pooled ones
         assert fold["corruptions"].keys() == summary["corruptions"].keys()
     for row in summary["corruptions"].values():  # a wrong label was either flagged unknown or let through

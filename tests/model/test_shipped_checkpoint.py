@@ -135,3 +135,18 @@ def test_far_ood_report_counts_the_verdict_not_only_the_score(shipped, tmp_path)
     assert held_out["n"] == sum(report["sets"][name]["n"] for name in FAR_OOD_HELD_OUT) >= 40
     assert 0 <= report["in_distribution"]["score_false_unknown_rate_leave_one_out"] <= 1
     assert (tmp_path / "ood_scores.png").exists()
+
+
+def test_bench_readme_shows_the_shipped_checkpoints_unknown_verdict_run():
+    """bench/README.md's ood_sources table is pinned to a checkpoint so other runs can sit in bench/results/;
+    shipping new weights must move the pin (and bring their run), or the table shows the old weights."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "bench" / "README.md").read_text()
+    from steelsight.contract import UNKNOWN_FALSE_RATE
+
+    (marker,) = re.findall(r"<!-- table: ood_sources ([^>]*)-->", readme)
+    pins = dict(pair.split("=", 1) for pair in marker.split() if "=" in pair)
+    assert pins["checkpoint_sha256"] == load_checkpoint().sha256
+    assert float(pins["unknown_false_rate"]) == UNKNOWN_FALSE_RATE
