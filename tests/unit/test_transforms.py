@@ -1,13 +1,11 @@
 import albumentations as A
 import numpy as np
 import pytest
-import torch
-from torch.utils.data import DataLoader, Dataset
 
 from steelsight.model.evaluation.corruptions import EXPOSURE_LEVELS, brightness_contrast
 from steelsight.model.inference.preprocess import eval_batch
 from steelsight.model.training.exposure import ExposureDrift
-from steelsight.model.training.transforms import reseed, seed_augment_worker, train_augment
+from steelsight.model.training.transforms import reseed, train_augment
 
 
 def _names(transform) -> set[str]:
@@ -100,27 +98,38 @@ def test_exposure_levels_scored_reach_past_the_trained_drift():
     assert np.abs(drift.astype(int) - brightness_contrast(image, 0.7, 0.0).astype(int)).max() <= 1
 
 
-class _Draws(Dataset):
-    """Every item is the augmentation's draw on one fixed frame."""
+# run in a process of its own: forking loader workers from inside a long-lived test worker (with servers' threads
+# and handlers) is not what training does
+_LOADER_DRAWS = """
+import albumentations as A, numpy as np, torch
+from torch.utils.data import DataLoader, Dataset
+from steelsight.model.training.exposure import ExposureDrift
+from steelsight.model.training.transforms import seed_augment_worker
 
-    def __init__(self):
-        self.transform = A.Compose([ExposureDrift(p=1.0)])
-        self.frame = np.tile(np.arange(60, 200, dtype=np.uint8), (8, 1))
-
-    def __len__(self) -> int:
+class Draws(Dataset):  # every item is the augmentation's draw on one fixed frame
+    transform = A.Compose([ExposureDrift(p=1.0)])
+    frame = np.tile(np.arange(60, 200, dtype=np.uint8), (8, 1))
+    def __len__(self):
         return 8
-
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, index):
         return torch.from_numpy(self.transform(image=self.frame)["image"])
+
+batches = []
+for epoch in range(2):  # as training builds one loader per epoch, its generator seeded by the epoch
+    loader = DataLoader(Draws(), batch_size=4, num_workers=2, worker_init_fn=seed_augment_worker,
+                        generator=torch.Generator().manual_seed(epoch))
+    batches += [batch.numpy().tobytes() for batch in loader]  # batch 0 from worker 0, batch 1 from worker 1
+print(len(batches), len(set(batches)))
+"""
 
 
 def test_every_loader_worker_and_every_epoch_draws_its_own_augmentations():
-    dataset, batches = _Draws(), []
-    for epoch in range(2):  # as training builds one loader per epoch, its generator seeded by the epoch
-        loader = DataLoader(dataset, batch_size=4, num_workers=2, worker_init_fn=seed_augment_worker,
-                            generator=torch.Generator().manual_seed(epoch))
-        batches += [batch.numpy().tobytes() for batch in loader]  # batch 0 from worker 0, batch 1 from worker 1
-    assert len(batches) == 4 and len(set(batches)) == 4
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _LOADER_DRAWS], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["4", "4"]  # 4 batches, all different
 
 
 def test_a_reseeded_pipeline_draws_each_step_apart():
