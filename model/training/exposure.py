@@ -5,6 +5,8 @@ from __future__ import annotations
 import albumentations as A
 import numpy as np
 
+from steelsight.model.evaluation.corruptions import brightness_contrast
+
 
 class ExposureDrift(A.ImageOnlyTransform):
     """Gain about the frame's own mean, then an offset in gray levels (uint8 in, uint8 out).
@@ -22,8 +24,7 @@ class ExposureDrift(A.ImageOnlyTransform):
                 "shift": self.py_random.uniform(-self.offset, self.offset)}
 
     def apply(self, img: np.ndarray, gain: float = 1.0, shift: float = 0.0, **params) -> np.ndarray:
-        mean = float(img.mean())
-        return np.clip((img.astype(np.float32) - mean) * gain + mean + shift, 0, 255).astype(np.uint8)
+        return brightness_contrast(img, gain, shift)  # the scored corruption's arithmetic, at a drawn setting
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("gain", "offset")

@@ -2,7 +2,7 @@ import albumentations as A
 import numpy as np
 import pytest
 
-from steelsight.model.evaluation.corruptions import EXPOSURE_LEVELS, brightness_contrast
+from steelsight.model.evaluation.corruptions import EXPOSURE_LEVELS
 from steelsight.model.inference.preprocess import eval_batch
 from steelsight.model.training.exposure import ExposureDrift
 from steelsight.model.training.transforms import reseed, train_augment
@@ -88,14 +88,10 @@ def test_exposure_preset_is_motion_severe_plus_one_drift():
 
 def test_exposure_levels_scored_reach_past_the_trained_drift():
     """The brightness/contrast sweep is not the exposure drift's own range: it scores gains and offsets outside
-    it, and its corruption is the same about-the-mean drift. (RandomBrightnessContrast, about zero, still
-    runs beside it.)"""
+    it. (RandomBrightnessContrast, about zero, still runs beside it.)"""
     (exposure,) = [t for t in train_augment(64, "motion-exposure").transforms if isinstance(t, ExposureDrift)]
     assert any(not exposure.gain[0] <= c <= exposure.gain[1] for c, _ in EXPOSURE_LEVELS)
     assert any(abs(b) > exposure.offset for _, b in EXPOSURE_LEVELS)
-    image = np.tile(np.arange(60, 200, dtype=np.uint8), (8, 1))
-    drift = ExposureDrift(gain=(0.7, 0.7), offset=0.0, p=1.0)(image=image)["image"]
-    assert np.abs(drift.astype(int) - brightness_contrast(image, 0.7, 0.0).astype(int)).max() <= 1
 
 
 # run in a process of its own: forking loader workers from inside a long-lived test worker (with servers' threads
