@@ -623,9 +623,12 @@ def cmd_evaluate(args) -> int:
               f"unknown {row['unknown_rate']:.4f}, wrong and not unknown {row['wrong_not_unknown_rate']:.4f}")
     if "ood" in report:
         far, held_out = report["ood"]["far_ood"], report["ood"]["far_ood_held_out"]
+        in_dist = report["ood"]["in_distribution"]
+        unseen = in_dist.get("score_false_unknown_rate_unseen")
         print(f"OOD: far AUROC {far['auroc']:.4f} (max-softmax {far['auroc_max_softmax']:.4f}), "
-              f"held-out far AUROC {held_out['auroc']:.4f}, "
-              f"false-unknown rate {report['ood']['in_distribution']['false_unknown_rate']:.4f}")
+              f"held-out far AUROC {held_out['auroc']:.4f}, false-unknown rate {in_dist['false_unknown_rate']:.4f}"
+              + (f" (on unseen frames {unseen['expected']:.4f} expected, {unseen['level']:.0%} interval "
+                 f"{unseen['low']:.4f}-{unseen['high']:.4f})" if unseen else ""))
     print(f"wrote {args.out / 'report.json'}")
     return 0
 

@@ -144,7 +144,9 @@ class Settings(BaseSettings):
     unknown_false_rate: float = Field(default=UNKNOWN_FALSE_RATE, ge=0, lt=1, description=(
         "share of in-distribution images (the checkpoint's NEU val, in steps of one image) the unknown verdict may "
         "flag, per image or tile: sets the OOD score threshold. Lower: fewer false unknowns, more unfamiliar "
-        "frames given a defect label (the trade-off per source: docs/model_card/ood_operating_curve.png)"))
+        "frames given a defect label (the trade-off per source: docs/model_card/ood_operating_curve.png). On "
+        "unseen frames expect about one image more than on val (`evaluate --ood` prints the expectation and its "
+        "interval)"))
 
     # model lifecycle: registry, hot reload, shadow (steelsight/registry.py, worker/models.py, docs/lifecycle.md)
     model_poll_s: float = Field(default=1.0, gt=0, description=(

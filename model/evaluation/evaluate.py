@@ -29,7 +29,7 @@ from steelsight.model.evaluation.metrics import classification_report, expected_
 from steelsight.model.evaluation.plots import confusion_matrix_png, ood_histogram, overlay_grid
 from steelsight.model.inference.imageio import read_gray
 from steelsight.model.inference.predictor import Predictor
-from steelsight.model.training.calibrate import leave_one_out_false_unknown_rate
+from steelsight.model.training.calibrate import leave_one_out_false_unknown_rate, unseen_false_unknown_rate
 from steelsight.model.training.data import (
     Sample,
     annotation_for,
@@ -147,6 +147,10 @@ def ood_report(predictor: Predictor, images: list, preds: list, out: Path) -> di
     sets = ood_sets(images[0].shape[0], images)
     in_distribution = {"n": len(preds), "false_unknown_rate": float(np.mean([p.unknown for p in preds])),
                        "score_false_unknown_rate_leave_one_out": leave_one_out_false_unknown_rate(in_scores)}
+    if len(predictor.val_ood_scores) and predictor.ood_threshold is not None:
+        # from the val scores the threshold was set on, whichever split is evaluated here
+        in_distribution["score_false_unknown_rate_unseen"] = unseen_false_unknown_rate(predictor.val_ood_scores,
+                                                                                       predictor.ood_threshold)
     report = {"in_distribution": in_distribution, "threshold": predictor.ood_threshold, "sets": {}}
     scores_by_set, preds_by_set = {}, {}
     for name, ood_images in sets.items():

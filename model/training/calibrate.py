@@ -43,3 +43,39 @@ def leave_one_out_false_unknown_rate(val_scores: np.ndarray) -> float:
     scores = np.asarray(val_scores)
     flagged = [scores[i] > ood_threshold(np.delete(scores, i)) for i in range(len(scores))]
     return float(np.mean(flagged))
+
+
+def unseen_false_unknown_rate(val_scores: np.ndarray, threshold: float, level: float = 0.95) -> dict[str, float]:
+    """The share of unseen in-distribution frames the threshold would flag: its expectation and a central interval.
+
+    With ``m`` of ``n`` val scores above a threshold set between val scores, an unseen frame exchangeable with
+    the val images scores above it with probability U ~ Beta(m + 1, n - m), whatever the scores' distribution.
+    So a rate set on a few hundred val images is a rough promise, which this says in numbers. Only the scores the
+    threshold was set on (the checkpoint's val) make it hold; val also set the score's scale, the temperature and
+    the epoch, so it is an approximation that errs, if anything, on the optimistic side.
+    """
+    scores = np.asarray(val_scores, dtype=np.float64).ravel()
+    if not len(scores):
+        raise ValueError("no val scores")
+    if not (np.isfinite(scores).all() and math.isfinite(threshold)):
+        raise ValueError("val scores and the threshold must be finite numbers")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), not {level}")
+    n, m = len(scores), int(np.sum(scores > threshold))
+
+    def cdf(u: float) -> float:  # P(U <= u) = P(Binomial(n, u) > m), exact for these integer parameters
+        if u <= 0.0 or u >= 1.0:
+            return float(u >= 1.0)
+        log_terms = [math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1)
+                     + j * math.log(u) + (n - j) * math.log1p(-u) for j in range(m + 1)]
+        return 1.0 - min(1.0, sum(math.exp(t) for t in log_terms))
+
+    def quantile(p: float) -> float:
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+        return (lo + hi) / 2
+
+    tail = (1.0 - level) / 2
+    return {"expected": (m + 1) / (n + 1), "low": quantile(tail), "high": quantile(1.0 - tail), "level": level}

@@ -133,7 +133,15 @@ def test_far_ood_report_counts_the_verdict_not_only_the_score(shipped, tmp_path)
     assert far["unknown_rate"] >= far["score_above_threshold_rate"]
     held_out = report["far_ood_held_out"]
     assert held_out["n"] == sum(report["sets"][name]["n"] for name in FAR_OOD_HELD_OUT) >= 40
-    assert 0 <= report["in_distribution"]["score_false_unknown_rate_leave_one_out"] <= 1
+    in_dist = report["in_distribution"]
+    assert 0 <= in_dist["score_false_unknown_rate_leave_one_out"] <= 1
+    # from the val scores the threshold was set on (288, 1 above it), not from the 30 sample frames scored here
+    val = shipped.val_ood_scores
+    above = int(np.sum(val > shipped.ood_threshold))
+    unseen = in_dist["score_false_unknown_rate_unseen"]
+    assert len(val) == 288 and above >= 1
+    assert unseen["expected"] == pytest.approx((above + 1) / (len(val) + 1))
+    assert 0 < unseen["low"] < unseen["expected"] < unseen["high"] < 1
     assert (tmp_path / "ood_scores.png").exists()
 
 

@@ -51,3 +51,44 @@ def test_leave_one_out_false_unknown_rate_leaves_each_image_out_of_its_threshold
     assert 0.005 <= held_out < 0.01
     # left out, the one image far above the rest is flagged, and no other is
     assert leave_one_out_false_unknown_rate(np.array([0.0, 0.1, 0.2, 0.3, 5.0])) == 0.2
+
+
+def test_the_unseen_false_unknown_rate_is_the_beta_law_of_the_val_images_above_the_threshold():
+    import math
+
+    import numpy as np
+    import pytest
+
+    from steelsight.model.training.calibrate import ood_threshold, unseen_false_unknown_rate
+
+    scores = np.random.default_rng(1).normal(size=288)
+    n = len(scores)
+    # closed forms of the Beta(m + 1, n - m) cdf for m = 0 and m = 1 of the n val scores above the threshold
+    cdfs = {0: lambda u: 1 - (1 - u) ** n, 1: lambda u: 1 - (1 - u) ** n - n * u * (1 - u) ** (n - 1)}
+    for m, rate in ((0, 0.0), (1, 0.005)):
+        threshold = ood_threshold(scores, rate)
+        assert np.sum(scores > threshold) == m
+        unseen = unseen_false_unknown_rate(scores, threshold)
+        assert unseen["expected"] == (m + 1) / (n + 1)
+        assert cdfs[m](unseen["low"]) == pytest.approx(0.025, abs=1e-9)
+        assert cdfs[m](unseen["high"]) == pytest.approx(0.975, abs=1e-9)
+    # m = 2: the interval's ends hold the tails of Beta(3, 286), by the binomial identity summed the other way
+    threshold = ood_threshold(scores, 0.01)
+    unseen = unseen_false_unknown_rate(scores, threshold)
+    assert np.sum(scores > threshold) == 2
+
+    def upper_tail(u):  # P(Binomial(n, u) <= 2) = P(U > u)
+        return sum(math.comb(n, j) * u ** j * (1 - u) ** (n - j) for j in range(3))
+
+    assert upper_tail(unseen["low"]) == pytest.approx(0.975, abs=1e-9)
+    assert upper_tail(unseen["high"]) == pytest.approx(0.025, abs=1e-9)
+    # the same share of a set ten times the size is a much firmer promise
+    big = np.random.default_rng(3).normal(size=2880)
+    ten = unseen_false_unknown_rate(big, ood_threshold(big, 0.005))
+    one = unseen_false_unknown_rate(scores, ood_threshold(scores, 0.005))
+    assert ten["high"] - ten["low"] < (one["high"] - one["low"]) / 2
+    for bad in (np.array([0.1, np.nan, 0.3]), np.array([])):
+        with pytest.raises(ValueError):
+            unseen_false_unknown_rate(bad, 1.0)
+    with pytest.raises(ValueError):
+        unseen_false_unknown_rate(scores, float("nan"))
