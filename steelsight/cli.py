@@ -604,6 +604,7 @@ def cmd_refit_ood(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from steelsight.model.evaluation.evaluate import evaluate
+    from steelsight.model.training.calibrate import format_unseen
 
     if args.tiles or args.make_strips is not None:
         return _evaluate_tiles(args)
@@ -626,9 +627,8 @@ def cmd_evaluate(args) -> int:
         in_dist = report["ood"]["in_distribution"]
         unseen = in_dist.get("score_false_unknown_rate_unseen")
         print(f"OOD: far AUROC {far['auroc']:.4f} (max-softmax {far['auroc_max_softmax']:.4f}), "
-              f"held-out far AUROC {held_out['auroc']:.4f}, false-unknown rate {in_dist['false_unknown_rate']:.4f}"
-              + (f" (on unseen frames {unseen['expected']:.4f} expected, {unseen['level']:.0%} interval "
-                 f"{unseen['low']:.4f}-{unseen['high']:.4f})" if unseen else ""))
+              f"held-out far AUROC {held_out['auroc']:.4f}, false-unknown rate {in_dist['false_unknown_rate']:.2%}"
+              + (f" (on unseen frames {format_unseen(unseen)})" if unseen else ""))
     print(f"wrote {args.out / 'report.json'}")
     return 0
 

@@ -79,3 +79,9 @@ def unseen_false_unknown_rate(val_scores: np.ndarray, threshold: float, level: f
 
     tail = (1.0 - level) / 2
     return {"expected": (m + 1) / (n + 1), "low": quantile(tail), "high": quantile(1.0 - tail), "level": level}
+
+
+def format_unseen(unseen: dict[str, float]) -> str:
+    """``unseen_false_unknown_rate``'s figures in one phrase, as the commands print them."""
+    return (f"{unseen['expected']:.2%} expected ({unseen['level']:.0%} interval "
+            f"{unseen['low']:.2%}-{unseen['high']:.2%})")

@@ -30,7 +30,12 @@ from steelsight.model.inference.network import ArchConfig, AttentionResNet50, lo
 from steelsight.model.inference.ood import CameraBank, OodScorer, VirtualLogitScorer
 from steelsight.model.inference.preprocess import eval_batch
 from steelsight.model.inference.quality import summarise_inputs
-from steelsight.model.training.calibrate import fit_temperature, ood_threshold, unseen_false_unknown_rate
+from steelsight.model.training.calibrate import (
+    fit_temperature,
+    format_unseen,
+    ood_threshold,
+    unseen_false_unknown_rate,
+)
 from steelsight.model.training.data import (
     SurfaceDataset,
     limit_per_class,
@@ -349,10 +354,9 @@ class Trainer:
             **_ece_pair("val_corrupted", shifted.logits, shifted.labels, meta.temperature),
         }
         path = save_checkpoint(self.model, meta, self.out / "model.safetensors", half=self.cfg.half, ood=scorer)
-        unseen = unseen_false_unknown_rate(meta.ood["val_scores"], meta.ood["threshold"])
+        unseen = format_unseen(unseen_false_unknown_rate(meta.ood["val_scores"], meta.ood["threshold"]))
         print(f"temperature {meta.temperature:.3f}; calibration {meta.val_metrics['calibration']}; "
-              f"OOD threshold {meta.ood['threshold']:.3f}, false unknowns on unseen frames {unseen['expected']:.2%} "
-              f"expected ({unseen['level']:.0%} interval {unseen['low']:.2%}-{unseen['high']:.2%}); wrote {path}")
+              f"OOD threshold {meta.ood['threshold']:.3f}, false unknowns on unseen frames {unseen}; wrote {path}")
         return path
 
 
@@ -403,10 +407,9 @@ def refit_ood(checkpoint: Path, data: Path, out: Path, device: str = "auto", bat
     meta.input_stats = summarise_inputs(read_gray(s.path) for s in train_s)
     meta.ood["fitted_on"] = "train + train under the 5 moderate corruptions" if with_corruptions else "train"
     path = save_checkpoint(loaded.model, meta, Path(out), half=bool(meta.training.get("half")), ood=scorer)
-    unseen = unseen_false_unknown_rate(meta.ood["val_scores"], meta.ood["threshold"])
+    unseen = format_unseen(unseen_false_unknown_rate(meta.ood["val_scores"], meta.ood["threshold"]))
     print(f"OOD {meta.ood['method']} fitted on {meta.ood['fitted_on']}: threshold {meta.ood['threshold']:.3f}, "
-          f"val false unknowns {meta.ood['val_false_unknown_rate']:.2%}, on unseen NEU frames {unseen['expected']:.2%} "
-          f"expected ({unseen['level']:.0%} interval {unseen['low']:.2%}-{unseen['high']:.2%}); wrote {path}")
+          f"val false unknowns {meta.ood['val_false_unknown_rate']:.2%}, on unseen NEU frames {unseen}; wrote {path}")
     return path
 
 
