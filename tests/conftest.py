@@ -23,6 +23,8 @@ from steelsight.model.inference.predictor import Predictor
 REPO = Path(__file__).resolve().parents[1]
 NEU = REPO.parent / "shared" / "data" / "neu"
 
+pytest_plugins = ["tests.watchdog"]
+
 
 @pytest.fixture(scope="session")
 def neu_dir() -> Path:

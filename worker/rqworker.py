@@ -14,7 +14,8 @@ The worker also sets RQ's policies through RQ's hooks:
 - ``get_heartbeat_ttl``: a claim lives ``claim_ttl_s`` and is renewed while it waits for
   the model, so a dead worker's jobs are found abandoned within seconds.
 - maintenance: every ``reclaim_interval_s``, idle or busy, a pass re-queues abandoned jobs
-  and due retries (:mod:`worker.reclaim`).
+  and due retries (:mod:`worker.reclaim`); RQ's own registry clean-up, which re-queues
+  abandoned jobs too, runs under the same lock (``clean_registries``).
 - ``heartbeat``: also beats the health endpoint's :class:`~worker.health.Liveness`, until
   a batch has computed longer than ``job_timeout_s`` per ``batch_size`` model inputs (tiles).
 - RQ's loop logs an unhandled exception and returns as if it had finished; :attr:`crash`
@@ -25,6 +26,7 @@ Every value comes from the :class:`Settings` the worker is built with.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -135,6 +137,16 @@ class BatchingWorker(SimpleWorker):
 
     def run_maintenance_tasks(self):
         self._noting_crash(self._maintain)
+
+    def clean_registries(self):
+        """RQ's registry clean-up, only while holding each queue's reclaim lock; else skipped until its next loop.
+
+        It re-queues expired claims too. Beside another worker's reclaim pass, both would
+        read the same expired claims before either removed them, and queue each job twice.
+        """
+        with contextlib.ExitStack() as stack:
+            if all(stack.enter_context(reclaim.held(queue, self.name)) for queue in self.queues):
+                super().clean_registries()
 
     def heartbeat(self, timeout=None, pipeline=None):
         super().heartbeat(timeout, pipeline)
