@@ -1,27 +1,33 @@
-"""A hung test ends its xdist worker, and its stacks reach the end of the run's output.
+"""A hung test ends its process, and its stacks reach the end of the run's output.
 
 pytest-timeout's SIGALRM fails a hung test in place, but not one stuck in C code, nor one
-whose in-process RQ worker took SIGALRM for its own job timeout. For those, each test arms
-``faulthandler`` to write every thread's stack to a file and exit the worker a little after
-the test's timeout (a tenth of it, at least 5 s). The controller names the test when the
+whose in-process RQ worker took SIGALRM for its own job timeout. For those, each phase of
+a test (setup, call, teardown) arms ``faulthandler`` to write every thread's stack and
+exit the process a little after the test's timeout (a tenth of it, at least 5 s). Each
+phase arms it anew, since pytest cancels the timer whenever a phase raises. The timeout
+is pytest-timeout's own reading of the marker, option, environment and ini.
+
+Under xdist the stacks go to a file per worker; the controller names the test when the
 worker goes down and prints the stacks in the summary, where a CI log's tail shows them.
+In a plain run they go to the terminal's stderr.
 """
 
 from __future__ import annotations
 
 import faulthandler
 import os
+import shutil
+import time
 from pathlib import Path
 
 import pytest
+import pytest_timeout
 
 from tests.helpers import ARTIFACTS
 
-DUMPS = ARTIFACTS / "hung-tests"
-
-
-def dump_path(worker: str) -> Path:
-    return DUMPS / f"{worker}.txt"
+RUN_DIR = "STEELSIGHT_HUNG_TESTS"  # the controller's folder for this run, passed to its workers
+STARTED = pytest.StashKey[float]()
+STDERR = pytest.StashKey[object]()
 
 
 def grace_s(timeout: float) -> float:
@@ -29,53 +35,96 @@ def grace_s(timeout: float) -> float:
     return max(5.0, timeout / 10)
 
 
-def limit_s(item: pytest.Item) -> float:
-    marker = item.get_closest_marker("timeout")
-    if marker and marker.args:
-        return float(marker.args[0])
-    return float(item.config.getini("timeout") or 0)
+def worker_id(config) -> str | None:
+    """This xdist worker's id; None in the controller and in a plain run."""
+    return config.workerinput["workerid"] if hasattr(config, "workerinput") else None
+
+
+def pytest_configure(config):
+    if worker_id(config) is None:  # the controller, or a plain run: one folder per run, so runs in one checkout
+        os.environ[RUN_DIR] = str(ARTIFACTS / "hung-tests" / f"run-{os.getpid()}")  # never share files
+        # pytest captures fd 2 during a test; this copy still reaches the terminal
+        config.stash[STDERR] = os.fdopen(os.dup(2), "w")
+
+
+def pytest_unconfigure(config):
+    if STDERR in config.stash:
+        config.stash[STDERR].close()
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    timeout = limit_s(item)
-    if not timeout:
+    item.stash[STARTED] = time.monotonic()
+    yield
+
+
+def armed(item, phase: str):
+    settings = pytest_timeout._get_item_settings(item)  # the same rules pytest-timeout applies
+    timeout = float(settings.timeout or 0)
+    if not timeout or (settings.func_only and phase != "call"):
         yield
         return
-    path = dump_path(os.environ.get("PYTEST_XDIST_WORKER", "main"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fh.write(f"{item.nodeid} was running when this worker ended\n")  # faulthandler adds the stacks
-        fh.flush()
-        faulthandler.dump_traceback_later(timeout + grace_s(timeout), exit=True, file=fh)
+    started = time.monotonic() if settings.func_only else item.stash.get(STARTED, time.monotonic())
+    left = max(started + timeout - time.monotonic(), 0.0) + grace_s(timeout)
+    worker = worker_id(item.config)
+    if worker is None:
+        faulthandler.dump_traceback_later(left, exit=True, file=item.config.stash[STDERR])
         try:
             yield
         finally:
             faulthandler.cancel_dump_traceback_later()
-    path.unlink(missing_ok=True)  # it finished: nothing to report
+        return
+    path = Path(os.environ[RUN_DIR]) / f"{worker}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fh.write(f"{item.nodeid} ({phase}) was running when this worker ended\n")  # faulthandler adds the stacks
+        fh.flush()
+        faulthandler.dump_traceback_later(left, exit=True, file=fh)
+        try:
+            yield
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+    path.unlink(missing_ok=True)  # the phase finished: nothing to report
 
 
-def report(config, worker: str, whole: bool) -> None:
-    path = dump_path(worker)
-    if path.exists():
-        text = path.read_text(errors="replace")
-        config.get_terminal_writer().line(f"\n[{worker}] " + (text if whole else text.splitlines()[0]), red=True)
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    yield from armed(item, "setup")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    yield from armed(item, "call")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield from armed(item, "teardown")
+
+
+def dumps() -> list[Path]:
+    folder = Path(os.environ.get(RUN_DIR, "/nonexistent"))
+    return sorted(folder.glob("*.txt")) if folder.is_dir() else []
+
+
+def report(config, path: Path, whole: bool) -> None:
+    text = path.read_text(errors="replace")
+    first = (text.splitlines() or ["(a test was starting)"])[0]
+    config.get_terminal_writer().line(f"\n[{path.stem}] " + (text if whole else first), red=True)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error):
     """xdist's controller: a worker went down; if a test was running, name it now (its stacks: in the summary)."""
-    if error:
-        report(node.config, node.gateway.id, whole=False)
+    path = Path(os.environ.get(RUN_DIR, "/nonexistent")) / f"{node.gateway.id}.txt"
+    if error and path.exists():
+        report(node.config, path, whole=False)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if DUMPS.is_dir():
-        for path in sorted(DUMPS.glob("*.txt")):
-            report(config, path.stem, whole=True)
-
-
-def pytest_sessionstart(session):
-    if not hasattr(session.config, "workerinput") and DUMPS.is_dir():  # the controller, once: an earlier run's
-        for path in DUMPS.glob("*.txt"):
-            path.unlink()
+    if worker_id(config) is None:
+        for path in dumps():
+            report(config, path, whole=True)
+        folder = Path(os.environ.get(RUN_DIR, "/nonexistent"))
+        if folder.is_dir() and not any(folder.iterdir()):
+            shutil.rmtree(folder)

@@ -48,3 +48,22 @@ def test_rq_clean_up_beside_a_reclaim_pass_queues_each_abandoned_job_once(settin
         twice += [job_id for job_id, n in counts.items() if n > 1]
         conn.delete(queue.key)
     assert twice == [], f"{len(twice)} of {FRAMES * ROUNDS} abandoned jobs queued twice (computed twice)"
+
+
+def test_rq_clean_up_stands_back_while_a_peer_holds_the_lock_and_runs_on_the_next_loop(settings):
+    conn = redis_client(settings)
+    queue = Queue(settings.queue_name, connection=conn, serializer=JSONSerializer)
+    started = StartedJobRegistry(settings.queue_name, connection=conn, serializer=JSONSerializer)
+    dead, cleaner = make_worker(settings, SlowEngine(), name="dead2"), make_worker(settings, SlowEngine(), name="rq2")
+    enqueue_frames(settings, "line-held", 3)
+    claimed = rq_compat.dequeue_waiting(dead, dead.queues[0], 3)
+    rq_compat.start(dead, [job for job, _ in claimed])
+    conn.zadd(started.key, dict.fromkeys(conn.zrange(started.key, 0, -1), 1), xx=True)
+    with reclaim.held(queue, "peer") as took:
+        assert took
+        cleaner.clean_registries()
+        assert queue.count == 0 and cleaner.last_cleaned_at is None  # stood back
+        assert cleaner.should_run_maintenance_tasks  # so RQ's loop tries again
+    cleaner.clean_registries()
+    assert sorted(queue.get_job_ids()) == sorted(job.id for job, _ in claimed)  # RQ's clean-up re-queued them
+    assert cleaner.last_cleaned_at is not None
