@@ -45,6 +45,20 @@ def test_stuck(server):
     assert False, "fails before its teardown hangs"
 '''
 
+# a failed subtest makes pytest cancel the timer inside the call phase; then the test hangs
+STUCK_AFTER_A_FAILED_SUBTEST = '''
+import signal, time
+import pytest
+
+@pytest.mark.timeout(1)
+def test_stuck(subtests):
+    with subtests.test("fails"):
+        assert False
+    signal.signal(signal.SIGALRM, signal.SIG_IGN)
+    while True:
+        time.sleep(0.1)
+'''
+
 FINE = '''
 import time
 
@@ -84,7 +98,9 @@ def test_a_hung_xdist_worker_fails_the_run_with_its_stack_in_the_summary(tmp_pat
     assert "2 passed" in out, out  # the other worker ran the other file
 
 
-def test_a_hung_test_in_a_plain_run_prints_its_stack_and_ends_the_run(tmp_path):
-    run, took = nested_run(tmp_path, STUCK_IN_CALL, xdist=False)
+@pytest.mark.parametrize(("stuck", "line"), [(STUCK_IN_CALL, 9), (STUCK_AFTER_A_FAILED_SUBTEST, 11)],
+                         ids=["call", "after-a-failed-subtest"])
+def test_a_hung_test_in_a_plain_run_prints_its_stack_and_ends_the_run(tmp_path, stuck, line):
+    run, took = nested_run(tmp_path, stuck, xdist=False)
     assert run.returncode != 0 and took < 60, (took, run.stdout + run.stderr)
-    assert "Timeout (0:00:0" in run.stderr and "line 9 in test_stuck" in run.stderr, run.stderr
+    assert "Timeout (0:00:0" in run.stderr and f"line {line} in test_stuck" in run.stderr, run.stderr
