@@ -44,9 +44,9 @@ def worker_id(config) -> str | None:
 
 
 def pytest_configure(config):
-    if worker_id(config) is None:  # the controller, or a plain run: one folder per run, so runs in one checkout
+    if worker_id(config) is None:  # the controller, or a plain run: a folder of its own, never shared
         runs = ARTIFACTS / "hung-tests"
-        os.environ[RUN_DIR] = str(runs / f"run-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")  # never shared
+        os.environ[RUN_DIR] = str(runs / f"run-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
         for old in runs.glob("run-*") if runs.is_dir() else []:
             if time.time() - old.stat().st_mtime > KEEP_S:
                 shutil.rmtree(old, ignore_errors=True)
