@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
-import threading
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -20,7 +22,7 @@ from steelsight.cli import main
 from steelsight.clients import redis_client
 from steelsight.devstack import free_port, wait_until
 from steelsight.producer.service import Producer, replay
-from steelsight.worker.processes import KILL_AFTER_S, check_ports, supervise
+from steelsight.worker.processes import KILL_AFTER_S, check_ports
 
 from ..helpers import SAMPLES, ChildProcess, records
 
@@ -171,33 +173,45 @@ def deaf(ready: Path) -> int:
         time.sleep(1)
 
 
+# supervise runs in a process of its own: the stop signals this test sends can never reach the xdist worker
+SUPERVISE_DEAF = """
+import sys
+from pathlib import Path
+from steelsight.worker.processes import supervise
+from tests.integration.test_worker_processes import deaf
+ready, port = Path(sys.argv[1]), int(sys.argv[2])
+sys.exit(supervise(deaf, lambda i: ready, 2, "127.0.0.1", [port, port + 1], burst=False))
+"""
+
+
 @pytest.mark.timeout(150)
 def test_children_still_running_after_a_second_stop_signal_are_killed(tmp_path):
-    host, port = "127.0.0.1", free_ports(2)
-    asked: list[float] = []
-    returned = threading.Event()
-
-    def stop_twice():
-        wait_until(lambda: len(list(tmp_path.iterdir())) == 2, 90, "both children to ignore the signals", 0.1)
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    log = tmp_path / "supervisor.log"
+    with open(log, "wb") as out:
+        sup = subprocess.Popen([sys.executable, "-c", SUPERVISE_DEAF, str(ready), str(free_ports(2))],
+                               cwd=Path(__file__).resolve().parents[2], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: len(list(ready.iterdir())) == 2, 90, "both children to ignore the signals", 0.1)
+        children = [int(p.name) for p in ready.iterdir()]
+        asked = []
         for _ in range(2):
-            if returned.is_set():  # supervise gave its handlers back (a failure): SIGTERM would end the test run
-                return
-            os.kill(os.getpid(), signal.SIGTERM)
+            sup.send_signal(signal.SIGTERM)
             asked.append(time.monotonic())
             time.sleep(1)
-
-    # supervise gives back the handler it found: a SIGTERM arriving after it returned (between the check
-    # above and the kill) lands here instead of ending this test process and the xdist worker with it
-    late: list[int] = []
-    outer = signal.signal(signal.SIGTERM, lambda signum, _frame: late.append(signum))
-    stopper = threading.Thread(target=stop_twice, daemon=True)
-    stopper.start()
-    try:
-        code = supervise(deaf, lambda i: tmp_path, 2, host, [port, port + 1], burst=False)
+        code = sup.wait(timeout=KILL_AFTER_S + 30)
         stopped = time.monotonic()
+        left = [pid for pid in children if Path(f"/proc/{pid}").exists()]
     finally:
-        returned.set()
-        stopper.join(5)
-        signal.signal(signal.SIGTERM, outer)
-    assert code == 0 and len(asked) == 2 and not late
+        if sup.poll() is None:
+            sup.kill()
+            sup.wait()
+        for pid in (int(p.name) for p in ready.iterdir()):  # on a failure: the deaf children outlive the supervisor
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    output = log.read_text(errors="replace")
+    assert code == 0, output
+    assert output.count("after the second stop signal: SIGKILL") == 2, output
+    assert not left, output  # no child left behind
     assert KILL_AFTER_S <= stopped - asked[1] < KILL_AFTER_S + 5, stopped - asked[1]
