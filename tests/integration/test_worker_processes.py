@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -20,9 +20,9 @@ from rq.worker import Worker
 
 from steelsight.cli import main
 from steelsight.clients import redis_client
-from steelsight.devstack import free_port, wait_until
+from steelsight.devstack import ServiceExited, free_port, wait_until
 from steelsight.producer.service import Producer, replay
-from steelsight.worker.processes import KILL_AFTER_S, check_ports
+from steelsight.worker.processes import KILL_AFTER_S, PR_SET_PDEATHSIG, check_ports
 
 from ..helpers import SAMPLES, ChildProcess, records
 
@@ -164,10 +164,19 @@ def test_a_killed_child_is_restarted_and_no_frame_is_lost(settings, tmp_path):
     assert serving <= 20 and stopped <= 30
 
 
+def die_with_parent() -> None:
+    """SIGKILL this process when its parent dies, so a test process killed outright leaves nothing behind."""
+    parent = os.getppid()
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl
+        os._exit(1)
+
+
 def deaf(ready: Path) -> int:
     """A child stuck for good: it ignores the stop signals (as a worker hung in an upload would)."""
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
+    die_with_parent()  # not SIGTERM, which supervise's children are sent and this one ignores
     (ready / str(os.getpid())).touch()
     while True:
         time.sleep(1)
@@ -175,10 +184,12 @@ def deaf(ready: Path) -> int:
 
 # supervise runs in a process of its own: the stop signals this test sends can never reach the xdist worker
 SUPERVISE_DEAF = """
-import sys
+import logging, sys
 from pathlib import Path
 from steelsight.worker.processes import supervise
-from tests.integration.test_worker_processes import deaf
+from tests.integration.test_worker_processes import deaf, die_with_parent
+die_with_parent()
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(processName)s %(message)s")
 ready, port = Path(sys.argv[1]), int(sys.argv[2])
 sys.exit(supervise(deaf, lambda i: ready, 2, "127.0.0.1", [port, port + 1], burst=False))
 """
@@ -186,30 +197,41 @@ sys.exit(supervise(deaf, lambda i: ready, 2, "127.0.0.1", [port, port + 1], burs
 
 @pytest.mark.timeout(150)
 def test_children_still_running_after_a_second_stop_signal_are_killed(tmp_path):
+    root = Path(__file__).resolve().parents[2]
     ready = tmp_path / "ready"
     ready.mkdir()
     log = tmp_path / "supervisor.log"
     with open(log, "wb") as out:
-        sup = subprocess.Popen([sys.executable, "-c", SUPERVISE_DEAF, str(ready), str(free_ports(2))],
-                               cwd=Path(__file__).resolve().parents[2], stdout=out, stderr=subprocess.STDOUT)
+        sup = subprocess.Popen([sys.executable, "-c", SUPERVISE_DEAF, str(ready), str(free_ports(2))], cwd=root,
+                               env=os.environ | {"PYTHONPATH": str(root)}, stdout=out, stderr=subprocess.STDOUT)
+
+    def logged(text: str, n: int) -> bool:
+        if sup.poll() is not None:
+            raise ServiceExited(f"the supervisor exited with {sup.returncode}:\n{log.read_text(errors='replace')}")
+        return log.read_text(errors="replace").count(text) >= n
+
+    ok = False
     try:
-        wait_until(lambda: len(list(ready.iterdir())) == 2, 90, "both children to ignore the signals", 0.1)
+        wait_until(lambda: logged("", 0) and len(list(ready.iterdir())) == 2, 90,
+                   "both children to ignore the signals", 0.1)
         children = [int(p.name) for p in ready.iterdir()]
         asked = []
-        for _ in range(2):
-            sup.send_signal(signal.SIGTERM)
+        # the second signal only once the first was handled: two signals close together can reach the
+        # supervisor's handler as one
+        for passed in ("SIGTERM passed on\n", "SIGTERM passed on again"):
             asked.append(time.monotonic())
-            time.sleep(1)
+            sup.send_signal(signal.SIGTERM)
+            wait_until(lambda text=passed: logged(text, 2), 30, f"'{passed.strip()}' for both children", 0.05)
         code = sup.wait(timeout=KILL_AFTER_S + 30)
         stopped = time.monotonic()
         left = [pid for pid in children if Path(f"/proc/{pid}").exists()]
+        ok = True
     finally:
-        if sup.poll() is None:
-            sup.kill()
-            sup.wait()
-        for pid in (int(p.name) for p in ready.iterdir()):  # on a failure: the deaf children outlive the supervisor
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        if not ok:
+            if sup.poll() is None:
+                sup.kill()  # its children die with it
+                sup.wait()
+            print(log.read_text(errors="replace"))
     output = log.read_text(errors="replace")
     assert code == 0, output
     assert output.count("after the second stop signal: SIGKILL") == 2, output
