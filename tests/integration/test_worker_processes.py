@@ -164,31 +164,35 @@ def test_a_killed_child_is_restarted_and_no_frame_is_lost(settings, tmp_path):
     assert serving <= 20 and stopped <= 30
 
 
-def die_with_parent() -> None:
-    """SIGKILL this process when its parent dies, so a test process killed outright leaves nothing behind."""
-    parent = os.getppid()
+def die_with_parent(parent: int) -> None:
+    """SIGKILL this process when ``parent`` dies, so a test process killed outright leaves nothing behind."""
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before prctl
+    if os.getppid() != parent:  # it died before prctl
         os._exit(1)
 
 
 def deaf(ready: Path) -> int:
     """A child stuck for good: it ignores the stop signals (as a worker hung in an upload would)."""
+    # first: until then the supervisor's death still ends it with the SIGTERM its children get
+    die_with_parent(os.getppid())
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
-    die_with_parent()  # not SIGTERM, which supervise's children are sent and this one ignores
     (ready / str(os.getpid())).touch()
     while True:
         time.sleep(1)
 
 
-# supervise runs in a process of its own: the stop signals this test sends can never reach the xdist worker
-SUPERVISE_DEAF = """
-import logging, sys
+# supervise runs in a process of its own: the stop signals this test sends can never reach the xdist worker.
+# It dies with the test process, before its imports, which take seconds
+SUPERVISE_DEAF = f"""
+import ctypes, os, signal, sys
+ctypes.CDLL(None).prctl({PR_SET_PDEATHSIG}, signal.SIGKILL)
+if os.getppid() != int(sys.argv[3]):
+    os._exit(1)
+import logging
 from pathlib import Path
 from steelsight.worker.processes import supervise
-from tests.integration.test_worker_processes import deaf, die_with_parent
-die_with_parent()
+from tests.integration.test_worker_processes import deaf
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(processName)s %(message)s")
 ready, port = Path(sys.argv[1]), int(sys.argv[2])
 sys.exit(supervise(deaf, lambda i: ready, 2, "127.0.0.1", [port, port + 1], burst=False))
@@ -202,17 +206,26 @@ def test_children_still_running_after_a_second_stop_signal_are_killed(tmp_path):
     ready.mkdir()
     log = tmp_path / "supervisor.log"
     with open(log, "wb") as out:
-        sup = subprocess.Popen([sys.executable, "-c", SUPERVISE_DEAF, str(ready), str(free_ports(2))], cwd=root,
-                               env=os.environ | {"PYTHONPATH": str(root)}, stdout=out, stderr=subprocess.STDOUT)
+        sup = subprocess.Popen([sys.executable, "-c", SUPERVISE_DEAF, str(ready), str(free_ports(2)),
+                                str(os.getpid())], cwd=root, env=os.environ | {"PYTHONPATH": str(root)},
+                               stdout=out, stderr=subprocess.STDOUT)
+
+    def running() -> bool:
+        if sup.poll() is not None:
+            raise ServiceExited(f"the supervisor exited with {sup.returncode}")
+        return True
 
     def logged(text: str, n: int) -> bool:
-        if sup.poll() is not None:
-            raise ServiceExited(f"the supervisor exited with {sup.returncode}:\n{log.read_text(errors='replace')}")
-        return log.read_text(errors="replace").count(text) >= n
+        exited = sup.poll() is not None  # before reading: whatever it wrote before exiting is in the log
+        if log.read_text(errors="replace").count(text) >= n:
+            return True
+        if exited:
+            raise ServiceExited(f"the supervisor exited with {sup.returncode} before logging {text.strip()!r}")
+        return False
 
     ok = False
     try:
-        wait_until(lambda: logged("", 0) and len(list(ready.iterdir())) == 2, 90,
+        wait_until(lambda: running() and len(list(ready.iterdir())) == 2, 90,
                    "both children to ignore the signals", 0.1)
         children = [int(p.name) for p in ready.iterdir()]
         asked = []
