@@ -80,7 +80,7 @@ def armed(item, phase: str):
     if worker is None:
         yield from timer(item.config, left, grace_s(timeout), item.config.stash[STDERR])
         return
-    path = Path(os.environ[RUN_DIR]) / f"{worker}.txt"
+    path = Path(os.environ[RUN_DIR]) / f"{worker}.txt"  # set by the controller before the workers start
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
         fh.write(f"{item.nodeid} ({phase}) was running when this worker ended\n")  # faulthandler adds the stacks
@@ -124,9 +124,12 @@ def pytest_runtest_teardown(item, nextitem):
     yield from armed(item, "teardown")
 
 
+def run_dir() -> Path:
+    return Path(os.environ.get(RUN_DIR, "/nonexistent"))
+
+
 def dumps() -> list[Path]:
-    folder = Path(os.environ.get(RUN_DIR, "/nonexistent"))
-    return sorted(folder.glob("*.txt")) if folder.is_dir() else []
+    return sorted(run_dir().glob("*.txt")) if run_dir().is_dir() else []
 
 
 def report(config, path: Path, whole: bool) -> None:
@@ -138,7 +141,7 @@ def report(config, path: Path, whole: bool) -> None:
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error):
     """xdist's controller: a worker went down; if a test was running, name it now (its stacks: in the summary)."""
-    path = Path(os.environ.get(RUN_DIR, "/nonexistent")) / f"{node.gateway.id}.txt"
+    path = run_dir() / f"{node.gateway.id}.txt"
     if error and path.exists():
         report(node.config, path, whole=False)
 
@@ -147,6 +150,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if worker_id(config) is None:
         for path in dumps():
             report(config, path, whole=True)
-        folder = Path(os.environ.get(RUN_DIR, "/nonexistent"))
-        if folder.is_dir() and not any(folder.iterdir()):
-            shutil.rmtree(folder)
+        if run_dir().is_dir() and not any(run_dir().iterdir()):
+            shutil.rmtree(run_dir())
