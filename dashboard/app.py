@@ -49,7 +49,16 @@ from .tiles import draw_tiles, legend_html, summary_html, summary_text
 
 GALLERY_SIZE = 12
 METRICS_RESULTS = 2000  # the metrics tab's counts and latency quantiles are over this many latest results
-PLACEHOLDER = np.full((64, 64, 3), 90, np.uint8)
+
+
+def _tile(shade: int, text: str) -> np.ndarray:
+    tile = np.full((96, 96, 3), shade, np.uint8)
+    cv2.putText(tile, text, (8, 52), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255 - shade,) * 3, 1, cv2.LINE_AA)
+    return tile
+
+
+PLACEHOLDER = _tile(90, "no image")  # expired, refused by the decoder, or the store failed this time
+LOADING = _tile(200, "loading")  # still on its way from the object store
 CSS = """
 .unknown-banner {background:#b45309;color:white;padding:4px 8px;border-radius:4px;font-weight:600}
 .unknown-banner.camera {background:#7c3aed}
@@ -89,7 +98,11 @@ def _stats_markdown(state: dict, window: Window, shown=None) -> str:
     return (f"**queue depth** {state['queue_depth']} · **workers alive** {state['workers_alive']} · "
             f"**failed jobs** {state['failed_jobs']} · **frames in window** {len(shown)} "
             f"{_window_text(window)} · **throughput** {throughput:.2f} frames/s · "
-            f"**latency p50** {q['p50']:.2f}s · **p95** {q['p95']:.2f}s")
+            f"**latency p50** {_seconds(q['p50'])} · **p95** {_seconds(q['p95'])}")
+
+
+def _seconds(value: float, digits: int = 2, unit: str = "s") -> str:
+    return "–" if np.isnan(value) else f"{value:.{digits}f}{unit}"  # no frame: no latency
 
 
 def _counts_markdown(counts) -> str:
@@ -171,7 +184,12 @@ class Dashboard:
         cameras = sorted({r.camera_id for r in results})
         shown = apply_filters(results, Filters(line, camera, label, int(window_min * 60)))
         latest = shown[:GALLERY_SIZE]
-        gallery = [(self._thumb(r), caption(r)) for r in latest]
+        refs = [self._thumb_ref(r) for r in latest]
+        wanted = [ref for ref in refs if ref]
+        images = self.source.images(wanted, self.settings.dashboard_image_wait_s)
+        metrics.IMAGES_LATE.inc(len(set(wanted) - images.keys()))
+        gallery = [(self._thumb(r, images.get(ref, LOADING) if ref else None), caption(r))
+                   for r, ref in zip(latest, refs, strict=True)]
         counts = class_counts(shown)
         state = self.source.pipeline_state()
         metrics.REFRESH_SECONDS.observe(time.perf_counter() - started)
@@ -181,10 +199,15 @@ class Dashboard:
             gr.update(choices=[ALL, *lines]), gr.update(choices=[ALL, *cameras]),
         )
 
-    def _thumb(self, r):
-        image = self.source.overlay(r) if r.status == "ok" else self.source.original(r)
+    def _thumb_ref(self, r):
+        return self.source.overlay_ref(r) if r.status == "ok" else self.source.original_ref(r)
+
+    @staticmethod
+    def _thumb(r, image):
         if image is None:
             return PLACEHOLDER
+        if image is LOADING:
+            return LOADING
         return draw_tiles(image, r.tiles) if r.status == "ok" and r.tiles else image
 
     def select_frame(self, shown: dict[str, str], evt: gr.SelectData):
@@ -350,7 +373,8 @@ class Dashboard:
         counts = class_counts(results)
         q = latency_quantiles(results)
         state = self.source.pipeline_state()
-        rows = "\n".join(f"| {name} | {v['p50']:.3f} | {v['p95']:.3f} | {v['p99']:.3f} |" for name, v in q.items())
+        cells = {name: " | ".join(_seconds(v[p], 3, unit="") for p in ("p50", "p95", "p99")) for name, v in q.items()}
+        rows = "\n".join(f"| {name} | {row} |" for name, row in cells.items())
         table = ("| latency (s) | p50 | p95 | p99 |\n|---|---:|---:|---:|\n" + rows +
                  f"\n\n**latest results read** {len(results)} (of {self.source.stream_length()} in the stream) · "
                  f"**queue depth** {state['queue_depth']} · "
@@ -472,7 +496,8 @@ def launch(settings: Settings, predictor: Predictor | None = None, block: bool =
     auth = check_access(settings, insecure_no_auth)
     predictor = predictor or Predictor.load(settings.checkpoint, device="cpu", backend=settings.backend,
                                             unknown_false_rate=settings.unknown_false_rate)
-    app = Dashboard(settings, LiveSource(settings), predictor).build()
+    source = LiveSource(settings)
+    app = Dashboard(settings, source, predictor).build()
     start_http_server(settings.dashboard_metrics_port, addr=settings.metrics_host)
     app.queue(default_concurrency_limit=4)
     limits = Middleware(uploads.UploadLimits, max_files=settings.max_upload_files,
@@ -480,4 +505,6 @@ def launch(settings: Settings, predictor: Predictor | None = None, block: bool =
     app.launch(server_name=settings.dashboard_host, server_port=settings.dashboard_port, auth=auth,
                max_file_size=settings.max_upload_bytes, prevent_thread_lock=not block, show_error=True, css=CSS,
                footer_links=["api"], quiet=False, app_kwargs={"middleware": [limits]})
+    if block:  # served until Ctrl-C: reads still queued are dropped rather than waited for at exit
+        source.close()
     return app

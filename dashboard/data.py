@@ -6,9 +6,11 @@ without a browser; :class:`LiveSource` does the I/O.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter, OrderedDict
+from concurrent import futures
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -18,13 +20,19 @@ from rq import Queue, Worker
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
-from steelsight.clients import ObjectStore, redis_client
+from steelsight.clients import MissingObject, ObjectStore, redis_client
 from steelsight.contract import REJECTED, FrameResult, Settings
 from steelsight.model.inference.imageio import DecodeLimits, ImageRejected, decode_rgb
 from steelsight.model.inference.labels import CLASSES
 from steelsight.model.inference.tiling import BACKGROUND, UNKNOWN
 
+from . import metrics
+
 ALL = "all"
+ImageRef = tuple[str, str]  # (bucket, key)
+IMAGE_READS = 4  # live-tab reads at once: a refresh's thumbnails side by side, at most 4 frames' bytes held
+IMAGE_BACKLOG = 24  # live-tab reads queued or running at most (two galleries); the rest wait for a later refresh
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -161,12 +169,17 @@ class LiveSource:
         self.connection = connection or redis_client(settings)
         self.store = store or ObjectStore(settings)
         self.queue = Queue(settings.queue_name, connection=self.connection, serializer=JSONSerializer)
-        self.images = ByteBoundedCache(settings.dashboard_cache_bytes)
+        self.images_cache = ByteBoundedCache(settings.dashboard_cache_bytes)
+        self._loading: dict[ImageRef, futures.Future] = {}  # reads queued, running or done and not yet shown
+        self._lock = threading.Lock()
+        self._pool = futures.ThreadPoolExecutor(IMAGE_READS, thread_name_prefix="dashboard-image")
+        self._decoding = threading.Semaphore(1)  # one decode at a time: a 40 Mpx frame's peak, not several
+        self._warned_at = -60.0
         self.limits = DecodeLimits(max_bytes=settings.max_frame_bytes)
 
     @property
     def cache_bytes(self) -> int:
-        return self.images.bytes
+        return self.images_cache.bytes
 
     def recent(self, count: int = 2000) -> list[FrameResult]:
         entries = self.connection.xrevrange(self.settings.results_stream, count=count)
@@ -205,26 +218,82 @@ class LiveSource:
 
     _MISSING = object()
 
-    def _image(self, bucket: str, key: str) -> np.ndarray | None:
-        cached = self.images.get((bucket, key), self._MISSING)
+    def images(self, refs: list[ImageRef], wait_s: float) -> dict[ImageRef, np.ndarray | None]:
+        """The images of ``refs`` (newest first), read side by side. A read not done within ``wait_s`` is left
+        out of the answer and goes on loading for a later call, so a stalled store never stalls a refresh.
+        A read that failed on a store error answers None this time and is tried again next time."""
+        answer, started = {}, []
+        wanted = dict.fromkeys(refs)
+        with self._lock:
+            for ref in [ref for ref, future in self._loading.items() if future.done() and ref not in wanted]:
+                del self._loading[ref]  # no longer asked for: its image is in the cache if it fits there
+            for ref in wanted:
+                cached = self.images_cache.get(ref, self._MISSING)
+                if cached is not self._MISSING:
+                    answer[ref] = cached
+                elif ref not in self._loading and len(self._loading) < IMAGE_BACKLOG:  # else late: asked again
+                    self._loading[ref] = self._pool.submit(self._load, ref)
+                    started.append(self._loading[ref])
+        futures.wait(started, timeout=wait_s)  # older reads are late already: no refresh waits on them twice
+        with self._lock:
+            for ref in wanted.keys() - answer.keys():
+                future = self._loading.get(ref)
+                if future is not None and future.done():  # handed over once, even if the cache cannot hold it
+                    del self._loading[ref]
+                    failed = future.cancelled() or future.exception() is not None
+                    answer[ref] = None if failed else future.result()
+        return answer
+
+    def close(self) -> None:
+        """Drop the reads still queued; those running end at the S3 client's timeout."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _image(self, ref: ImageRef) -> np.ndarray | None:
+        """One image now, read in the caller's thread: a click never waits behind the live tab's reads."""
+        cached = self.images_cache.get(ref, self._MISSING)
         if cached is not self._MISSING:
             return cached
-        image = self._fetch_image(bucket, key)
-        self.images.put((bucket, key), image)
-        return image
+        try:
+            return self._load(ref)
+        except Exception:  # logged in _load; caption only, and read again next time
+            return None
 
-    def _fetch_image(self, bucket: str, key: str) -> np.ndarray | None:
+    def _load(self, ref: ImageRef) -> np.ndarray | None:
+        """Fetch and decode. A missing object or a refused image is remembered as None; any other failure (a store
+        error) raises and is not remembered: the store may be back by the next refresh."""
+        bucket, key = ref
         try:
             data = self.store.get(bucket, key, self.settings.max_frame_bytes)
-        except Exception:  # expired or unreachable: caption only
-            return None
-        try:  # the worker's guarded decoder, at display size: a rejected frame's bytes are untrusted
-            return decode_rgb(data, self.limits, self.settings.dashboard_image_max_side)
-        except ImageRejected:
-            return None
+            with self._decoding:  # the worker's guarded decoder, at display size: the bytes are untrusted
+                image = decode_rgb(data, self.limits, self.settings.dashboard_image_max_side)
+        except (MissingObject, ImageRejected):  # expired, or refused by the decoder: caption only
+            image = None
+        except Exception as exc:
+            metrics.IMAGE_ERRORS.inc()
+            self._warn(f"reading {bucket}/{key} failed: {type(exc).__name__}: {exc}")
+            raise
+        self.images_cache.put(ref, image)
+        return image
+
+    def _warn(self, message: str) -> None:
+        """At most one warning a minute: a store that is down fails every read of every refresh."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._warned_at < 60:
+                return
+            self._warned_at = now
+        log.warning("%s (further image read failures this minute are counted in "
+                    "steelsight_dashboard_image_errors_total, not logged)", message)
+
+    def overlay_ref(self, r: FrameResult) -> ImageRef | None:
+        return (self.settings.overlays_bucket, r.overlay_key) if r.overlay_key else None
+
+    def original_ref(self, r: FrameResult) -> ImageRef:
+        return self.settings.frames_bucket, r.frame_key
 
     def overlay(self, r: FrameResult) -> np.ndarray | None:
-        return self._image(self.settings.overlays_bucket, r.overlay_key) if r.overlay_key else None
+        ref = self.overlay_ref(r)
+        return self._image(ref) if ref else None
 
     def original(self, r: FrameResult) -> np.ndarray | None:
-        return self._image(self.settings.frames_bucket, r.frame_key)
+        return self._image(self.original_ref(r))

@@ -184,6 +184,8 @@ class Settings(BaseSettings):
     max_upload_total_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
     # images are decoded at most this many pixels on their longer side: a screen shows no more
     dashboard_image_max_side: int = Field(default=1024, ge=64)
+    # a refresh waits this long for the images it shows; the rest keep loading for the next refresh
+    dashboard_image_wait_s: float = Field(default=1.5, ge=0)
     # decoded images the dashboard keeps, in bytes (~3 MB for a 1024 px RGB frame)
     dashboard_cache_bytes: int = Field(default=128 * 1024 * 1024, ge=0)
     # results read per refresh at most: the live window covers at most this many frames

@@ -78,6 +78,8 @@ DESCRIPTIONS: dict[str, str] = {
     "max_upload_files": "files per upload request, at most",
     "max_upload_total_bytes": "bytes per upload request, at most",
     "dashboard_image_max_side": "the dashboard decodes images at most this long on their longer side",
+    "dashboard_image_wait_s": "seconds a live refresh waits for the images it reads; the rest show \"loading\" "
+                              "until a later refresh, so a stalled object store never stalls the live tab",
     "dashboard_cache_bytes": "decoded images the dashboard keeps, in bytes",
     "dashboard_window_max_frames": "results read per refresh: the live window covers at most this many frames",
     "metrics_port": "the worker's `/metrics` and `/healthz` port",

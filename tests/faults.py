@@ -127,6 +127,8 @@ class HttpFaultProxy:
 
         self.target_port, self.slow_s, self.mode = target_port, slow_s, None
         self.faulted = 0  # requests answered with a fault (a rough count: threads add without a lock)
+        self.open, self.most_open = 0, 0  # requests being handled now, and the most at once
+        self._count = threading.Lock()
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -136,7 +138,14 @@ class HttpFaultProxy:
                 pass
 
             def _any(self):
-                proxy._handle(self)
+                with proxy._count:
+                    proxy.open += 1
+                    proxy.most_open = max(proxy.most_open, proxy.open)
+                try:
+                    proxy._handle(self)
+                finally:
+                    with proxy._count:
+                        proxy.open -= 1
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _any
 

@@ -22,7 +22,7 @@ class ChildProcess:
     """``python -m steelsight.cli ARGS`` with the settings in its environment, logging to a file."""
 
     def __init__(self, settings: Settings, tmp: Path, name: str, args: list[str]):
-        self.log_path = tmp / f"{name}.log"
+        self.settings, self.log_path = settings, tmp / f"{name}.log"
         self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in kill()
         env = dict(os.environ) | settings.to_env() | {"OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen([sys.executable, "-m", "steelsight.cli", *args], env=env, stdout=self.log,

@@ -38,6 +38,38 @@ def class_counts(page) -> dict[str, int]:
     return {name: int(n) for name, n in re.findall(r"([\w-]+): (\d+)", text)}
 
 
+def wait_for(page, expression: str, timeout_s: float, dashboard: ChildProcess) -> None:
+    """``page.wait_for_function``, failing with what the page showed, the dashboard's refresh metrics and its log."""
+    from playwright.sync_api import TimeoutError as PageTimeout
+
+    try:
+        page.wait_for_function(expression, timeout=timeout_s * 1000)
+    except PageTimeout:
+        pytest.fail(f"not true within {timeout_s:g} s: {expression}\n{_diagnosis(page, dashboard)}")
+
+
+def _diagnosis(page, dashboard: ChildProcess) -> str:
+    """Each part on its own: one that fails (a dead dashboard refuses its metrics port) must not hide the others."""
+    def attempt(what):
+        try:
+            return what()
+        except Exception as exc:  # a diagnosis reports every failure instead of raising it
+            return f"({type(exc).__name__}: {exc})"
+
+    def scrape():
+        port = dashboard.settings.dashboard_metrics_port
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        return [line for line in text.splitlines() if line.startswith(("steelsight_dashboard_refresh_seconds_",
+                                                                       "steelsight_dashboard_image"))]
+
+    attempt(lambda: page.screenshot(path=str(ARTIFACTS / "dashboard-timeout.png"), full_page=True))
+    exited = dashboard.proc.poll()
+    return (f"live stats: {attempt(lambda: page.inner_text('#live-stats', timeout=2000))!r}\n"
+            f"dashboard metrics: {attempt(scrape)}\n"
+            f"dashboard {'running' if exited is None else f'exited with {exited}'}; its log:\n"
+            f"{attempt(dashboard.output)[-4000:]}")
+
+
 def test_live_gallery_counts_and_uploads(settings, tmp_path, browser):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     producer = Producer(settings, "line-e2e", "cam-9")
@@ -54,7 +86,7 @@ def test_live_gallery_counts_and_uploads(settings, tmp_path, browser):
         page.goto(url)
 
         # live tab: the gallery fills with every produced frame, and the counts match
-        page.wait_for_function(f"document.querySelectorAll('#live-gallery img').length >= {FRAMES}", timeout=30_000)
+        wait_for(page, f"document.querySelectorAll('#live-gallery img').length >= {FRAMES}", 30, dashboard)
         counts = class_counts(page)
         assert sum(counts.values()) == FRAMES
         produced = {r["label"] if not r["unknown"] else "unknown" for r in records(settings, conn).values()}
@@ -64,9 +96,8 @@ def test_live_gallery_counts_and_uploads(settings, tmp_path, browser):
         first = page.locator("#live-gallery .thumbnail-item").first
         frame_name = re.search(r"line-e2e/cam-9/(\w+)", first.inner_text()).group(1)
         first.click()
-        page.wait_for_function(
-            f"document.querySelector('#selected-detail').innerText.includes('line-e2e/cam-9/{frame_name}')",
-            timeout=20_000)
+        wait_for(page, f"document.querySelector('#selected-detail').innerText.includes('line-e2e/cam-9/{frame_name}')",
+                 20, dashboard)
         page.screenshot(path=str(ARTIFACTS / "dashboard-live.png"), full_page=True)
 
         # upload tab: one good image gets a label, bars and an overlay
@@ -207,7 +238,9 @@ def test_wide_frame_tiles_are_boxed_and_summed_live_and_on_upload(settings, tmp_
         wait_until(lambda: urllib.request.urlopen(url, timeout=2).status == 200, 120, "the dashboard")
         page = browser.new_page(viewport={"width": 1400, "height": 1400})
         page.goto(url)
-        page.wait_for_function("document.querySelectorAll('#live-gallery img').length >= 1", timeout=30_000)
+        # the frame itself, not the placeholder shown while it is still on its way from the store
+        wait_for(page, "(() => { const i = document.querySelector('#live-gallery img'); "
+                       "return i !== null && i.naturalWidth > 3 * i.naturalHeight; })()", 30, dashboard)
         assert "10 tiles (crazing 2, scratches 1)" in page.inner_text("#live-gallery")
         assert "scratches" in page.inner_text("#live-legend")
         thumb = "#live-gallery img"
@@ -224,8 +257,7 @@ def test_wide_frame_tiles_are_boxed_and_summed_live_and_on_upload(settings, tmp_
         background = column(3)[10:-10, 10:-10]
         assert all(_near(background, rgb) == 0 for rgb in CLASS_COLOURS.values())  # background: no box
         page.locator("#live-gallery .thumbnail-item").first.click()
-        page.wait_for_function("document.querySelector('#selected-detail').innerText.includes('top defect')",
-                               timeout=20_000)
+        wait_for(page, "document.querySelector('#selected-detail').innerText.includes('top defect')", 20, dashboard)
         detail = page.inner_text("#selected-detail")
         assert "defect tiles: crazing 2, scratches 1" in detail and "top defect: crazing" in detail
         page.screenshot(path=str(ARTIFACTS / "dashboard-live-tiles.png"), full_page=True)

@@ -8,6 +8,7 @@ result's image from S3 and decode it for display) and reads its own VmHWM from
 from __future__ import annotations
 
 import json
+import re
 import signal
 import struct
 import subprocess
@@ -294,8 +295,17 @@ def test_redis_and_dashboard_memory_with_large_frames_in_the_mix(settings, tmp_p
         for item in mix[1:]:
             assert producer.send(*item) == "enqueued"
         wait_until(lambda: len(records(settings, conn)) == len(mix), 300, f"{len(mix)} results")
-        for _ in range(3):  # the newest twelve, the large ones among them, are fetched and shown
+        def late() -> float:
+            scraped = urllib.request.urlopen(f"http://127.0.0.1:{settings.dashboard_metrics_port}/metrics").read()
+            return float(re.search(rb"^steelsight_dashboard_images_late_total (\S+)$", scraped, re.M).group(1))
+
+        def all_shown() -> bool:  # a refresh with no thumbnail still loading: every decode has happened
+            before = late()
             refresh()
+            return late() == before
+
+        # the newest twelve, the large ones among them, are fetched, decoded and shown
+        wait_until(all_shown, 120, "a refresh with every thumbnail read")
         dash_after, redis_after = process_memory_mb(dashboard.proc.pid), redis_memory_mb(conn)
     finally:
         worker.kill(signal.SIGTERM)

@@ -64,3 +64,7 @@ def test_a_window_cut_short_says_what_it_shows(settings):
 
     full = LiveSource(settings, store=object(), connection=conn).window(300, now=now)
     assert full.limited_by is None and "(5 min)" in _stats_markdown(state, full)
+
+    # an empty window has no latency to show, rather than "nan"
+    empty = _stats_markdown(state, LiveSource(settings, store=object(), connection=conn).window(1, now=now + 3600))
+    assert "frames in window** 0" in empty and "**latency p50** – · **p95** –" in empty, empty
