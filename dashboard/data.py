@@ -32,6 +32,7 @@ ALL = "all"
 ImageRef = tuple[str, str]  # (bucket, key)
 IMAGE_READS = 4  # live-tab reads at once: a refresh's thumbnails side by side, at most 4 frames' bytes held
 IMAGE_BACKLOG = 24  # live-tab reads queued or running at most (two galleries); the rest wait for a later refresh
+STALE_REFRESHES = 3  # a queued read no refresh has asked for in this many refresh periods is dropped
 log = logging.getLogger(__name__)
 
 
@@ -161,6 +162,16 @@ class Window:
     limited_by: str | None = None  # "read limit" or "stream length" when covered_s < window_s
 
 
+@dataclass
+class _Read:
+    future: futures.Future
+    asked: float  # when a refresh last asked for its image (monotonic)
+
+
+def _outcome(future: futures.Future) -> np.ndarray | None:
+    return None if future.cancelled() or future.exception() is not None else future.result()
+
+
 class LiveSource:
     """Reads results from the Redis stream and images from S3; the browser never talks to either."""
 
@@ -170,7 +181,8 @@ class LiveSource:
         self.store = store or ObjectStore(settings)
         self.queue = Queue(settings.queue_name, connection=self.connection, serializer=JSONSerializer)
         self.images_cache = ByteBoundedCache(settings.dashboard_cache_bytes)
-        self._loading: dict[ImageRef, futures.Future] = {}  # reads queued, running or done and not yet shown
+        self._loading: dict[ImageRef, _Read] = {}  # reads queued, running, or done and not yet handed over
+        self._closed = False
         self._lock = threading.Lock()
         self._pool = futures.ThreadPoolExecutor(IMAGE_READS, thread_name_prefix="dashboard-image")
         self._decoding = threading.Semaphore(1)  # one decode at a time: a 40 Mpx frame's peak, not several
@@ -222,30 +234,49 @@ class LiveSource:
         """The images of ``refs`` (newest first), read side by side. A read not done within ``wait_s`` is left
         out of the answer and goes on loading for a later call, so a stalled store never stalls a refresh.
         A read that failed on a store error answers None this time and is tried again next time."""
-        answer, started = {}, []
-        wanted = dict.fromkeys(refs)
+        now, wanted = time.monotonic(), dict.fromkeys(refs)
+        answer: dict[ImageRef, np.ndarray | None] = {}
+        mine: dict[ImageRef, futures.Future] = {}
         with self._lock:
-            for ref in [ref for ref, future in self._loading.items() if future.done() and ref not in wanted]:
-                del self._loading[ref]  # no longer asked for: its image is in the cache if it fits there
+            if self._closed:
+                return answer
+            stale = now - STALE_REFRESHES * self.settings.dashboard_refresh_s
+            for ref, read in list(self._loading.items()):
+                # not shown any more: a done read's image is in the cache if it fits; a queued one is dropped
+                if ref not in wanted and (read.future.done() or (read.asked < stale and read.future.cancel())):
+                    del self._loading[ref]
             for ref in wanted:
+                read = self._loading.get(ref)
+                if read is not None:
+                    read.asked = now
+                    if read.future.done():  # handed over once, even if the cache cannot hold it
+                        del self._loading[ref]
+                        answer[ref] = _outcome(read.future)
+                    continue
                 cached = self.images_cache.get(ref, self._MISSING)
                 if cached is not self._MISSING:
                     answer[ref] = cached
-                elif ref not in self._loading and len(self._loading) < IMAGE_BACKLOG:  # else late: asked again
-                    self._loading[ref] = self._pool.submit(self._load, ref)
-                    started.append(self._loading[ref])
-        futures.wait(started, timeout=wait_s)  # older reads are late already: no refresh waits on them twice
+                elif len(self._loading) < IMAGE_BACKLOG:  # else late: asked for again by the next refresh
+                    mine[ref] = self._pool.submit(self._load, ref)
+                    self._loading[ref] = _Read(mine[ref], now)
+        futures.wait(mine.values(), timeout=wait_s)  # older reads are late already: no refresh waits on them twice
         with self._lock:
-            for ref in wanted.keys() - answer.keys():
-                future = self._loading.get(ref)
-                if future is not None and future.done():  # handed over once, even if the cache cannot hold it
-                    del self._loading[ref]
-                    failed = future.cancelled() or future.exception() is not None
-                    answer[ref] = None if failed else future.result()
+            for ref, future in mine.items():
+                if future.done():
+                    read = self._loading.get(ref)
+                    if read is not None and read.future is future:
+                        del self._loading[ref]
+                    answer[ref] = _outcome(future)
+            for ref in wanted.keys() - answer.keys():  # read meanwhile for another tab's refresh
+                cached = self.images_cache.get(ref, self._MISSING)
+                if cached is not self._MISSING:
+                    answer[ref] = cached
         return answer
 
     def close(self) -> None:
-        """Drop the reads still queued; those running end at the S3 client's timeout."""
+        """Drop the reads still queued; those running end at the S3 client's read timeout."""
+        with self._lock:
+            self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _image(self, ref: ImageRef) -> np.ndarray | None:

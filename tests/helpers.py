@@ -8,8 +8,11 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
+
+import pytest
 
 from steelsight.contract import SAMPLE_FRAMES, Frame, Settings
 from steelsight.producer.service import Producer
@@ -111,3 +114,35 @@ def run_slow_worker(settings, engine: SlowEngine, frames: int, batch: int, line:
     """Queue ``frames`` frames of ``line`` and work them; (job id, time) of each heartbeat kept."""
     enqueue_frames(settings, line, frames)
     return work_queue(settings, engine, batch)
+
+
+def wait_for(page, expression: str, timeout_s: float, dashboard: ChildProcess) -> None:
+    """``page.wait_for_function``, failing with what the page showed, the dashboard's refresh metrics and its log."""
+    from playwright.sync_api import TimeoutError as PageTimeout
+
+    try:
+        page.wait_for_function(expression, timeout=timeout_s * 1000)
+    except PageTimeout:
+        pytest.fail(f"not true within {timeout_s:g} s: {expression}\n{_diagnosis(page, dashboard)}")
+
+
+def _diagnosis(page, dashboard: ChildProcess) -> str:
+    """Each part on its own: one that fails (a dead dashboard refuses its metrics port) must not hide the others."""
+    def attempt(what):
+        try:
+            return what()
+        except Exception as exc:  # a diagnosis reports every failure instead of raising it
+            return f"({type(exc).__name__}: {exc})"
+
+    def scrape():
+        port = dashboard.settings.dashboard_metrics_port
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        return [line for line in text.splitlines() if line.startswith(("steelsight_dashboard_refresh_seconds_",
+                                                                       "steelsight_dashboard_image"))]
+
+    attempt(lambda: page.screenshot(path=str(ARTIFACTS / "dashboard-timeout.png"), full_page=True))
+    exited = dashboard.proc.poll()
+    return (f"live stats: {attempt(lambda: page.inner_text('#live-stats', timeout=2000))!r}\n"
+            f"dashboard metrics: {attempt(scrape)}\n"
+            f"dashboard {'running' if exited is None else f'exited with {exited}'}; its log:\n"
+            f"{attempt(dashboard.output)[-4000:]}")

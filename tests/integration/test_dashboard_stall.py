@@ -42,11 +42,11 @@ def _counter(name: str) -> float:
     return REGISTRY.get_sample_value(name) or 0.0
 
 
-def _dashboard(settings, proxy, predictor):
+def _dashboard(settings, proxy, predictor, **update):
     from steelsight.dashboard.app import Dashboard
     from steelsight.dashboard.data import LiveSource
 
-    via = settings.model_copy(update={"s3_endpoint": f"127.0.0.1:{proxy.port}"})
+    via = settings.model_copy(update={"s3_endpoint": f"127.0.0.1:{proxy.port}", **update})
     conn = redis_client(via)
     _publish(via, conn, ObjectStore(settings))
     return Dashboard(via, source=LiveSource(via, connection=conn), predictor=predictor)
@@ -89,7 +89,7 @@ def test_a_store_error_shows_no_image_this_time_logs_once_and_is_read_again(serv
     _, s3 = services
     proxy = HttpFaultProxy(s3.port).start()
     try:
-        app = _dashboard(settings, proxy, tiny_predictor)
+        app = _dashboard(settings, proxy, tiny_predictor, dashboard_image_wait_s=10.0)  # errors, not timing
         errors = _counter("steelsight_dashboard_image_errors_total")
         proxy.mode = "503"
         with caplog.at_level(logging.WARNING, logger="steelsight.dashboard.data"):

@@ -21,7 +21,7 @@ from steelsight.devstack import wait_until
 from steelsight.model.inference.imageio import encode_png
 from steelsight.worker.jobs import publish
 
-from ..helpers import ARTIFACTS, SAMPLES, ChildProcess
+from ..helpers import ARTIFACTS, SAMPLES, ChildProcess, wait_for
 from .test_dashboard_e2e import browser  # noqa: F401 - the fixture
 
 MODEL_SHA = "0123456789ab" + "c" * 52
@@ -77,13 +77,11 @@ def test_mark_a_live_frame_wrong_review_it_and_export_it(settings, tmp_path, bro
         page.goto(base + "/")
 
         # live tab: select the frame; its model's sha256 is shown with it
-        page.wait_for_function("document.querySelectorAll('#live-gallery img').length >= 1", timeout=30_000)
+        wait_for(page, "document.querySelectorAll('#live-gallery img').length >= 1", 30, dashboard)
         page.locator("#live-gallery .thumbnail-item").first.click()
-        page.wait_for_function("document.querySelector('#selected-detail').innerText.includes('0123456789ab')",
-                               timeout=20_000)
+        wait_for(page, "document.querySelector('#selected-detail').innerText.includes('0123456789ab')", 20, dashboard)
         assert "line-fb/cam-2/strip-1" in page.inner_text("#selected-detail")
-        page.wait_for_function("document.querySelector('#live-fb-status').innerText.includes('not marked yet')",
-                               timeout=10_000)
+        wait_for(page, "document.querySelector('#live-fb-status').innerText.includes('not marked yet')", 10, dashboard)
 
         # mark it wrong, the true class scratches, with a note; time click -> stored in Redis and S3
         page.locator("#live-fb-correct label", has_text="wrong").click()
@@ -104,8 +102,7 @@ def test_mark_a_live_frame_wrong_review_it_and_export_it(settings, tmp_path, bro
         print(f"\nfeedback click-to-stored round trip: {round_trip * 1000:.0f} ms (target < 1000 ms)")
         assert key is not None, "the mark never reached Redis and S3"
         assert round_trip < ROUND_TRIP_TARGET_S
-        page.wait_for_function("document.querySelector('#live-fb-status').innerText.includes('recorded')",
-                               timeout=10_000)
+        wait_for(page, "document.querySelector('#live-fb-status').innerText.includes('recorded')", 10, dashboard)
         mark = feedback.get(conn, settings, live.job_id)
         assert (mark.correct, mark.true_class, mark.operator) == (False, "scratches", "inspector-anna")
         assert mark.checkpoint_sha256 == MODEL_SHA and mark.note == "scratch along the rolling direction"
@@ -113,8 +110,7 @@ def test_mark_a_live_frame_wrong_review_it_and_export_it(settings, tmp_path, bro
 
         # review tab: the mark is listed, the correction rate counts it, the queued frame waits with its reason
         page.get_by_role("tab", name="Review").click()  # opening the tab lists what is there now
-        page.wait_for_function("document.querySelector('#review-marks').innerText.includes('strip-1')",
-                               timeout=20_000)
+        wait_for(page, "document.querySelector('#review-marks').innerText.includes('strip-1')", 20, dashboard)
         row = page.inner_text("#review-marks")
         assert "scratches" in row and "inspector-anna" in row and "wrong" in row and "0123456789ab" in row
         assert "line-fb" in page.inner_text("#rates-line") and "100.0%" in page.inner_text("#rates-line")
@@ -123,15 +119,12 @@ def test_mark_a_live_frame_wrong_review_it_and_export_it(settings, tmp_path, bro
 
         # one click on the queued frame opens it for labelling: it is another defect
         page.locator("#review-queue").get_by_text("strip-2", exact=True).locator("visible=true").first.click()
-        page.wait_for_function("document.querySelector('#review-detail').innerText.includes('strip-2')",
-                               timeout=20_000)
+        wait_for(page, "document.querySelector('#review-detail').innerText.includes('strip-2')", 20, dashboard)
         page.locator("#review-fb-correct label", has_text="wrong").click()
         choose(page, "review-fb-class", "other")
         page.locator("#review-fb-submit").click()
-        page.wait_for_function("document.querySelector('#review-fb-status').innerText.includes('recorded')",
-                               timeout=20_000)
-        page.wait_for_function("!document.querySelector('#review-queue').innerText.includes('strip-2')",
-                               timeout=20_000)
+        wait_for(page, "document.querySelector('#review-fb-status').innerText.includes('recorded')", 20, dashboard)
+        wait_for(page, "!document.querySelector('#review-queue').innerText.includes('strip-2')", 20, dashboard)
         assert feedback.list_review(conn, settings) == []
         labelled = feedback.get(conn, settings, queued.job_id)
         assert (labelled.source, labelled.review_reason, labelled.true_class) == ("review", "unknown", "other")

@@ -41,6 +41,13 @@ class GatedStore:
                 self.open -= 1
 
 
+def wait_for(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
 @pytest.fixture()
 def source():
     store = GatedStore()
@@ -61,6 +68,87 @@ def test_reads_queued_for_a_stalled_store_stay_bounded_and_a_click_does_not_wait
     started = time.monotonic()
     image = live._image(("b", "click/frame"))  # what a click on a frame reads
     assert image is not None and time.monotonic() - started < 1.0
+    store.release.set()
+    wait_for(lambda: not any(not read.future.done() for read in live._loading.values()))
+    assert store.reads <= 24 + 1  # the queue itself held no more than the bound: 24 reads and the click
+
+
+def test_a_refresh_waits_only_for_the_reads_it_started(source):
+    live, _ = source
+    refs = [("b", f"stall/{i}") for i in range(12)]
+    started = time.monotonic()
+    assert live.images(refs, wait_s=1.0) == {}
+    assert time.monotonic() - started >= 1.0
+    started = time.monotonic()
+    assert live.images(refs, wait_s=1.0) == {}  # the same frames, still loading: late already, not waited for
+    assert time.monotonic() - started < 0.3
+
+
+def test_queued_reads_of_frames_no_refresh_asks_for_any_more_are_dropped():
+    store = GatedStore()
+    live = LiveSource(Settings(dashboard_refresh_s=0.1), store=store, connection=object())
+    try:
+        live.images([("b", f"stall/old-{i}") for i in range(12)], wait_s=0)  # 4 running, 8 queued
+        time.sleep(0.5)  # more than three refresh periods
+        live.images([("b", f"stall/new-{i}") for i in range(12)], wait_s=0)
+        store.release.set()
+        wait_for(lambda: not any(not read.future.done() for read in live._loading.values()))
+        assert store.reads == IMAGE_READS + 12  # the old frames' queued reads never ran
+    finally:
+        store.release.set()
+        live.close()
+
+
+def test_one_decode_at_a_time_clicks_included(source, monkeypatch):
+    from steelsight.dashboard import data
+
+    live, _ = source
+    running, most = [0], [0]
+    lock = threading.Lock()
+    decode = data.decode_rgb
+
+    def counted(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            time.sleep(0.05)
+            return decode(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(data, "decode_rgb", counted)
+    clicks = [threading.Thread(target=live._image, args=(("b", f"click/{i}"),)) for i in range(2)]
+    for click in clicks:
+        click.start()
+    shown = live.images([("b", f"ok/{i}") for i in range(8)], wait_s=10)
+    for click in clicks:
+        click.join()
+    assert len(shown) == 8 and all(image is not None for image in shown.values())
+    assert most[0] == 1
+
+
+def test_a_read_finished_for_one_tab_is_not_taken_from_it_by_another():
+    store = GatedStore()
+    live = LiveSource(Settings(dashboard_cache_bytes=0), store=store, connection=object())  # no cache to fall back on
+    try:
+        answers = {}
+        tab_a = threading.Thread(target=lambda: answers.update(live.images([("b", "ok/x"), ("b", "stall/y")], 1.0)))
+        tab_a.start()
+        time.sleep(0.3)  # tab A waits on its reads; x is done by now
+        live.images([("b", "ok/z")], wait_s=0.5)  # tab B: x is not among its frames
+        tab_a.join()
+        assert answers.get(("b", "ok/x")) is not None
+    finally:
+        store.release.set()
+        live.close()
+
+
+def test_a_closed_source_answers_nothing_and_reads_nothing(source):
+    live, store = source
+    live.close()
+    assert live.images([("b", "ok/x")], wait_s=0.1) == {} and store.reads == 0
 
 
 def test_a_late_read_is_shown_by_a_later_refresh_even_when_the_cache_cannot_hold_it():
@@ -69,7 +157,7 @@ def test_a_late_read_is_shown_by_a_later_refresh_even_when_the_cache_cannot_hold
     try:
         ref = ("b", "slow/frame")
         assert live.images([ref], wait_s=0.05) == {}
-        time.sleep(0.5)
+        wait_for(lambda: live._loading[ref].future.done())
         shown = live.images([ref], wait_s=0.05)
         assert shown[ref] is not None and shown[ref].shape[:2] == (40, 40)
         assert store.reads == 1  # handed over from the finished read, not read again
