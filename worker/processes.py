@@ -85,11 +85,17 @@ def describe(exitcode: int) -> str:
     return f"signal {-exitcode}"
 
 
+def die_with_parent(parent: int, signum: int) -> bool:
+    """Have the kernel send ``signum`` to this process when its parent dies (Linux only); False when ``parent``
+    is already gone, as when it died before the call."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signum)
+    return os.getppid() == parent
+
+
 def _child(run: Callable[[Any], int], args: Any, threads: int, parent: int) -> None:
     """A child's body: die with the supervisor, take its share of the CPU, then work."""
-    with contextlib.suppress(OSError, AttributeError):  # Linux only: a supervisor killed outright takes it along
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:  # the supervisor died before prctl
+    if not die_with_parent(parent, signal.SIGTERM):  # a supervisor killed outright takes its children along
         sys.exit(0)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(processName)s %(name)s %(levelname)s %(message)s")
     import torch  # before the model loads: its runtimes size their thread pools from torch's

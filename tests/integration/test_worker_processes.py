@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
@@ -22,7 +21,7 @@ from steelsight.cli import main
 from steelsight.clients import redis_client
 from steelsight.devstack import ServiceExited, free_port, wait_until
 from steelsight.producer.service import Producer, replay
-from steelsight.worker.processes import KILL_AFTER_S, PR_SET_PDEATHSIG, check_ports
+from steelsight.worker.processes import KILL_AFTER_S, PR_SET_PDEATHSIG, check_ports, die_with_parent
 
 from ..helpers import SAMPLES, ChildProcess, records
 
@@ -164,17 +163,11 @@ def test_a_killed_child_is_restarted_and_no_frame_is_lost(settings, tmp_path):
     assert serving <= 20 and stopped <= 30
 
 
-def die_with_parent(parent: int) -> None:
-    """SIGKILL this process when ``parent`` dies, so a test process killed outright leaves nothing behind."""
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # it died before prctl
-        os._exit(1)
-
-
 def deaf(ready: Path) -> int:
     """A child stuck for good: it ignores the stop signals (as a worker hung in an upload would)."""
     # first: until then the supervisor's death still ends it with the SIGTERM its children get
-    die_with_parent(os.getppid())
+    if not die_with_parent(os.getppid(), signal.SIGKILL):
+        os._exit(1)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
     (ready / str(os.getpid())).touch()
